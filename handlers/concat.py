@@ -1,0 +1,160 @@
+"""Concat, Split and Slice: offsets along one axis, identity on the others.
+Split sizes and Slice bounds are rewritten from the kept counts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.registry import Handler, register
+
+
+def _norm(axis: int, r: int) -> int:
+    return axis + r if axis < 0 else axis
+
+
+@register
+class Concat(Handler):
+    op_types = ("Concat",)
+
+    def analyze(self, node, ctx):
+        y = node.output[0]
+        ys = ctx.shape(y)
+        if ys is None:
+            return
+        r = len(ys)
+        axis = _norm(int(ctx.attr("axis")), r)
+        off = 0
+        for t in node.input:
+            s = ctx.shape(t)
+            if s is None:
+                return
+            for ax in range(r):
+                if ax == axis:
+                    if ctx.has_space(t, ax) or ctx.has_space(y, ax):
+                        i = np.arange(s[ax])
+                        ctx.link(t, ax, i, y, ax, off + i)
+                    else:
+                        ctx.cover(t, ax)
+                else:
+                    ctx.identity(t, ax, y, ax)
+            off += s[axis]
+
+
+@register
+class Split(Handler):
+    op_types = ("Split",)
+
+    def analyze(self, node, ctx):
+        x = node.input[0]
+        xs = ctx.shape(x)
+        if xs is None:
+            return
+        r = len(xs)
+        axis = _norm(int(ctx.attr("axis") or 0), r)
+        for t in node.input[1:]:
+            ctx.cover(t)
+        off = 0
+        for y in node.output:
+            s = ctx.shape(y)
+            if s is None:
+                return
+            for ax in range(r):
+                if ax == axis:
+                    i = np.arange(s[ax])
+                    if ctx.has_space(y, ax) or ctx.has_space(x, ax):
+                        ctx.link(y, ax, i, x, ax, off + i)
+                    else:
+                        ctx.cover(y, ax)
+                else:
+                    ctx.identity(x, ax, y, ax)
+            off += s[axis]
+
+    def rewrite(self, node, rw):
+        x = node.input[0]
+        r = len(rw.old_shape(x))
+        axis = _norm(int(rw.attr(node, "axis") or 0), r)
+        old = [rw.old_shape(y)[axis] for y in node.output]
+        new = [rw.new_shape(y)[axis] for y in node.output]
+        if old == new:
+            return
+        sizes = np.array(new, dtype=np.int64)
+        if rw.opset < 13:
+            rw.set_attr(node, "split", [int(v) for v in sizes])
+            return
+        rw.remove_attr(node, "num_outputs")
+        if len(node.input) > 1 and node.input[1]:
+            rw.set_input_const(node, 1, sizes)
+        else:
+            rw.add_input_const(node, 1, sizes)
+
+
+@register
+class Slice(Handler):
+    op_types = ("Slice",)
+    since = 10
+
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        if xs is None or ys is None:
+            return
+        r = len(xs)
+        for t in node.input[1:]:
+            ctx.cover(t)
+        vals = [ctx.const(t) if t else None for t in node.input[1:5]]
+        while len(vals) < 4:
+            vals.append(None)
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
+                or (len(node.input) > 4 and node.input[4] and steps is None):
+            for ax in range(r):
+                if xs[ax] == ys[ax]:
+                    # can't tell which axes are sliced: only carry axes of unchanged size with no bounds
+                    pass
+            return  # nothing covered: all spaces frozen by the coverage rule
+        starts, ends = starts.reshape(-1), ends.reshape(-1)
+        axes = list(range(len(starts))) if axes is None else [_norm(int(a), r) for a in axes.reshape(-1)]
+        steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps.reshape(-1)
+        sliced = {}
+        for k, ax in enumerate(axes):
+            st, en, sp = int(starts[k]), int(ends[k]), int(steps[k])
+            s0, _, _ = slice(st, en, sp).indices(xs[ax])
+            sliced[ax] = (s0, sp)
+        for ax in range(r):
+            if ax not in sliced:
+                ctx.identity(x, ax, y, ax)
+                continue
+            s0, sp = sliced[ax]
+            if sp != 1:
+                continue  # strided slice of an axis: not carried
+            if ys[ax] == xs[ax]:
+                ctx.identity(x, ax, y, ax)
+            elif ctx.has_space(x, ax) and ctx.has_space(y, ax):
+                i = np.arange(ys[ax])
+                ctx.link(y, ax, i, x, ax, s0 + i)
+            elif ctx.has_space(x, ax):
+                ctx.cover(y, ax)  # a single index out of a channel axis: not carried
+
+    def rewrite(self, node, rw):
+        x, y = node.input[0], node.output[0]
+        if rw.old_shape(x) == rw.new_shape(x):
+            return
+        r = len(rw.old_shape(x))
+        starts = rw.const(node.input[1]).reshape(-1).copy()
+        ends = rw.const(node.input[2]).reshape(-1).copy()
+        axes_t = node.input[3] if len(node.input) > 3 and node.input[3] else ""
+        axes = list(range(len(starts))) if not axes_t else [_norm(int(a), r) for a in rw.const(axes_t).reshape(-1)]
+        changed = False
+        for k, ax in enumerate(axes):
+            old_in = rw.old_shape(x)[ax]
+            if rw.new_shape(x)[ax] == old_in:
+                continue
+            s0, _, _ = slice(int(starts[k]), int(ends[k]), 1).indices(old_in)
+            kept_in = rw.kept(x, ax)
+            new_start = int(np.searchsorted(kept_in, s0))
+            new_end = new_start + rw.new_shape(y)[ax]
+            starts[k], ends[k] = new_start, new_end
+            changed = True
+        if changed:
+            rw.set_input_const(node, 1, starts.astype(rw.const(node.input[1]).dtype))
+            rw.set_input_const(node, 2, ends.astype(rw.const(node.input[2]).dtype))

@@ -1,0 +1,238 @@
+"""Reshape, Flatten, Transpose, Squeeze, Unsqueeze: axes move, merge or split.
+
+Reshape and Flatten factor the input and output shapes into aligned blocks. A block of one axis on
+each side is an identity. A block that merges several axes into one (C x H x W -> C*H*W) or splits
+one into several (C -> g x C/g) makes every element of the single axis belong to one index of a
+chosen factor axis: the largest factor whose class is not frozen (so flatten follows the channels
+and not the spatial axes, and a channel shuffle Reshape -> Transpose -> Reshape follows the in-group
+position through both reshapes). The other factors keep their size. Reshape targets are rewritten
+where their entries are constants; computed entries stay computed (and the rewrite checks them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.registry import Handler, register
+
+
+def factor_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Minimal aligned blocks of axes with equal products; size-1 axes are blocks of their own."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1:
+            if j < len(b) and b[j] == 1:
+                blocks.append(([i], [j]))
+                i += 1
+                j += 1
+            else:
+                blocks.append(([i], []))
+                i += 1
+            continue
+        if j < len(b) and b[j] == 1:
+            blocks.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            return None
+        pa, pb, ii, jj = a[i], b[j], [i], [j]
+        i += 1
+        j += 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a):
+                    return None
+                pa *= a[i]
+                ii.append(i)
+                i += 1
+            else:
+                if j >= len(b):
+                    return None
+                pb *= b[j]
+                jj.append(j)
+                j += 1
+        blocks.append((ii, jj))
+    return blocks
+
+
+def analyze_reshape(node, ctx, x: str, y: str) -> None:
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    if xs is None or ys is None:
+        return
+    blocks = factor_blocks(xs, ys)
+    ctx.cover(x)
+    ctx.cover(y)
+    if blocks is None:
+        ctx.freeze(x, None, f"Reshape '{node.name}': shapes do not factor")
+        ctx.freeze(y, None, f"Reshape '{node.name}': shapes do not factor")
+        return
+    for ii, jj in blocks:
+        if len(ii) == 1 and len(jj) == 1:
+            ctx.identity(x, ii[0], y, jj[0])
+        elif len(ii) == 1 and len(jj) > 1:
+            _defer_factor(node, ctx, x, ii[0], y, jj)
+        elif len(jj) == 1 and len(ii) > 1:
+            _defer_factor(node, ctx, y, jj[0], x, ii)
+        elif ii and jj:
+            for ax in ii:
+                ctx.freeze(x, ax, f"Reshape '{node.name}': axes regroup without a common factor")
+            for ax in jj:
+                ctx.freeze(y, ax, f"Reshape '{node.name}': axes regroup without a common factor")
+
+
+def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[int]) -> None:
+    shape = ctx.shape(multi)
+    sizes = [shape[a] for a in m_axes]
+    strides = [int(np.prod(sizes[k + 1:], dtype=np.int64)) for k in range(len(sizes))]
+
+    def decide(ctx) -> None:
+        cands = [k for k, a in enumerate(m_axes) if ctx.has_space(multi, a)]
+        free = [k for k in cands if not ctx.class_frozen(multi, m_axes[k])]
+        pool = free or cands
+        if not pool or not ctx.has_space(single, s_axis):
+            ctx.freeze(single, s_axis, f"Reshape '{node.name}': no factor to follow")
+            return
+        best = max(pool, key=lambda k: (sizes[k], -k))
+        e = np.arange(int(np.prod(sizes, dtype=np.int64)))
+        ctx.link(single, s_axis, e, multi, m_axes[best], (e // strides[best]) % sizes[best])
+        for k in cands:
+            if k != best:
+                ctx.freeze(multi, m_axes[k], f"Reshape '{node.name}': factor axis {m_axes[k]} keeps its size")
+
+    ctx.defer(decide)
+
+
+def _target_sources(rw, node, shape_input_index: int):
+    """For each entry of a Reshape/Expand target: (node, input index, position) of a constant, or None."""
+    t = node.input[shape_input_index]
+    if rw.const(t) is not None:
+        n = rw.const(t).size
+        return [(node, shape_input_index, k) for k in range(n)]
+    prod = rw.producer(t)
+    if prod is None or prod.op_type != "Concat":
+        return None
+    out = []
+    for idx, part in enumerate(prod.input):
+        ps = rw.old_shape(part)
+        if ps is None or len(ps) != 1:
+            return None
+        if rw.const(part) is not None:
+            out.extend((prod, idx, k) for k in range(ps[0]))
+        else:
+            out.extend([None] * ps[0])
+    return out
+
+
+def rewrite_target(rw, node, shape_input_index: int, new_entry) -> None:
+    """Rewrite the constant entries of a shape input whose output axis changed."""
+    y = node.output[0]
+    old, new = rw.old_shape(y), rw.new_shape(y)
+    if old == new:
+        return
+    sources = _target_sources(rw, node, shape_input_index)
+    if sources is None:
+        return
+    for pos, (o, n) in enumerate(zip(old, new, strict=True)):
+        if o == n or pos >= len(sources) or sources[pos] is None:
+            continue
+        src_node, idx, k = sources[pos]
+        value = rw.const(src_node.input[idx]).copy()
+        flat = value.reshape(-1)
+        cur = int(flat[k])
+        repl = new_entry(pos, cur, n)
+        if repl is None or repl == cur:
+            continue
+        flat[k] = repl
+        rw.set_input_const(src_node, idx, flat.reshape(value.shape))
+
+
+@register
+class Reshape(Handler):
+    op_types = ("Reshape",)
+
+    def analyze(self, node, ctx):
+        ctx.cover(node.input[1])
+        analyze_reshape(node, ctx, node.input[0], node.output[0])
+
+    def rewrite(self, node, rw):
+        def entry(pos, cur, n):
+            if cur == -1:
+                return None
+            return n
+
+        rewrite_target(rw, node, 1, entry)
+
+
+@register
+class Flatten(Handler):
+    op_types = ("Flatten",)
+
+    def analyze(self, node, ctx):
+        analyze_reshape(node, ctx, node.input[0], node.output[0])
+
+
+@register
+class Transpose(Handler):
+    op_types = ("Transpose",)
+
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        r = ctx.rank(x)
+        if r is None:
+            return
+        perm = ctx.attr("perm")
+        perm = list(perm) if perm else list(range(r))[::-1]
+        for i, p in enumerate(perm):
+            ctx.identity(x, p, y, i)
+
+
+def _axes(node, ctx, attr_until: int = 13):
+    if ctx.opset < attr_until:
+        a = ctx.attr("axes")
+        return None if a is None else [int(v) for v in a]
+    if len(node.input) > 1 and node.input[1]:
+        ctx.cover(node.input[1])
+        v = ctx.const(node.input[1])
+        if v is None:
+            from onnxprune.coupling import Barrier
+
+            raise Barrier("axes are not constant")
+        return [int(a) for a in v.reshape(-1)]
+    return None
+
+
+@register
+class Squeeze(Handler):
+    op_types = ("Squeeze",)
+
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        xs = ctx.shape(x)
+        if xs is None:
+            return
+        axes = _axes(node, ctx)
+        r = len(xs)
+        if axes is None:
+            axes = [a for a in range(r) if xs[a] == 1]
+        axes = {a + r if a < 0 else a for a in axes}
+        kept = [a for a in range(r) if a not in axes]
+        for i, a in enumerate(kept):
+            ctx.identity(x, a, y, i)
+
+
+@register
+class Unsqueeze(Handler):
+    op_types = ("Unsqueeze",)
+
+    def analyze(self, node, ctx):
+        x, y = node.input[0], node.output[0]
+        ys = ctx.shape(y)
+        if ys is None:
+            return
+        axes = _axes(node, ctx) or []
+        r = len(ys)
+        axes = {a + r if a < 0 else a for a in axes}
+        kept = [a for a in range(r) if a not in axes]
+        for i, a in enumerate(kept):
+            ctx.identity(x, i, y, a)

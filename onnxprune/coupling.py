@@ -1,0 +1,467 @@
+"""The coupling graph: channel spaces, element links and groups.
+
+Every static tensor axis of size > 1 is a *space*; every index of a space is an *element*.
+Handlers link elements of the spaces of their inputs, outputs and constants (identity, offsets,
+blocks, permutations). Connected components of elements are *units* (the smallest set of indices
+that must be removed together); connected components of spaces through shared units are *groups*.
+A space that any op touching it does not carry is frozen, with that op's reason; a frozen space
+freezes its whole group. Analysis is pure: the model is never mutated here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from onnxprune import registry
+from onnxprune.model import ConstantTable, Shapes, default_opset, input_feeds_spec
+
+log = logging.getLogger(__name__)
+
+ROLES = ("producer", "consumer", "scale", "param", "stat")
+# frozen-reason priorities: lower is shown first
+_PRIO = {"unknown": 0, "ignore": 1, "io": 2, "rule": 3, "carry": 4}
+
+SpaceKey = tuple[str, int]
+
+
+@dataclass
+class Slot:
+    const: str  # name of the source constant (initializer or Constant output)
+    axis: int  # axis of the source constant
+    role: str
+    node: str  # node that declared it
+    space: int  # space id of (const, axis)
+
+
+@dataclass
+class Group:
+    """A set of coupled channel spaces, pruned together. DepGraph's *group*."""
+
+    id: int
+    spaces: list[int]
+    units: np.ndarray  # global unit labels, sorted
+    frozen: list[str] = field(default_factory=list)
+    approximate: list[str] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(len(self.units))
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size > 1
+
+    @property
+    def is_approximate(self) -> bool:
+        return bool(self.approximate)
+
+
+class CouplingGraph:
+    """Result of the analysis: spaces, unit labels and groups of one model."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable):
+        self.model = model
+        self.shapes = shapes
+        self.consts = consts
+        self.opset = default_opset(model) or 0
+        self.space_ids: dict[SpaceKey, int] = {}
+        self.space_key: list[SpaceKey] = []
+        self.space_base: list[int] = []
+        self.space_size: list[int] = []
+        self.n_elements = 0
+        self.edges_a: list[np.ndarray] = []
+        self.edges_b: list[np.ndarray] = []
+        self.frozen: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        self.approx: dict[int, list[str]] = defaultdict(list)
+        self.slots: list[Slot] = []
+        self.producer_nodes: dict[int, set[str]] = defaultdict(set)
+        self.tensor_nodes: dict[str, set[str]] = defaultdict(set)
+        self.unknown_ops: dict[str, list[str]] = defaultdict(list)
+        self.labels: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.groups: list[Group] = []
+        self.group_of_space: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.node_by_name: dict[str, onnx.NodeProto] = {}
+
+    # -- spaces ------------------------------------------------------------------------------
+    def space(self, tensor: str, axis: int) -> int | None:
+        key = (tensor, axis)
+        sid = self.space_ids.get(key)
+        if sid is not None:
+            return sid
+        shape = self.shapes.get(tensor)
+        if shape is None or axis < 0 or axis >= len(shape):
+            return None
+        if shape[axis] <= 1 or self.shapes.is_dynamic(tensor, axis):
+            return None
+        sid = len(self.space_key)
+        self.space_ids[key] = sid
+        self.space_key.append(key)
+        self.space_base.append(self.n_elements)
+        self.space_size.append(shape[axis])
+        self.n_elements += shape[axis]
+        return sid
+
+    def elements(self, sid: int) -> np.ndarray:
+        b = self.space_base[sid]
+        return np.arange(b, b + self.space_size[sid])
+
+    def space_labels(self, sid: int) -> np.ndarray:
+        b = self.space_base[sid]
+        return self.labels[b:b + self.space_size[sid]]
+
+    # -- results -----------------------------------------------------------------------------
+    def finish(self) -> None:
+        n = self.n_elements
+        if self.edges_a:
+            a = np.concatenate(self.edges_a)
+            b = np.concatenate(self.edges_b)
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        mat = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+        _, self.labels = connected_components(mat, directed=False)
+        n_sp = len(self.space_key)
+        sizes = np.asarray(self.space_size, dtype=np.int64)
+        space_of_el = np.repeat(np.arange(n_sp), sizes)
+        n_lab = int(self.labels.max()) + 1 if n else 0
+        bip = coo_matrix((np.ones(n, dtype=np.int8), (space_of_el, n_sp + self.labels)),
+                         shape=(n_sp + n_lab, n_sp + n_lab))
+        _, comp = connected_components(bip, directed=False)
+        self.group_of_space = comp[:n_sp]
+        self._build_groups(comp, n_sp)
+
+    def _build_groups(self, comp: np.ndarray, n_sp: int) -> None:
+        by_comp: dict[int, list[int]] = defaultdict(list)
+        slot_comps: set[int] = set()
+        for s in self.slots:
+            slot_comps.add(int(comp[s.space]))
+        for sid in range(n_sp):
+            c = int(comp[sid])
+            if c in slot_comps:
+                by_comp[c].append(sid)
+        groups = []
+        slots_by_comp: dict[int, list[Slot]] = defaultdict(list)
+        for s in self.slots:
+            slots_by_comp[int(comp[s.space])].append(s)
+        for c in sorted(by_comp, key=lambda c: min(by_comp[c])):
+            sids = by_comp[c]
+            units = np.unique(np.concatenate([self.space_labels(s) for s in sids]))
+            frozen = sorted({r for s in sids for r in self.frozen.get(s, [])})
+            approx = sorted({r for s in sids for r in self.approx.get(s, [])})
+            producers = sorted({p for s in sids for p in self.producer_nodes.get(s, ())})
+            nodes = sorted({nd for s in sids for nd in self.tensor_nodes.get(self.space_key[s][0], ())})
+            g = Group(id=len(groups), spaces=sids, units=units, frozen=[r for _, r in frozen],
+                      approximate=approx, slots=slots_by_comp[c], producers=producers, nodes=nodes)
+            if not producers and not g.frozen:
+                g.frozen.append("no weights produce these channels")
+            groups.append(g)
+        self.groups = groups
+
+    def unit_index(self, group: Group, sid: int) -> np.ndarray:
+        """Unit index (0..group.size-1) of every element of space ``sid``."""
+        return np.searchsorted(group.units, self.space_labels(sid))
+
+    def kept_elements(self, group: Group, keep_units: np.ndarray, sid: int) -> np.ndarray:
+        mask = np.zeros(group.size, dtype=bool)
+        mask[keep_units] = True
+        return np.flatnonzero(mask[self.unit_index(group, sid)])
+
+    def coverage(self) -> tuple[int, int]:
+        """(prunable channels, all channels) over groups with weights, counted in producer spaces."""
+        total = prunable = 0
+        for g in self.groups:
+            total += g.size
+            if g.prunable:
+                prunable += g.size
+        return prunable, total
+
+
+class AnalysisContext:
+    """What a handler sees while analysing one node."""
+
+    def __init__(self, cg: CouplingGraph):
+        self.cg = cg
+        self.node: onnx.NodeProto | None = None
+        self.covered: set[SpaceKey] = set()
+        self.deferred: list[tuple[onnx.NodeProto, Callable[[AnalysisContext], None]]] = []
+        self._phase2 = False
+        self._uf: list[int] = []
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return self.cg.opset
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.cg.shapes.get(name) if name else None
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def is_dynamic(self, name: str, axis: int) -> bool:
+        return self.cg.shapes.is_dynamic(name, axis)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of a constant, looking through Identity, Cast and Transpose chains."""
+        src = self.const_source(name)
+        if src is None:
+            return None
+        value = self.cg.consts.get(src[0])
+        return np.transpose(value, src[1]) if value.ndim > 1 else value
+
+    def const_source(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
+        """(constant name, axis map from this tensor's axes to the constant's) or None.
+
+        Follows Identity, Cast and Transpose of constants.
+        """
+        perm: list[int] | None = None
+        cur = name
+        for _ in range(16):
+            if cur in self.cg.consts:
+                value = self.cg.consts.get(cur)
+                rank = value.ndim
+                return cur, tuple(perm) if perm is not None else tuple(range(rank))
+            prod = self.cg.producer_of.get(cur)
+            if prod is None or prod.domain not in ("", "ai.onnx"):
+                return None
+            if prod.op_type in ("Identity", "Cast"):
+                cur = prod.input[0]
+                continue
+            if prod.op_type == "Transpose":
+                r = self.rank(prod.input[0])
+                p = registry.get_attr(prod, "perm", self.opset)
+                if r is None:
+                    return None
+                p = list(p) if p else list(range(r))[::-1]
+                # output axis i is input axis p[i]
+                perm = p if perm is None else [p[perm_i] for perm_i in perm]
+                cur = prod.input[0]
+                continue
+            return None
+        return None
+
+    def attr(self, name: str):
+        return registry.get_attr(self.node, name, self.opset)
+
+    def has_space(self, tensor: str, axis: int) -> bool:
+        return self.cg.space(tensor, axis) is not None
+
+    # -- declarations --------------------------------------------------------------------------
+    def cover(self, tensor: str, axis: int | None = None) -> None:
+        if not tensor:
+            return
+        if axis is None:
+            r = self.rank(tensor) or 0
+            for ax in range(r):
+                self.covered.add((tensor, ax))
+        else:
+            self.covered.add((tensor, _norm_axis(axis, self.rank(tensor))))
+
+    def identity(self, ta: str, aa: int, tb: str, ab: int) -> None:
+        """Element i of (ta, aa) is element i of (tb, ab)."""
+        aa = _norm_axis(aa, self.rank(ta))
+        ab = _norm_axis(ab, self.rank(tb))
+        self.cover(ta, aa)
+        self.cover(tb, ab)
+        sa, sb = self.cg.space(ta, aa), self.cg.space(tb, ab)
+        if sa is None or sb is None:
+            if (sa is None) != (sb is None):
+                # a static axis meets a dynamic or size-1 one: cannot follow it
+                sid = sa if sa is not None else sb
+                self._freeze_sid(sid, "rule", f"{self._where()}: axis sizes differ")
+            return
+        if self.cg.space_size[sa] != self.cg.space_size[sb]:
+            self._freeze_sid(sa, "rule", f"{self._where()}: axis sizes differ")
+            self._freeze_sid(sb, "rule", f"{self._where()}: axis sizes differ")
+            return
+        self._add_edges(self.cg.elements(sa), self.cg.elements(sb))
+        self._union(sa, sb)
+
+    def link(self, ta: str, aa: int, ia: np.ndarray, tb: str, ab: int, ib: np.ndarray) -> None:
+        """Element ia[k] of (ta, aa) is coupled with element ib[k] of (tb, ab)."""
+        aa = _norm_axis(aa, self.rank(ta))
+        ab = _norm_axis(ab, self.rank(tb))
+        self.cover(ta, aa)
+        self.cover(tb, ab)
+        sa, sb = self.cg.space(ta, aa), self.cg.space(tb, ab)
+        if sa is None or sb is None:
+            for sid in (sa, sb):
+                if sid is not None:
+                    self._freeze_sid(sid, "rule", f"{self._where()}: linked axis is dynamic or size 1")
+            return
+        ia = np.asarray(ia, dtype=np.int64)
+        ib = np.asarray(ib, dtype=np.int64)
+        self._add_edges(self.cg.space_base[sa] + ia, self.cg.space_base[sb] + ib)
+        self._union(sa, sb)
+
+    def slot(self, tensor: str, axis: int, role: str) -> None:
+        """Axis ``axis`` of input ``tensor`` is a weight slot with ``role`` (see ROLES)."""
+        assert role in ROLES, role
+        axis = _norm_axis(axis, self.rank(tensor))
+        self.cover(tensor, axis)
+        sid = self.cg.space(tensor, axis)
+        if sid is None:
+            return
+        if role == "producer":
+            self.cg.producer_nodes[sid].add(self.node.name)
+        src = self.const_source(tensor)
+        if src is None:
+            if role == "consumer":
+                self.approximate(tensor, axis, f"{self._where()}: contracts channels with a computed "
+                                               f"(non-constant) operand")
+            return
+        cname, amap = src
+        caxis = amap[axis]
+        csid = self.cg.space(cname, caxis)
+        if csid is None:
+            return
+        if csid != sid:
+            # the chain of Identity/Cast/Transpose links them through its own handlers
+            pass
+        self.cg.slots.append(Slot(cname, caxis, role, self.node.name, csid))
+        if role == "producer":
+            self.cg.producer_nodes[csid].add(self.node.name)
+
+    def approximate(self, tensor: str, axis: int, reason: str) -> None:
+        axis = _norm_axis(axis, self.rank(tensor))
+        sid = self.cg.space(tensor, axis)
+        if sid is not None:
+            self.cg.approx[sid].append(reason)
+
+    def freeze(self, tensor: str, axis: int | None, reason: str, kind: str = "rule") -> None:
+        if not tensor:
+            return
+        axes = range(self.rank(tensor) or 0) if axis is None else [_norm_axis(axis, self.rank(tensor))]
+        for ax in axes:
+            self.cover(tensor, ax)
+            sid = self.cg.space(tensor, ax)
+            if sid is not None:
+                self._freeze_sid(sid, kind, reason)
+
+    def defer(self, fn: Callable[[AnalysisContext], None]) -> None:
+        """Run ``fn`` after every node was analysed once (``class_frozen`` is then meaningful)."""
+        self.deferred.append((self.node, fn))
+
+    def class_frozen(self, tensor: str, axis: int) -> bool:
+        sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
+        if sid is None:
+            return True
+        root = self._find(sid)
+        return root in self._frozen_roots
+
+    # -- internals -------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"{self.node.op_type} '{self.node.name}'" if self.node is not None else "graph"
+
+    def _freeze_sid(self, sid: int, kind: str, reason: str) -> None:
+        self.cg.frozen[sid].append((_PRIO[kind], reason))
+
+    def _add_edges(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.cg.edges_a.append(np.asarray(a, dtype=np.int64))
+        self.cg.edges_b.append(np.asarray(b, dtype=np.int64))
+
+    def _find(self, x: int) -> int:
+        uf = self._uf
+        while len(uf) <= x:
+            uf.append(len(uf))
+        root = x
+        while uf[root] != root:
+            root = uf[root]
+        while uf[x] != root:
+            uf[x], x = root, uf[x]
+        return root
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self._uf[ra] = rb
+
+
+def _norm_axis(axis: int, rank: int | None) -> int:
+    if axis < 0 and rank is not None:
+        return axis + rank
+    return axis
+
+
+def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None) -> CouplingGraph:
+    """Build the coupling graph of ``model`` (pure)."""
+    import onnxprune.handlers  # noqa: F401 - registers every handler module
+
+    consts = consts or ConstantTable.of(model.graph)
+    cg = CouplingGraph(model, shapes, consts)
+    g = model.graph
+    cg.producer_of = {o: n for n in g.node for o in n.output if o}
+    ctx = AnalysisContext(cg)
+    for i, node in enumerate(g.node):
+        if not node.name:
+            node_name = f"{node.op_type}_{i}"
+        else:
+            node_name = node.name
+        cg.node_by_name[node_name] = node
+        for t in list(node.input) + list(node.output):
+            if t:
+                cg.tensor_nodes[t].add(node_name)
+    # graph inputs and outputs are frozen
+    for vi in input_feeds_spec(model):
+        ctx.freeze(vi.name, None, f"graph input '{vi.name}'", kind="io")
+    for vi in g.output:
+        ctx.freeze(vi.name, None, f"graph output '{vi.name}'", kind="io")
+    for node in g.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            continue
+        _analyze_node(node, ctx)
+    # phase 2: decisions that depend on what is frozen (reshape factor choice)
+    ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
+    for node, fn in ctx.deferred:
+        ctx.node = node
+        fn(ctx)
+        ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
+    ctx.node = None
+    cg.finish()
+    return cg
+
+
+def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+    cg = ctx.cg
+    ctx.node = node
+    ctx.covered = set()
+    domain = node.domain or ""
+    handler = registry.lookup(domain, node.op_type, cg.opset if domain in ("", "ai.onnx") else 1)
+    tensors = [t for t in list(node.input) + list(node.output) if t]
+    if handler is None:
+        op = f"{domain}::{node.op_type}" if domain not in ("", "ai.onnx") else node.op_type
+        cg.unknown_ops[op].append(node.name)
+        for t in tensors:
+            ctx.freeze(t, None, f"unknown op {op} ('{node.name}')", kind="unknown")
+        return
+    try:
+        handler.analyze(node, ctx)
+    except _Barrier as exc:
+        for t in tensors:
+            ctx.freeze(t, None, f"{ctx._where()}: {exc}", kind="unknown")
+        return
+    for t in tensors:
+        r = ctx.rank(t) or 0
+        for ax in range(r):
+            if (t, ax) not in ctx.covered:
+                sid = cg.space(t, ax)
+                if sid is not None:
+                    ctx._freeze_sid(sid, "carry", f"{ctx._where()} does not carry axis {ax} of '{t}'")
+
+
+class _Barrier(Exception):
+    """Raised by a handler that cannot follow this node: every tensor it touches is frozen."""
+
+
+Barrier = _Barrier

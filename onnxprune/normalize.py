@@ -1,0 +1,103 @@
+"""Function-preserving clean-ups run before analysis (each returns a new model).
+
+- inline local ONNX functions;
+- fold ``Identity(constant)`` into a constant of its own (the legacy exporter deduplicates equal
+  initializers behind Identity nodes, which would couple unrelated layers whose biases are zero);
+- untie small constants used by several nodes, so each use is sliced for its own need.
+Large constants used by several nodes (real weight tying) stay tied: their uses are coupled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.model import ConstantTable, inline_functions
+
+log = logging.getLogger(__name__)
+
+UNTIE_MAX_ELEMENTS = 1 << 22
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = inline_functions(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _name_nodes(out)
+    _fold_identity_constants(out)
+    _untie_constants(out)
+    return out
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def _fold_identity_constants(model: onnx.ModelProto) -> None:
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    for _ in range(8):
+        consts = ConstantTable.of(g)
+        keep_nodes = []
+        changed = False
+        for node in g.node:
+            if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in consts
+                    and node.output[0] not in outputs):
+                g.initializer.append(numpy_helper.from_array(consts.get(node.input[0]), node.output[0]))
+                changed = True
+                continue
+            keep_nodes.append(node)
+        if not changed:
+            break
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    _drop_unused(model)
+
+
+def _untie_constants(model: onnx.ModelProto) -> None:
+    g = model.graph
+    consts = ConstantTable.of(g)
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in g.node:
+        for i, t in enumerate(node.input):
+            if t in consts:
+                uses[t].append((node, i))
+    names = {i.name for i in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    for name, lst in uses.items():
+        if len(lst) < 2:
+            continue
+        value = consts.get(name)
+        if value.size > UNTIE_MAX_ELEMENTS:
+            continue
+        for k, (node, i) in enumerate(lst[1:], start=1):
+            new = f"{name}__use{k}"
+            while new in names:
+                new += "_"
+            names.add(new)
+            g.initializer.append(numpy_helper.from_array(np.array(value, copy=True), new))
+            node.input[i] = new
+    _drop_unused(model)
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] not in used)]
+    if len(nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(nodes)

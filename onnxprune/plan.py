@@ -1,0 +1,266 @@
+"""Importance and planning: which units of which group to keep. A plan is pure data (JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.coupling import CouplingGraph, Group
+from onnxprune.errors import UserError
+
+IMPORTANCES = ("l1", "l2", "bn", "random")
+_MAGNITUDE_ROLES = ("producer", "consumer", "scale", "param")
+
+
+# ----------------------------------------------------------------------------------------------
+# importance
+
+
+def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: int = 0) -> np.ndarray:
+    """One score per unit of ``group`` (higher = more important), normalized to mean 1."""
+    n = group.size
+    if kind == "random":
+        rng = np.random.default_rng(seed + group.id)
+        return _normalize(rng.random(n))
+    if kind not in IMPORTANCES:
+        raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCES)})")
+    roles = ("scale",) if kind == "bn" else _MAGNITUDE_ROLES
+    slots = [s for s in group.slots if s.role in roles]
+    if kind == "bn" and not slots:
+        slots = [s for s in group.slots if s.role in _MAGNITUDE_ROLES]
+        kind = "l2"
+    total = np.zeros(n)
+    count = np.zeros(n)
+    seen: set[tuple[str, int]] = set()
+    for s in slots:
+        if (s.const, s.axis) in seen:
+            continue
+        seen.add((s.const, s.axis))
+        w = cg.consts.get(s.const)
+        if w is None or not np.issubdtype(w.dtype, np.floating):
+            continue
+        w = np.moveaxis(w.astype(np.float64, copy=False), s.axis, 0).reshape(w.shape[s.axis], -1)
+        if kind == "l1":
+            per = np.abs(w).sum(axis=1)
+        elif kind == "bn":
+            per = np.abs(w).sum(axis=1)
+        else:
+            per = np.square(w).sum(axis=1)
+        units = cg.unit_index(group, s.space)
+        total += np.bincount(units, weights=per, minlength=n)
+        count += np.bincount(units, minlength=n) > 0
+    score = total / np.maximum(count, 1)
+    if kind == "l2":
+        score = np.sqrt(score)
+    return _normalize(score)
+
+
+def _normalize(score: np.ndarray) -> np.ndarray:
+    m = float(np.mean(score)) if score.size else 0.0
+    return score / m if m > 0 else score
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass
+class PlanOptions:
+    ratio: float = 0.5
+    layer_ratios: list[tuple[str, float]] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    round_to: int = 1
+    global_: bool = False
+    max_ratio: float = 0.9
+    importance: str = "l2"
+    allow_approximate: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
+        for rx, r in self.layer_ratios:
+            if not 0.0 <= r < 1.0:
+                raise UserError(f"--layer-ratio {rx}={r}: ratio must be in [0, 1)")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise UserError(f"--max-ratio must be in (0, 1), got {self.max_ratio}")
+        if self.round_to < 1:
+            raise UserError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.importance not in IMPORTANCES:
+            raise UserError(f"unknown importance '{self.importance}' (one of {', '.join(IMPORTANCES)})")
+
+
+@dataclass
+class GroupPlan:
+    group: int
+    size: int
+    keep: np.ndarray  # unit indices kept, sorted
+    approximate: bool = False
+
+    @property
+    def removed(self) -> int:
+        return self.size - len(self.keep)
+
+
+@dataclass
+class Plan:
+    groups: dict[int, GroupPlan]
+    frozen: dict[int, list[str]]
+    options: dict
+
+    def pruned(self) -> list[GroupPlan]:
+        return [gp for gp in self.groups.values() if gp.removed > 0]
+
+    def exact_only(self) -> Plan:
+        return Plan({k: v for k, v in self.groups.items() if not v.approximate}, self.frozen, self.options)
+
+    # -- JSON ----------------------------------------------------------------------------------
+    def to_json(self, cg: CouplingGraph) -> dict:
+        groups = []
+        for gp in self.groups.values():
+            g = cg.groups[gp.group]
+            anchor = _anchor(cg, g)
+            kept_el = cg.kept_elements(g, gp.keep, anchor)
+            groups.append({
+                "group": gp.group, "anchor": {"tensor": cg.space_key[anchor][0], "axis": cg.space_key[anchor][1]},
+                "channels": cg.space_size[anchor], "units": gp.size, "kept_units": len(gp.keep),
+                "keep": [int(i) for i in kept_el], "approximate": gp.approximate, "producers": g.producers,
+            })
+        frozen = [{"group": gid, "producers": cg.groups[gid].producers, "reasons": reasons[:5]}
+                  for gid, reasons in self.frozen.items()]
+        return {"version": 1, "options": self.options, "groups": groups, "frozen": frozen}
+
+    @classmethod
+    def from_json(cls, data: dict, cg: CouplingGraph) -> Plan:
+        if not isinstance(data, dict) or data.get("version") != 1 or "groups" not in data:
+            raise UserError("plan file is not an onnxprune plan (version 1)")
+        by_space = {}
+        for g in cg.groups:
+            for sid in g.spaces:
+                by_space[cg.space_key[sid]] = (g, sid)
+        groups: dict[int, GroupPlan] = {}
+        for entry in data["groups"]:
+            key = (entry["anchor"]["tensor"], int(entry["anchor"]["axis"]))
+            if key not in by_space:
+                raise UserError(f"plan does not match this model: no channel axis {key[1]} of '{key[0]}'")
+            g, sid = by_space[key]
+            if not g.prunable:
+                raise UserError(f"plan prunes group of '{key[0]}', which is frozen here: {g.frozen[0]}")
+            if g.is_approximate and not data.get("options", {}).get("allow_approximate", False):
+                raise UserError(f"plan prunes approximate group of '{key[0]}' without allow_approximate")
+            keep_el = np.asarray(entry["keep"], dtype=np.int64)
+            if keep_el.size and (keep_el.min() < 0 or keep_el.max() >= cg.space_size[sid]):
+                raise UserError(f"plan keeps channel indices outside '{key[0]}' axis {key[1]}")
+            units = np.unique(cg.unit_index(g, sid)[keep_el]) if keep_el.size else np.zeros(0, np.int64)
+            if units.size == 0:
+                raise UserError(f"plan removes every channel of '{key[0]}'")
+            groups[g.id] = GroupPlan(g.id, g.size, units, g.is_approximate)
+        frozen = {g.id: g.frozen for g in cg.groups if not g.prunable}
+        return cls(groups, frozen, data.get("options", {}))
+
+    def dumps(self, cg: CouplingGraph) -> str:
+        return json.dumps(self.to_json(cg), indent=1)
+
+
+def _anchor(cg: CouplingGraph, g: Group) -> int:
+    """The space that names a group in a plan file: a producer weight's output axis if any."""
+    for s in g.slots:
+        if s.role == "producer":
+            return s.space
+    return g.spaces[0]
+
+
+def _check_regexes(cg: CouplingGraph, opts: PlanOptions) -> None:
+    names = list(cg.node_by_name)
+    for rx in [r for r, _ in opts.layer_ratios] + list(opts.ignore):
+        try:
+            pat = re.compile(rx)
+        except re.error as exc:
+            raise UserError(f"bad regular expression '{rx}': {exc}") from None
+        if not any(pat.search(n) for n in names):
+            raise UserError(f"regular expression '{rx}' matches no node of the model")
+
+
+def _round_keep(size: int, keep: int, round_to: int) -> int:
+    keep = max(1, min(size, keep))
+    if round_to > 1 and size >= round_to:
+        keep = min(size, int(math.ceil(keep / round_to)) * round_to)
+    return keep
+
+
+def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
+    opts.validate()
+    _check_regexes(cg, opts)
+    ignore = [re.compile(r) for r in opts.ignore]
+    layer = [(re.compile(r), v) for r, v in opts.layer_ratios]
+    frozen: dict[int, list[str]] = {}
+    candidates: list[tuple[Group, float]] = []
+    for g in cg.groups:
+        reasons = list(g.frozen)
+        hit = next((p.pattern for p in ignore if any(p.search(n) for n in g.nodes)), None)
+        if hit is not None:
+            reasons.insert(0, f"ignored by --ignore {hit}")
+        if g.is_approximate and not opts.allow_approximate and not reasons:
+            reasons.append(f"approximate: {g.approximate[0]} (use --allow-approximate)")
+        if g.size <= 1 and not reasons:
+            reasons.append("a single channel")
+        if reasons:
+            frozen[g.id] = reasons
+            continue
+        ratio = opts.ratio
+        for pat, r in layer:
+            if any(pat.search(p) for p in g.producers):
+                ratio = r
+                break
+        candidates.append((g, ratio))
+    scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
+    groups: dict[int, GroupPlan] = {}
+    if opts.global_:
+        groups = _plan_global(candidates, scores, opts)
+    else:
+        for g, ratio in candidates:
+            n_remove = int(math.floor(g.size * ratio))
+            keep_n = _round_keep(g.size, g.size - n_remove, opts.round_to)
+            groups[g.id] = GroupPlan(g.id, g.size, _top(scores[g.id], keep_n), g.is_approximate)
+    return Plan(groups, frozen, _options_json(opts))
+
+
+def _top(score: np.ndarray, keep_n: int) -> np.ndarray:
+    order = np.argsort(-score, kind="stable")
+    return np.sort(order[:keep_n])
+
+
+def _plan_global(candidates, scores, opts: PlanOptions) -> dict[int, GroupPlan]:
+    entries = []
+    total = 0
+    for g, _ in candidates:
+        total += g.size
+        for u, s in enumerate(scores[g.id]):
+            entries.append((s, g.id, u))
+    entries.sort()
+    target = int(math.floor(total * opts.ratio))
+    by_id = {g.id: g for g, _ in candidates}
+    removed: dict[int, int] = {g.id: 0 for g, _ in candidates}
+    ceiling = {g.id: min(g.size - 1, int(math.floor(g.size * opts.max_ratio))) for g, _ in candidates}
+    done = 0
+    for _, gid, _ in entries:
+        if done >= target:
+            break
+        if removed[gid] < ceiling[gid]:
+            removed[gid] += 1
+            done += 1
+    out = {}
+    for gid, g in by_id.items():
+        keep_n = _round_keep(g.size, g.size - removed[gid], opts.round_to)
+        out[gid] = GroupPlan(gid, g.size, _top(scores[gid], keep_n), g.is_approximate)
+    return out
+
+
+def _options_json(opts: PlanOptions) -> dict:
+    return {"ratio": opts.ratio, "layer_ratios": [list(x) for x in opts.layer_ratios], "ignore": opts.ignore,
+            "round_to": opts.round_to, "global": opts.global_, "max_ratio": opts.max_ratio,
+            "importance": opts.importance, "allow_approximate": opts.allow_approximate, "seed": opts.seed}

@@ -1,0 +1,205 @@
+"""Apply a plan in one pass: slice every constant once, let handlers fix attributes and shape
+constants, refresh value_info. Validates the whole plan before the first mutation, and checks the
+shapes of the result against the shapes the plan predicts."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune import registry
+from onnxprune.coupling import CouplingGraph
+from onnxprune.errors import RewriteError
+from onnxprune.model import ConstantTable, constant_node_value
+from onnxprune.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def kept_map(cg: CouplingGraph, plan: Plan) -> dict[tuple[str, int], np.ndarray]:
+    """(tensor, axis) -> kept indices, for every axis the plan changes."""
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for gp in plan.pruned():
+        g = cg.groups[gp.group]
+        for sid in g.spaces:
+            kept = cg.kept_elements(g, gp.keep, sid)
+            if len(kept) < cg.space_size[sid]:
+                out[cg.space_key[sid]] = kept
+    return out
+
+
+def validate(cg: CouplingGraph, plan: Plan) -> None:
+    for gp in plan.groups.values():
+        if gp.group >= len(cg.groups):
+            raise RewriteError(f"plan names group {gp.group}, which does not exist")
+        g = cg.groups[gp.group]
+        if gp.removed > 0 and not g.prunable:
+            raise RewriteError(f"plan prunes frozen group {gp.group}: {g.frozen[0]}")
+        if len(gp.keep) == 0:
+            raise RewriteError(f"plan removes every channel of group {gp.group}")
+        if gp.keep.min() < 0 or gp.keep.max() >= g.size or len(np.unique(gp.keep)) != len(gp.keep):
+            raise RewriteError(f"plan keeps invalid units in group {gp.group}")
+
+
+class RewriteContext:
+    """What a handler sees while fixing one node."""
+
+    def __init__(self, model: onnx.ModelProto, cg: CouplingGraph, kept: dict[tuple[str, int], np.ndarray]):
+        self.model = model
+        self.cg = cg
+        self._kept = kept
+        self.opset = cg.opset
+        self._consts = ConstantTable.of(model.graph)
+        self._producer = {o: n for n in model.graph.node for o in n.output if o}
+        self._new_shapes: dict[str, tuple[int, ...]] = {}
+        by_tensor = defaultdict(dict)
+        for (t, ax), k in kept.items():
+            by_tensor[t][ax] = len(k)
+        for t, axes in by_tensor.items():
+            old = list(cg.shapes.get(t))
+            for ax, n in axes.items():
+                old[ax] = n
+            self._new_shapes[t] = tuple(old)
+        self._counter = 0
+        self._names = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+
+    @property
+    def changed_tensors(self) -> set[str]:
+        return set(self._new_shapes)
+
+    def old_shape(self, t: str) -> tuple[int, ...] | None:
+        return self.cg.shapes.get(t)
+
+    def new_shape(self, t: str) -> tuple[int, ...] | None:
+        return self._new_shapes.get(t, self.cg.shapes.get(t))
+
+    def kept(self, t: str, axis: int) -> np.ndarray:
+        k = self._kept.get((t, axis))
+        return np.arange(self.cg.shapes.get(t)[axis]) if k is None else k
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self._consts.get(name)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return self._producer.get(name)
+
+    def attr(self, node: onnx.NodeProto, name: str):
+        return registry.get_attr(node, name, self.opset)
+
+    def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
+        self.remove_attr(node, name)
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+    def remove_attr(self, node: onnx.NodeProto, name: str) -> None:
+        for i, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[i]
+                return
+
+    def _fresh(self, base: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"{base}__pruned{self._counter}"
+            if name not in self._names:
+                self._names.add(name)
+                return name
+
+    def set_input_const(self, node: onnx.NodeProto, idx: int, value: np.ndarray) -> None:
+        """Give input ``idx`` of ``node`` a new constant of its own (clone on write)."""
+        old = node.input[idx]
+        name = self._fresh(old or f"{node.name}_in{idx}")
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self._consts.values[name] = np.asarray(value)
+        node.input[idx] = name
+
+    def add_input_const(self, node: onnx.NodeProto, idx: int, value: np.ndarray) -> None:
+        while len(node.input) <= idx:
+            node.input.append("")
+        self.set_input_const(node, idx, value)
+
+
+def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.ModelProto:
+    """Return a pruned copy of ``model`` (``model`` itself is not touched)."""
+    validate(cg, plan)
+    kept = kept_map(cg, plan)
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    _slice_constants(new, kept)
+    rw = RewriteContext(new, cg, kept)
+    changed = rw.changed_tensors
+    for node in list(new.graph.node):
+        if not any(t in changed for t in list(node.input) + list(node.output)):
+            continue
+        handler = registry.lookup(node.domain or "", node.op_type, cg.opset)
+        if handler is not None:
+            handler.rewrite(node, rw)
+    del new.graph.value_info[:]
+    _drop_unused_initializers(new)
+    return new
+
+
+def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndarray]) -> None:
+    by_tensor: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for (t, ax), k in kept.items():
+        by_tensor[t][ax] = k
+    for init in model.graph.initializer:
+        axes = by_tensor.get(init.name)
+        if axes:
+            arr = numpy_helper.to_array(init)
+            for ax, k in axes.items():
+                arr = np.take(arr, k, axis=ax)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+    for node in model.graph.node:
+        if node.op_type != "Constant" or not node.output or node.output[0] not in by_tensor:
+            continue
+        arr = constant_node_value(node)
+        for ax, k in by_tensor[node.output[0]].items():
+            arr = np.take(arr, k, axis=ax)
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(arr))))
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+
+
+def expected_shapes(cg: CouplingGraph, plan: Plan) -> dict[str, tuple[int, ...]]:
+    kept = kept_map(cg, plan)
+    out = {}
+    for (t, ax), k in kept.items():
+        shape = list(out.get(t, cg.shapes.get(t)))
+        shape[ax] = len(k)
+        out[t] = tuple(shape)
+    return out
+
+
+def check_shapes(pruned: onnx.ModelProto, cg: CouplingGraph, plan: Plan, new_shapes) -> None:
+    """Every static axis of every tensor must have the size the plan predicts."""
+    expected = expected_shapes(cg, plan)
+    bad = []
+    for t, old in cg.shapes.concrete.items():
+        got = new_shapes.get(t)
+        if got is None:
+            continue
+        want = expected.get(t, old)
+        if len(got) != len(want):
+            bad.append((t, want, got))
+            continue
+        for ax, (w, gv) in enumerate(zip(want, got, strict=True)):
+            if cg.shapes.is_dynamic(t, ax) or new_shapes.is_dynamic(t, ax):
+                continue
+            if w != gv:
+                bad.append((t, want, got))
+                break
+    if bad:
+        t, want, got = bad[0]
+        raise RewriteError(f"rewrite refused: tensor '{t}' would have shape {list(got)}, plan predicts "
+                           f"{list(want)} ({len(bad)} tensors differ)")

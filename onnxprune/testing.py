@@ -1,0 +1,34 @@
+"""Helpers to build small test graphs from ONNX text (used by the tests and the property tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Parse a model in ONNX text format; every tensor declared in the ``<...>`` initializer list
+    without a value gets random normal values (names in ``positive`` get values in [0.5, 1.5),
+    e.g. BatchNorm variances)."""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    produced = {o for n in model.graph.node for o in n.output}
+    keep = []
+    for vi in model.graph.value_info:
+        if vi.name in produced:
+            keep.append(vi)
+            continue
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if vi.name in positive:
+            arr = rng.uniform(0.5, 1.5, size=dims).astype(dtype)
+        else:
+            arr = rng.standard_normal(dims).astype(dtype)
+        model.graph.initializer.append(numpy_helper.from_array(arr, vi.name))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type.lower()}_{i}"
+    return model
