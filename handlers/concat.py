@@ -101,7 +101,7 @@ class Slice(Handler):
         r = len(xs)
         for t in node.input[1:]:
             ctx.cover(t)
-        vals = [ctx.const(t) if t else None for t in node.input[1:5]]
+        vals = [ctx.value(t) if t else None for t in node.input[1:5]]
         while len(vals) < 4:
             vals.append(None)
         starts, ends, axes, steps = vals
@@ -140,10 +140,10 @@ class Slice(Handler):
         if rw.old_shape(x) == rw.new_shape(x):
             return
         r = len(rw.old_shape(x))
-        starts = rw.const(node.input[1]).reshape(-1).copy()
-        ends = rw.const(node.input[2]).reshape(-1).copy()
+        starts = rw.value(node.input[1]).reshape(-1).copy()
+        ends = rw.value(node.input[2]).reshape(-1).copy()
         axes_t = node.input[3] if len(node.input) > 3 and node.input[3] else ""
-        axes = list(range(len(starts))) if not axes_t else [_norm(int(a), r) for a in rw.const(axes_t).reshape(-1)]
+        axes = list(range(len(starts))) if not axes_t else [_norm(int(a), r) for a in rw.value(axes_t).reshape(-1)]
         changed = False
         for k, ax in enumerate(axes):
             old_in = rw.old_shape(x)[ax]
@@ -156,5 +156,9 @@ class Slice(Handler):
             starts[k], ends[k] = new_start, new_end
             changed = True
         if changed:
-            rw.set_input_const(node, 1, starts.astype(rw.const(node.input[1]).dtype))
-            rw.set_input_const(node, 2, ends.astype(rw.const(node.input[2]).dtype))
+            rw.set_input_const(node, 1, starts.astype(np.int64))
+            rw.set_input_const(node, 2, ends.astype(np.int64))
+            if axes_t and rw.const(axes_t) is None:
+                rw.set_input_const(node, 3, np.asarray(axes, dtype=np.int64))
+            if len(node.input) > 4 and node.input[4] and rw.const(node.input[4]) is None:
+                rw.set_input_const(node, 4, rw.value(node.input[4]).astype(np.int64))

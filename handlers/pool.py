@@ -41,7 +41,7 @@ class Reduce(Handler):
         if ctx.opset >= moved:
             axes_t = node.input[1] if len(node.input) > 1 else ""
             if axes_t:
-                v = ctx.const(axes_t)
+                v = ctx.value(axes_t)
                 if v is None:
                     from onnxprune.coupling import Barrier
 

@@ -193,7 +193,7 @@ def _axes(node, ctx, attr_until: int = 13):
         return None if a is None else [int(v) for v in a]
     if len(node.input) > 1 and node.input[1]:
         ctx.cover(node.input[1])
-        v = ctx.const(node.input[1])
+        v = ctx.value(node.input[1])
         if v is None:
             from onnxprune.coupling import Barrier
 

@@ -56,7 +56,7 @@ class Pad(Handler):
             ctx.cover(t)
         r = len(xs)
         if ctx.opset >= 11:
-            pads = ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            pads = ctx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
         else:
             pads = ctx.attr("pads")
         if pads is None:
@@ -64,7 +64,7 @@ class Pad(Handler):
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
         axes = list(range(r))
         if ctx.opset >= 18 and len(node.input) > 3 and node.input[3]:
-            a = ctx.const(node.input[3])
+            a = ctx.value(node.input[3])
             if a is None:
                 return
             axes = [int(v) + r if int(v) < 0 else int(v) for v in a.reshape(-1)]

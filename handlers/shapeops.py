@@ -84,7 +84,7 @@ class Tile(Handler):
     def analyze(self, node, ctx):
         x, y = node.input[0], node.output[0]
         xs = ctx.shape(x)
-        reps = ctx.const(node.input[1])
+        reps = ctx.value(node.input[1])
         ctx.cover(node.input[1])
         if xs is None or reps is None:
             return

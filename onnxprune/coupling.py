@@ -92,6 +92,8 @@ class CouplingGraph:
         self.groups: list[Group] = []
         self.group_of_space: np.ndarray = np.zeros(0, dtype=np.int64)
         self.node_by_name: dict[str, onnx.NodeProto] = {}
+        self.producer_of: dict[str, onnx.NodeProto] = {}
+        self.static_values: dict[str, np.ndarray] = {}
 
     # -- spaces ------------------------------------------------------------------------------
     def space(self, tensor: str, axis: int) -> int | None:
@@ -219,6 +221,11 @@ class AnalysisContext:
             return None
         value = self.cg.consts.get(src[0])
         return np.transpose(value, src[1]) if value.ndim > 1 else value
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant, or a computed tensor whose value does not depend on dynamic sizes."""
+        v = self.const(name)
+        return v if v is not None else self.cg.static_values.get(name)
 
     def const_source(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
         """(constant name, axis map from this tensor's axes to the constant's) or None.
@@ -394,12 +401,27 @@ def _norm_axis(axis: int, rank: int | None) -> int:
     return axis
 
 
-def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None) -> CouplingGraph:
+# inputs (index >= 1) of these ops are shape-like: when computed, their static values are probed
+SHAPE_INPUT_OPS = ("Slice", "Split", "Resize", "Pad", "Tile", "Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum",
+                   "ReduceMax", "ReduceMin")
+
+
+def shape_inputs_to_probe(model: onnx.ModelProto, consts: ConstantTable) -> list[str]:
+    names = []
+    for n in model.graph.node:
+        if n.op_type in SHAPE_INPUT_OPS and n.domain in ("", "ai.onnx"):
+            names.extend(t for t in n.input[1:] if t and t not in consts)
+    return sorted(set(names))
+
+
+def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
+            static_values: dict[str, np.ndarray] | None = None) -> CouplingGraph:
     """Build the coupling graph of ``model`` (pure)."""
     import onnxprune.handlers  # noqa: F401 - registers every handler module
 
     consts = consts or ConstantTable.of(model.graph)
     cg = CouplingGraph(model, shapes, consts)
+    cg.static_values = dict(static_values or {})
     g = model.graph
     cg.producer_of = {o: n for n in g.node for o in n.output if o}
     ctx = AnalysisContext(cg)

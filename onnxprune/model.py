@@ -271,6 +271,19 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
 
 
 def _run_for_shapes(model: onnx.ModelProto, names: list[str], overrides, scale: int) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _run_probe(model, names, overrides, scale).items()}
+
+
+def probe_static_values(model: onnx.ModelProto, names: list[str], overrides=None) -> dict[str, np.ndarray]:
+    """Values of computed (small, integer) tensors that do not depend on dynamic input sizes."""
+    if not names:
+        return {}
+    a = _run_probe(model, names, overrides, scale=1)
+    b = _run_probe(model, names, overrides, scale=2)
+    return {k: v for k, v in a.items() if k in b and b[k].shape == v.shape and np.array_equal(b[k], v)}
+
+
+def _run_probe(model: onnx.ModelProto, names: list[str], overrides, scale: int) -> dict[str, np.ndarray]:
     from onnxprune.runtime import make_session
 
     probe = onnx.ModelProto()
@@ -305,7 +318,7 @@ def _run_for_shapes(model: onnx.ModelProto, names: list[str], overrides, scale: 
                         f"({str(exc).splitlines()[0][:200]}); give shapes with --input-shape") from None
     result = {}
     for meta, arr in zip(sess.get_outputs(), outs, strict=True):
-        result[meta.name] = tuple(np.asarray(arr).shape)
+        result[meta.name] = np.asarray(arr)
     return result
 
 

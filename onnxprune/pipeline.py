@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxprune import model as io
-from onnxprune.coupling import CouplingGraph, analyze
+from onnxprune.coupling import CouplingGraph, analyze, shape_inputs_to_probe
 from onnxprune.errors import NothingToPrune, RewriteError
 from onnxprune.normalize import normalize
 from onnxprune.plan import Plan, PlanOptions, make_plan
@@ -42,7 +42,9 @@ def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[in
         io.check_opset(model)
     model = normalize(model)
     shapes = io.infer_shapes(model, input_shapes)
-    cg = analyze(model, shapes)
+    consts = io.ConstantTable.of(model.graph)
+    values = io.probe_static_values(model, shape_inputs_to_probe(model, consts), input_shapes)
+    cg = analyze(model, shapes, consts, values)
     return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0)
 
 

@@ -220,12 +220,12 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
     scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
     groups: dict[int, GroupPlan] = {}
     if opts.global_:
-        groups = _plan_global(candidates, scores, opts)
+        groups = _plan_global(cg, candidates, scores, opts)
     else:
         for g, ratio in candidates:
             n_remove = int(math.floor(g.size * ratio))
             keep_n = _round_keep(g.size, g.size - n_remove, opts.round_to)
-            groups[g.id] = GroupPlan(g.id, g.size, _top(scores[g.id], keep_n), g.is_approximate)
+            groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
     return Plan(groups, frozen, _options_json(opts))
 
 
@@ -234,7 +234,37 @@ def _top(score: np.ndarray, keep_n: int) -> np.ndarray:
     return np.sort(order[:keep_n])
 
 
-def _plan_global(candidates, scores, opts: PlanOptions) -> dict[int, GroupPlan]:
+def select_units(cg: CouplingGraph, g: Group, score: np.ndarray, keep_n: int) -> np.ndarray:
+    """Keep ``keep_n`` units, removing the least important first, such that no member space loses
+    more than its share of the removal (and none is emptied). In an ordinary group every space has one
+    element per unit and this is plain top-k; where units are entangled lineages (channel shuffles)
+    it stops a branch from being hollowed out."""
+    n = g.size
+    n_remove = n - keep_n
+    if n_remove <= 0:
+        return np.arange(n)
+    spaces = g.spaces
+    inc = np.zeros((n, len(spaces)), dtype=np.int64)
+    for j, sid in enumerate(spaces):
+        inc[:, j] = np.bincount(cg.unit_index(g, sid), minlength=n)
+    sizes = inc.sum(axis=0)
+    if np.all(inc == 1):
+        return _top(score, keep_n)
+    budget = np.minimum(-(-n_remove * sizes // n), sizes - 1)
+    lost = np.zeros(len(spaces), dtype=np.int64)
+    removed = np.zeros(n, dtype=bool)
+    k = 0
+    for u in np.argsort(score, kind="stable"):
+        if k >= n_remove:
+            break
+        if np.all(lost + inc[u] <= budget):
+            lost += inc[u]
+            removed[u] = True
+            k += 1
+    return np.flatnonzero(~removed)
+
+
+def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> dict[int, GroupPlan]:
     entries = []
     total = 0
     for g, _ in candidates:
@@ -256,7 +286,7 @@ def _plan_global(candidates, scores, opts: PlanOptions) -> dict[int, GroupPlan]:
     out = {}
     for gid, g in by_id.items():
         keep_n = _round_keep(g.size, g.size - removed[gid], opts.round_to)
-        out[gid] = GroupPlan(gid, g.size, _top(scores[gid], keep_n), g.is_approximate)
+        out[gid] = GroupPlan(gid, g.size, select_units(cg, g, scores[gid], keep_n), g.is_approximate)
     return out
 
 

@@ -27,6 +27,9 @@ def kept_map(cg: CouplingGraph, plan: Plan) -> dict[tuple[str, int], np.ndarray]
         g = cg.groups[gp.group]
         for sid in g.spaces:
             kept = cg.kept_elements(g, gp.keep, sid)
+            if len(kept) == 0:
+                t, ax = cg.space_key[sid]
+                raise RewriteError(f"plan removes every channel of axis {ax} of '{t}'")
             if len(kept) < cg.space_size[sid]:
                 out[cg.space_key[sid]] = kept
     return out
@@ -84,6 +87,11 @@ class RewriteContext:
     def const(self, name: str) -> np.ndarray | None:
         return self._consts.get(name)
 
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant or a probed static value (a computed input gets replaced by a constant)."""
+        v = self._consts.get(name)
+        return v if v is not None else self.cg.static_values.get(name)
+
     def producer(self, name: str) -> onnx.NodeProto | None:
         return self._producer.get(name)
 
@@ -138,6 +146,7 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
         if handler is not None:
             handler.rewrite(node, rw)
     del new.graph.value_info[:]
+    _drop_dead_nodes(new)
     _drop_unused_initializers(new)
     return new
 
@@ -161,6 +170,18 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             arr = np.take(arr, k, axis=ax)
         del node.attribute[:]
         node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(arr))))
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (shape computations replaced by constants)."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
