@@ -32,3 +32,16 @@ def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = ()) -> onnx.
         if not node.name:
             node.name = f"{node.op_type.lower()}_{i}"
     return model
+
+
+def prune_and_verify(model: onnx.ModelProto, ratio: float = 0.5, *, input_shapes=None, ep: str = "cpu",
+                     tol: float = 1e-4, **plan_kwargs):
+    """Prune ``model`` in memory and verify it against the masked original.
+
+    Returns the pipeline ``Result`` (``.pruned``, ``.plan``, ``.verification``, ``.before``/``.after``).
+    """
+    from onnxprune import pipeline
+    from onnxprune.plan import PlanOptions
+
+    return pipeline.run(model, PlanOptions(ratio=ratio, **plan_kwargs), input_shapes=input_shapes,
+                        verify=True, ep=ep, tol=tol)

@@ -1,0 +1,57 @@
+"""Zoo acceptance: every torchvision architecture, both exporters, prunes at 0.5 and verifies.
+
+The full matrix is slow (select it with ``-m slow``); resnet18 from the legacy exporter runs always.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.model import make_inputs
+from onnxprune.models import zoo
+from onnxprune.runtime import make_session
+
+FAST = [("resnet18", "legacy")]
+ALL = [(a, e) for e in ("legacy", "dynamo") for a in zoo.ARCHS]
+
+
+def _prune_and_check(arch, exporter, tmp_path):
+    src = zoo.export(arch, exporter)
+    out = tmp_path / "pruned.onnx"
+    report = tmp_path / "report.json"
+    rc = main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--verify", "--ep", "cpu",
+               "--report", str(report)])
+    assert rc == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    rep = json.loads(report.read_text())
+    assert rep["verification"]["passed"]
+    for o in rep["verification"]["outputs"]:
+        assert o["rel_error"] < 1e-4
+    macs_before, macs_after = rep["stats"]["original"]["macs"], rep["stats"]["pruned"]["macs"]
+    assert macs_after <= 0.4 * macs_before, f"MACs only dropped {1 - macs_after / macs_before:.1%}"
+    original = onnx.load(str(src))
+    pruned = onnx.load(str(out))
+    batches = (1, 8) if zoo.load_meta(src).get("dynamic_batch", True) else (1,)
+    for b in batches:
+        feeds = make_inputs(original, batch=b)
+        so, _ = make_session(original, "cpu")
+        sp, _ = make_session(pruned, "cpu")
+        for a, p in zip(so.run(None, feeds), sp.run(None, feeds), strict=True):
+            assert a.shape == p.shape
+            assert np.all(np.isfinite(p))
+
+
+@pytest.mark.parametrize(("arch", "exporter"), FAST)
+def test_zoo_prune_fast(arch, exporter, tmp_path):
+    _prune_and_check(arch, exporter, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "exporter"), ALL)
+def test_zoo_prune_all(arch, exporter, tmp_path):
+    _prune_and_check(arch, exporter, tmp_path)
