@@ -21,7 +21,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from onnxprune import registry
-from onnxprune.model import ConstantTable, Shapes, default_opset, input_feeds_spec
+from onnxprune.model import ConstantTable, Shapes, default_opset, input_feeds_spec, outer_refs
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None
         else:
             node_name = node.name
         cg.node_by_name[node_name] = node
-        for t in list(node.input) + list(node.output):
+        for t in list(node.input) + list(node.output) + sorted(outer_refs(node)):
             if t:
                 cg.tensor_nodes[t].add(node_name)
     # graph inputs and outputs are frozen
@@ -461,6 +461,10 @@ def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     domain = node.domain or ""
     handler = registry.lookup(domain, node.op_type, cg.opset if domain in ("", "ai.onnx") else 1)
     tensors = [t for t in list(node.input) + list(node.output) if t]
+    refs = outer_refs(node)
+    for t in sorted(refs):
+        ctx.freeze(t, None, f"{ctx._where()}: read inside its subgraph", kind="unknown")
+    tensors.extend(sorted(refs))
     if handler is None:
         op = f"{domain}::{node.op_type}" if domain not in ("", "ai.onnx") else node.op_type
         cg.unknown_ops[op].append(node.name)

@@ -331,3 +331,42 @@ def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     for init in model.graph.initializer:
         out[init.name] = init.data_type
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# subgraphs
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_refs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scopes."""
+    refs: set[str] = set()
+    for g in subgraphs(node):
+        defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            for t in n.input:
+                if t and t not in defined:
+                    refs.add(t)
+            for r in outer_refs(n):
+                if r not in defined:
+                    refs.add(r)
+            defined.update(o for o in n.output if o)
+    return refs
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` (subgraph outer references included) or output."""
+    used = {o.name for o in graph.output}
+    for n in graph.node:
+        used.update(t for t in n.input if t)
+        used.update(outer_refs(n))
+    return used

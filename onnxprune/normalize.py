@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.model import ConstantTable, inline_functions
+from onnxprune.model import ConstantTable, inline_functions, outer_refs, used_names
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _untie_constants(model: onnx.ModelProto) -> None:
 
 def _drop_unused(model: onnx.ModelProto) -> None:
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = used_names(g)
     keep = [i for i in g.initializer if i.name in used]
     if len(keep) != len(g.initializer):
         del g.initializer[:]

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnxprune import registry
 from onnxprune.coupling import CouplingGraph
 from onnxprune.errors import RewriteError
-from onnxprune.model import ConstantTable, constant_node_value
+from onnxprune.model import ConstantTable, constant_node_value, used_names
 from onnxprune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Remove nodes none of whose outputs is used (shape computations replaced by constants)."""
     g = model.graph
     while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        used = used_names(g)
         keep = [n for n in g.node if any(o in used for o in n.output if o)]
         if len(keep) == len(g.node):
             return
@@ -185,7 +185,7 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    used = used_names(model.graph)
     keep = [i for i in model.graph.initializer if i.name in used]
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
