@@ -233,18 +233,24 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
     concrete: dict[str, tuple[int, ...]] = {}
     dynamic: dict[str, tuple[bool, ...]] = {}
     feeds = make_inputs(model, feeds_overrides)
+    env: dict[str, int] = {}
+    for vi in input_feeds_spec(model):
+        for d, v in zip(_dims(vi) or [], feeds[vi.name].shape, strict=False):
+            if isinstance(d, str):
+                env[d] = int(v)
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         dims = _dims(vi)
         if dims is None:
             continue
-        if any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in dims):
-            continue  # unknown (not symbolic): resolved by a run below
-        dyn = tuple(not isinstance(d, int) for d in dims)
-        dynamic[vi.name] = dyn
         if vi.name in feeds:
             concrete[vi.name] = tuple(feeds[vi.name].shape)
-        else:
-            concrete[vi.name] = tuple(d if isinstance(d, int) else 1 for d in dims)
+            dynamic[vi.name] = tuple(not isinstance(d, int) for d in dims)
+            continue
+        values = [d if isinstance(d, int) else _eval_dim(d, env) for d in dims]
+        if any(v is None for v in values):
+            continue  # unknown or not evaluable: resolved by a run below
+        dynamic[vi.name] = tuple(not isinstance(d, int) for d in dims)
+        concrete[vi.name] = tuple(int(v) for v in values)
     consts = ConstantTable.of(model.graph)
     for name, value in consts.values.items():
         concrete[name] = tuple(value.shape)
@@ -268,6 +274,43 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
                 flags.append(flag)
             dynamic[name] = tuple(flags)
     return Shapes(concrete, dynamic)
+
+
+def _eval_dim(expr: str | None, env: dict[str, int]) -> int | None:
+    """Value of a symbolic dim such as 'batch' or '4*batch' (torch.export names), else None."""
+    if expr is None:
+        return None
+    if expr in env:
+        return env[expr]
+    import ast
+
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return None
+
+    def ev(n):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name) and n.id in env:
+            return env[n.id]
+        if isinstance(n, ast.BinOp):
+            a, b = ev(n.left), ev(n.right)
+            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                   ast.FloorDiv: lambda: a // b if b else None, ast.Mod: lambda: a % b if b else None}
+            f = ops.get(type(n.op))
+            if f is None or a is None or b is None:
+                return None
+            return f()
+        return None
+
+    try:
+        v = ev(tree)
+    except Exception:  # noqa: BLE001
+        return None
+    return v if isinstance(v, int) and v >= 0 else None
 
 
 def _run_for_shapes(model: onnx.ModelProto, names: list[str], overrides, scale: int) -> dict[str, tuple[int, ...]]:
