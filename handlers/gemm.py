@@ -12,6 +12,42 @@ import numpy as np
 from onnxprune.registry import Handler, register
 
 
+_LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Split",
+           "Expand", "Gather")
+
+
+def zero_preserving(ctx, t: str, depth: int = 0) -> bool:
+    """True if ``t`` is a linear, zero-preserving function of a weight-producing op's output
+    (MatMul/Gemm/Conv with a constant weight, then bias adds, scalings and layout ops): zeroing the
+    producer's weights and biases at a position then makes ``t`` zero there."""
+    if depth > 40 or ctx.const_source(t) is not None:
+        return False
+    prod = ctx.cg.producer_of.get(t)
+    if prod is None or prod.domain not in ("", "ai.onnx"):
+        return False
+    op = prod.op_type
+    if op in ("MatMul", "Gemm", "Conv"):
+        return any(ctx.const_source(i) is not None for i in prod.input[:2])
+    if op in _LAYOUT:
+        return zero_preserving(ctx, prod.input[0], depth + 1)
+    if op in ("Mul", "Div", "Add", "Sub"):
+        a, b = prod.input[0], prod.input[1]
+        ca, cb = ctx.value(a), ctx.value(b)
+        if op in ("Mul", "Div") and cb is not None:
+            return zero_preserving(ctx, a, depth + 1)
+        if op == "Mul" and ca is not None:
+            return zero_preserving(ctx, b, depth + 1)
+        if op in ("Add", "Sub"):
+            bias = cb if cb is not None else ca
+            act = a if cb is not None else b
+            # a per-channel bias is a param slot of the group (zeroed with it); a scalar is not
+            return bias is not None and bias.size > 1 and zero_preserving(ctx, act, depth + 1)
+        return False
+    if op == "Concat":
+        return all(zero_preserving(ctx, i, depth + 1) for i in prod.input)
+    return False
+
+
 def _contract(ctx, a: str, a_axis: int, b: str, b_axis: int) -> None:
     a_const = ctx.const_source(a) is not None
     b_const = ctx.const_source(b) is not None
@@ -20,7 +56,12 @@ def _contract(ctx, a: str, a_axis: int, b: str, b_axis: int) -> None:
     if a_const:
         ctx.slot(a, a_axis, "consumer")
     if not a_const and not b_const:
-        ctx.approximate(a, a_axis, f"{ctx.node.op_type} '{ctx.node.name}' contracts two activations")
+        ctx.mark_attention(a, a_axis, "dim")
+        ctx.mark_attention(b, b_axis, "dim")
+        if zero_preserving(ctx, a) and zero_preserving(ctx, b):
+            ctx.mark_contraction(a, a_axis)
+        else:
+            ctx.approximate(a, a_axis, f"{ctx.node.op_type} '{ctx.node.name}' contracts two activations")
     ctx.identity(a, a_axis, b, b_axis)
 
 
@@ -86,9 +127,12 @@ class MatMul(Handler):
 
             raise Barrier("1-D MatMul operands are not followed")
         ry = len(sy)
+        act = ctx.const_source(a) is None and ctx.const_source(b) is None
         _contract(ctx, a, len(sa) - 1, b, len(sb) - 2)
         _free(ctx, a, len(sa) - 2, y, ry - 2)
         _free(ctx, b, len(sb) - 1, y, ry - 1)
+        if act:
+            ctx.mark_attention(b, len(sb) - 1, "dim")
         for t, s in ((a, sa), (b, sb)):
             r = len(s)
             for j in range(r - 2):
@@ -96,6 +140,8 @@ class MatMul(Handler):
                 if s[j] == 1 and sy[oa] != 1:
                     ctx.cover(t, j)
                 else:
+                    if act:
+                        ctx.mark_attention(t, j, "heads")
                     ctx.identity(t, j, y, oa)
 
     def macs(self, node, shape_of, const_of):

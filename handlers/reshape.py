@@ -93,6 +93,10 @@ def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[
         if not pool or not ctx.has_space(single, s_axis):
             ctx.freeze(single, s_axis, f"Reshape '{node.name}': no factor to follow")
             return
+        want = "heads" if ctx.cg.head_mode == "heads" else "dim"
+        preferred = [k for k in pool if want in ctx.class_kind(multi, m_axes[k])]
+        if preferred:
+            pool = preferred
         best = max(pool, key=lambda k: (sizes[k], -k))
         e = np.arange(int(np.prod(sizes, dtype=np.int64)))
         ctx.link(single, s_axis, e, multi, m_axes[best], (e // strides[best]) % sizes[best])
@@ -156,12 +160,51 @@ class Reshape(Handler):
         analyze_reshape(node, ctx, node.input[0], node.output[0])
 
     def rewrite(self, node, rw):
+        y = node.output[0]
+        if rw.old_shape(y) == rw.new_shape(y):
+            return
+        sources = _target_sources(rw, node, 1)
+        changed = [i for i, (o, n) in enumerate(zip(rw.old_shape(y), rw.new_shape(y), strict=True)) if o != n]
+        if sources is None or any(i >= len(sources) or sources[i] is None for i in changed):
+            target = _rebuilt_target(rw, node)
+            if target is not None:
+                rw.set_input_const(node, 1, target)
+                return
+
         def entry(pos, cur, n):
             if cur == -1:
                 return None
             return n
 
         rewrite_target(rw, node, 1, entry)
+
+
+def _rebuilt_target(rw, node) -> np.ndarray | None:
+    """A constant target for a Reshape whose computed target hides a changed channel count:
+    static axes get their new size, a dynamic axis copied from the same input axis gets 0, and at
+    most one other dynamic axis gets -1."""
+    if int(rw.attr(node, "allowzero") or 0):
+        return None
+    x, y = node.input[0], node.output[0]
+    shapes = rw.cg.shapes
+    new_y, xs = rw.new_shape(y), shapes.get(x)
+    target = []
+    free = 0
+    for i, n in enumerate(new_y):
+        if not shapes.is_dynamic(y, i):
+            target.append(int(n))
+            continue
+        c2x, c2y = shapes.concrete2.get(x), shapes.concrete2.get(y)
+        same = (xs is not None and i < len(xs) and shapes.is_dynamic(x, i) and xs[i] == shapes.get(y)[i]
+                and c2x is not None and c2y is not None and i < len(c2x) and c2x[i] == c2y[i])
+        if same:
+            target.append(0)
+        else:
+            target.append(-1)
+            free += 1
+    if free > 1:
+        return None
+    return np.array(target, dtype=np.int64)
 
 
 @register

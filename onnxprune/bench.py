@@ -1,9 +1,17 @@
-"""onnxruntime latency, measured interleaved so ratios survive a noisy machine."""
+"""onnxruntime latency, measured interleaved so that ratios survive a noisy machine.
+
+Every model gets its own session on the same inputs; after a warm-up of each, the models run in
+rounds, one run of each model per round, the order rotated every round (and reversed every other
+round) so that drift of the machine (frequency, other load, cache state) hits all of them alike. The
+speedup is the ratio of the medians; the spread of the per-round ratios says how noisy it was.
+On CUDA the inputs are copied to the device once and the outputs stay there (IO binding), so a run
+measures the model, not PCIe copies.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -18,59 +26,169 @@ class Latency:
     median_ms: float
     p90_ms: float
     runs: int
+    providers: list[str] = field(default_factory=list)
+    samples_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def throughput(self) -> float:
         return self.batch / (self.median_ms / 1e3) if self.median_ms > 0 else 0.0
 
     def to_json(self) -> dict:
-        return {"ep": self.ep, "batch": self.batch, "median_ms": self.median_ms, "p90_ms": self.p90_ms,
-                "runs": self.runs, "throughput_per_s": self.throughput}
+        return {"ep": self.ep, "providers": self.providers, "batch": self.batch, "median_ms": self.median_ms,
+                "p90_ms": self.p90_ms, "runs": self.runs, "throughput_per_s": self.throughput}
 
 
-class _Runner:
-    def __init__(self, model, feeds: dict[str, np.ndarray], ep: str, threads: int | None):
+class Runner:
+    """One onnxruntime session on fixed inputs; calling it times one run (seconds)."""
+
+    def __init__(self, model, feeds: dict[str, np.ndarray], ep: str = "auto", threads: int | None = None):
         self.sess, self.ep = make_session(model, ep, threads)
+        self.providers = list(self.sess.get_providers())
         self.feeds = feeds
         self.binding = None
         if self.ep == "cuda":
             ort = require_ort()
             self.binding = self.sess.io_binding()
+            self._device_inputs = {}
             for name, arr in feeds.items():
-                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+                self._device_inputs[name] = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+                self.binding.bind_ortvalue_input(name, self._device_inputs[name])
             for out in self.sess.get_outputs():
                 self.binding.bind_output(out.name, "cuda")
 
     def __call__(self) -> float:
-        t = time.perf_counter()
         if self.binding is not None:
+            t = time.perf_counter()
             self.sess.run_with_iobinding(self.binding)
-        else:
-            self.sess.run(None, self.feeds)
+            self.binding.synchronize_outputs()
+            return time.perf_counter() - t
+        t = time.perf_counter()
+        self.sess.run(None, self.feeds)
         return time.perf_counter() - t
+
+    def outputs(self) -> list[np.ndarray]:
+        """The model's outputs on the inputs (copied to the host)."""
+        return [np.asarray(o) for o in self.sess.run(None, self.feeds)]
+
+
+def batch_of(feeds: dict[str, np.ndarray]) -> int:
+    for v in feeds.values():
+        if v.ndim:
+            return int(v.shape[0])
+    return 1
+
+
+def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, min_seconds: float = 0.0,
+                    progress=None) -> list[Latency]:
+    """Interleaved timing of prepared runners (see the module docstring)."""
+    for r in runners:
+        for _ in range(warmup):
+            r()
+    n = len(runners)
+    times: list[list[float]] = [[] for _ in runners]
+    t_end = time.perf_counter() + min_seconds
+    k = 0
+    while k < repeat or time.perf_counter() < t_end:
+        order = list(range(n))
+        order = order[k % n:] + order[:k % n]
+        if (k // n) % 2 == 1:
+            order.reverse()
+        for i in order:
+            times[i].append(runners[i]())
+        k += 1
+        if progress is not None:
+            progress(k)
+    batch = batch_of(runners[0].feeds) if runners else 1
+    out = []
+    for r, ts in zip(runners, times, strict=True):
+        a = np.asarray(ts) * 1e3
+        out.append(Latency(r.ep, batch, float(np.median(a)), float(np.percentile(a, 90)), len(a),
+                           r.providers, a.tolist()))
+    return out
 
 
 def measure(models: list[onnx.ModelProto | str], feeds: dict[str, np.ndarray], ep: str = "auto",
             threads: int | None = None, warmup: int = 5, repeat: int = 30, min_seconds: float = 0.0,
             progress=None) -> list[Latency]:
-    """Median and p90 latency of each model on the same inputs, runs interleaved round-robin."""
-    runners = [_Runner(m, feeds, ep, threads) for m in models]
-    for r in runners:
-        for _ in range(warmup):
-            r()
-    times: list[list[float]] = [[] for _ in runners]
-    t_end = time.perf_counter() + min_seconds
-    k = 0
-    while k < repeat or time.perf_counter() < t_end:
-        order = runners if k % 2 == 0 else runners[::-1]
-        for r in order:
-            times[runners.index(r)].append(r())
-        k += 1
-        if progress is not None:
-            progress(k)
-    batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
-    out = []
-    for r, ts in zip(runners, times, strict=True):
-        a = np.asarray(ts) * 1e3
-        out.append(Latency(r.ep, batch, float(np.median(a)), float(np.percentile(a, 90)), len(a)))
-    return out
+    """Median and p90 latency of each model on the same inputs, runs interleaved."""
+    runners = [Runner(m, feeds, ep, threads) for m in models]
+    return measure_runners(runners, warmup, repeat, min_seconds, progress)
+
+
+def speedup(original: Latency, pruned: Latency) -> float:
+    """Ratio of the medians (original / pruned)."""
+    return original.median_ms / pruned.median_ms if pruned.median_ms > 0 else float("nan")
+
+
+def round_ratio_spread(original: Latency, pruned: Latency) -> tuple[float, float]:
+    """25th and 75th percentile of the per-round ratios original/pruned: how noisy the speedup is."""
+    m = min(len(original.samples_ms), len(pruned.samples_ms))
+    if m == 0:
+        return float("nan"), float("nan")
+    r = np.asarray(original.samples_ms[:m]) / np.asarray(pruned.samples_ms[:m])
+    return float(np.percentile(r, 25)), float(np.percentile(r, 75))
+
+
+def rel_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    """max |other - reference| / max |reference| over all outputs (the worst output)."""
+    worst = 0.0
+    for a, b in zip(reference, other, strict=True):
+        if a.shape != b.shape:
+            return float("inf")
+        a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+        scale = float(np.max(np.abs(a64))) if a64.size else 0.0
+        err = float(np.max(np.abs(b64 - a64))) if a64.size else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# the `bench` command
+
+
+def run_bench(args, console) -> int:
+    """``onnxprune bench MODEL [PRUNED]``: latency (and MACs) of one model or of a pair."""
+    from onnxprune import model as io
+    from onnxprune.cli import _json_default, _parse_arrays, _parse_shapes, _write_json  # noqa: F401
+    from onnxprune.runtime import resolve_ep
+    from onnxprune.stats import human, model_stats
+
+    ep = resolve_ep(args.ep)  # fails loudly (exit 2, one line) when CUDA is asked for and missing
+    shapes = _parse_shapes(args.input_shape)
+    if args.batch < 1:
+        from onnxprune.errors import UserError
+
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    paths = [args.model] + ([args.pruned] if args.pruned else [])
+    models = [io.load(p) for p in paths]
+    feeds = io.make_inputs(models[0], shapes, batch=args.batch, arrays=_parse_arrays(args.input))
+    in_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    stats = []
+    for m in models:
+        sh = io.infer_shapes(m, in_shapes)
+        stats.append(model_stats(m, sh))
+    with console.status("measuring (interleaved runs)...", spinner="dots"):
+        runners = [Runner(m, feeds, ep, args.threads) for m in models]
+        lats = measure_runners(runners, args.warmup, args.repeat, getattr(args, "min_seconds", 0.0))
+    prov = lats[0].providers
+    console.print(f"execution provider: {lats[0].ep.upper()} ({', '.join(prov)}"
+                  f"{'; IO binding' if lats[0].ep == 'cuda' else ''}), threads "
+                  f"{args.threads or 'default'}, batch {lats[0].batch}")
+    for name, lat, st in zip(paths, lats, stats, strict=True):
+        console.print(f"  {name}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, "
+                      f"{lat.throughput:.1f} samples/s (batch {lat.batch}, {lat.runs} runs); "
+                      f"{human(st.macs)} MACs, {human(st.params)} parameters")
+    report = {"ep": lats[0].ep, "providers": prov, "threads": args.threads, "batch": lats[0].batch,
+              "latency": [lat.to_json() for lat in lats],
+              "stats": [{"model": p, "macs": s.macs, "params": s.params} for p, s in zip(paths, stats, strict=True)]}
+    if len(lats) == 2:
+        sp = speedup(lats[0], lats[1])
+        lo, hi = round_ratio_spread(lats[0], lats[1])
+        mac_ratio = stats[0].macs / stats[1].macs if stats[1].macs else float("nan")
+        console.print(f"  speedup: {sp:.2f}x (ratio of medians, interleaved runs; per-round IQR {lo:.2f}-{hi:.2f}x)"
+                      f"; MACs {human(stats[0].macs)} -> {human(stats[1].macs)}: {mac_ratio:.2f}x fewer"
+                      f" (speedup / MAC ratio {sp / mac_ratio:.2f})")
+        report.update({"speedup": sp, "speedup_iqr": [lo, hi], "mac_ratio": mac_ratio})
+    if args.report:
+        _write_json(args.report, report)
+    return 0

@@ -61,12 +61,22 @@ def _ep_args() -> argparse.ArgumentParser:
 def _plan_args() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("plan")
-    g.add_argument("--ratio", type=float, default=0.5, help="fraction of units removed per group (default 0.5)")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="fraction of units removed per channel group (default 0.5; 0 when a head option is given). "
+                        "Attention heads and head dimensions are only pruned by --head-ratio/--head-dim-ratio")
+    g.add_argument("--head-ratio", type=float, default=None,
+                   help="remove floor(H*R) whole heads of every attention block (never all)")
+    g.add_argument("--head-dim-ratio", type=float, default=None,
+                   help="remove the same head-dimension positions from q/k (and v/out) of every head")
     g.add_argument("--layer-ratio", action="append", default=[], metavar="REGEX=R",
                    help="ratio R for groups whose producing node matches REGEX (repeatable, first wins)")
     g.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="freeze groups touching a node matching REGEX (repeatable)")
-    g.add_argument("--round-to", type=int, default=1, help="keep unit counts multiples of N (default 1)")
+    from onnxprune.hw import parse_round_to
+
+    g.add_argument("--round-to", type=parse_round_to, default=1,
+                   help="keep unit counts multiples of N (default 1); auto: the execution provider's channel "
+                        "block (16 on AVX-512 CPUs, 8 on AVX2 and CUDA)")
     g.add_argument("--global", dest="global_", action="store_true", help="rank units across groups")
     g.add_argument("--max-ratio", type=float, default=0.9, help="per-group ceiling with --global (default 0.9)")
     g.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random"])
@@ -189,13 +199,18 @@ def print_stats_table(console, before, after, latency=None, title="onnxprune") -
 
 
 def print_verification(console, v) -> None:
-    console.print(f"verification on {v.ep.upper()} (pruned vs masked original, tolerance {v.tol:g}):")
+    scope = "pruned vs masked original" if v.exact else "EXACT GROUPS ONLY: pruned-by-exact-groups vs masked original"
+    console.print(f"verification on {v.ep.upper()} ({scope}, tolerance {v.tol:g}):")
     for o in v.outputs:
         status = "PASSED" if o.passed else "FAILED"
         console.print(f"  {o.name} {list(o.shape)}: rel. error {o.rel_error:.3e} (min passing tol "
                       f"{o.rel_error:.1e}) {status}; fidelity vs original {o.fidelity:.3e}")
     if v.note:
         console.print(f"  note: {v.note}")
+    if not v.exact:
+        worst = max((o.fidelity for o in v.outputs), default=0.0)
+        console.print(f"  APPROXIMATE: the pruned model changes the function (fidelity rel. error {worst:.3e}); "
+                      "it is not exact")
 
 
 def print_coverage(console, cg) -> None:
@@ -248,11 +263,25 @@ def cmd_groups(args) -> int:
     return 0
 
 
+def _resolve_round_to(args) -> int:
+    """``--round-to auto`` resolved for this run's --ep and CPU (the reason kept for the report)."""
+    if args.round_to != "auto":
+        return args.round_to
+    from onnxprune.hw import auto_round_to
+
+    value, args.round_to_auto = auto_round_to(getattr(args, "ep", "auto"))
+    return value
+
+
 def _plan_options(args):
     from onnxprune.plan import PlanOptions
 
-    return PlanOptions(ratio=args.ratio, layer_ratios=_parse_layer_ratios(args.layer_ratio), ignore=args.ignore,
-                       round_to=args.round_to, global_=args.global_, max_ratio=args.max_ratio,
+    ratio = args.ratio
+    if ratio is None:
+        ratio = 0.0 if (args.head_ratio is not None or args.head_dim_ratio is not None) else 0.5
+    return PlanOptions(ratio=ratio, layer_ratios=_parse_layer_ratios(args.layer_ratio), ignore=args.ignore,
+                       head_ratio=args.head_ratio, head_dim_ratio=args.head_dim_ratio,
+                       round_to=_resolve_round_to(args), global_=args.global_, max_ratio=args.max_ratio,
                        importance=args.importance, allow_approximate=args.allow_approximate, seed=args.seed)
 
 
@@ -279,6 +308,9 @@ def cmd_prune(args) -> int:
     _check_writable(args.save_plan, "--save-plan")
     plan_json = _load_plan_file(args.load_plan)
     c = _console()
+    from onnxprune.targets import before_prune
+
+    speed_report = before_prune(args, opts, c)  # --round-to auto, --target-macs/--target-latency
     with c.status("pruning...", spinner="dots"):
         res = pipeline.run(args.model, opts, input_shapes=_parse_shapes(args.input_shape),
                            input_arrays=_parse_arrays(args.input), plan_json=plan_json,
@@ -291,7 +323,8 @@ def cmd_prune(args) -> int:
     if res.verification is not None:
         print_verification(c, res.verification)
     if args.report:
-        _write_json(args.report, {"model": args.model, "output": args.output if ok else None, **res.to_json()})
+        _write_json(args.report, {"model": args.model, "output": args.output if ok else None, **res.to_json(),
+                                  **speed_report})
     if args.save_plan:
         _write_json(args.save_plan, res.plan.to_json(res.analysis.cg))
     if not ok:
@@ -326,24 +359,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from onnxprune import model as io
-    from onnxprune.bench import measure
+    from onnxprune.bench import run_bench
 
-    shapes = _parse_shapes(args.input_shape)
-    models = [io.load(args.model)] + ([io.load(args.pruned)] if args.pruned else [])
-    feeds = io.make_inputs(models[0], shapes, batch=args.batch, arrays=_parse_arrays(args.input))
-    c = _console()
-    with c.status("measuring...", spinner="dots"):
-        lats = measure(models, feeds, args.ep, args.threads, args.warmup, args.repeat)
-    c.print(f"execution provider: {lats[0].ep.upper()}")
-    for name, lat in zip([args.model, args.pruned], lats, strict=False):
-        c.print(f"  {name}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, "
-                f"{lat.throughput:.1f} samples/s (batch {lat.batch}, {lat.runs} runs)")
-    if len(lats) == 2:
-        c.print(f"  speedup: {lats[0].median_ms / lats[1].median_ms:.2f}x (interleaved runs)")
-    if args.report:
-        _write_json(args.report, {"latency": [lat.to_json() for lat in lats]})
-    return 0
+    return run_bench(args, _console())
 
 
 def cmd_demo(args) -> int:
@@ -403,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--verify", action="store_true", help="verify against the masked original (exit 1 on failure)")
     s.add_argument("--report", metavar="FILE.json")
+    from onnxprune.targets import add_target_args
+
+    add_target_args(s)
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("verify", parents=[m, e], help="verify a pruned model against its original and plan")
@@ -420,8 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--repeat", type=int, default=30)
+    s.add_argument("--min-seconds", type=float, default=0.0, help="keep measuring at least this long")
     s.add_argument("--report", metavar="FILE.json")
     s.set_defaults(fn=cmd_bench)
+
+    from onnxprune.sweep import add_sweep_parser
+
+    add_sweep_parser(sub, [m])
 
     s = sub.add_parser("demo", help="build ResNet-18, prune 50%%, verify, benchmark, print the table")
     s.add_argument("--arch", default="resnet18")

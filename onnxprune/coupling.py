@@ -53,6 +53,8 @@ class Group:
     slots: list[Slot] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
+    attention: bool = False  # channels take part in an activation x activation MatMul (heads, head dims)
+    mask_producers: bool = False  # exactness needs producers zeroed too (q/k contraction)
 
     @property
     def size(self) -> int:
@@ -94,6 +96,9 @@ class CouplingGraph:
         self.node_by_name: dict[str, onnx.NodeProto] = {}
         self.producer_of: dict[str, onnx.NodeProto] = {}
         self.static_values: dict[str, np.ndarray] = {}
+        self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
+        self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
+        self.contract_sids: set[int] = set()
 
     # -- spaces ------------------------------------------------------------------------------
     def space(self, tensor: str, axis: int) -> int | None:
@@ -104,7 +109,7 @@ class CouplingGraph:
         shape = self.shapes.get(tensor)
         if shape is None or axis < 0 or axis >= len(shape):
             return None
-        if shape[axis] <= 1 or self.shapes.is_dynamic(tensor, axis):
+        if shape[axis] <= 1 or (self.shapes.is_dynamic(tensor, axis) and not self.shapes.batch_scaled(tensor, axis)):
             return None
         sid = len(self.space_key)
         self.space_ids[key] = sid
@@ -163,7 +168,9 @@ class CouplingGraph:
             producers = sorted({p for s in sids for p in self.producer_nodes.get(s, ())})
             nodes = sorted({nd for s in sids for nd in self.tensor_nodes.get(self.space_key[s][0], ())})
             g = Group(id=len(groups), spaces=sids, units=units, frozen=[r for _, r in frozen],
-                      approximate=approx, slots=slots_by_comp[c], producers=producers, nodes=nodes)
+                      approximate=approx, slots=slots_by_comp[c], producers=producers, nodes=nodes,
+                      attention=any(s in self.attn_kind for s in sids),
+                      mask_producers=any(s in self.contract_sids for s in sids))
             if not producers and not g.frozen:
                 g.frozen.append("no weights produce these channels")
             groups.append(g)
@@ -356,6 +363,25 @@ class AnalysisContext:
             if sid is not None:
                 self._freeze_sid(sid, kind, reason)
 
+    def mark_attention(self, tensor: str, axis: int, kind: str) -> None:
+        """Axis of an activation x activation MatMul: ``heads`` (a batch axis) or ``dim``."""
+        sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
+        if sid is not None:
+            self.cg.attn_kind.setdefault(sid, kind)
+
+    def mark_contraction(self, tensor: str, axis: int) -> None:
+        """Exact act x act contraction: masking must zero the producers of the removed positions."""
+        sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
+        if sid is not None:
+            self.cg.contract_sids.add(sid)
+
+    def class_kind(self, tensor: str, axis: int) -> set[str]:
+        """Attention kinds marked anywhere in the identity class of (tensor, axis) (phase 2)."""
+        sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
+        if sid is None:
+            return set()
+        return self._kinds_by_root.get(self._find(sid), set())
+
     def defer(self, fn: Callable[[AnalysisContext], None]) -> None:
         """Run ``fn`` after every node was analysed once (``class_frozen`` is then meaningful)."""
         self.deferred.append((self.node, fn))
@@ -415,13 +441,18 @@ def shape_inputs_to_probe(model: onnx.ModelProto, consts: ConstantTable) -> list
 
 
 def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
-            static_values: dict[str, np.ndarray] | None = None) -> CouplingGraph:
-    """Build the coupling graph of ``model`` (pure)."""
+            static_values: dict[str, np.ndarray] | None = None, head_mode: str = "dim") -> CouplingGraph:
+    """Build the coupling graph of ``model`` (pure).
+
+    ``head_mode`` decides what a unit is where an attention projection is split into heads:
+    ``"dim"`` (a head-dimension position, shared by every head) or ``"heads"`` (a whole head).
+    """
     import onnxprune.handlers  # noqa: F401 - registers every handler module
 
     consts = consts or ConstantTable.of(model.graph)
     cg = CouplingGraph(model, shapes, consts)
     cg.static_values = dict(static_values or {})
+    cg.head_mode = head_mode
     g = model.graph
     cg.producer_of = {o: n for n in g.node for o in n.output if o}
     ctx = AnalysisContext(cg)
@@ -444,11 +475,18 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None
             continue
         _analyze_node(node, ctx)
     # phase 2: decisions that depend on what is frozen (reshape factor choice)
-    ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
+    def refresh():
+        ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
+        kinds: dict[int, set[str]] = defaultdict(set)
+        for sid, kind in cg.attn_kind.items():
+            kinds[ctx._find(sid)].add(kind)
+        ctx._kinds_by_root = kinds
+
+    refresh()
     for node, fn in ctx.deferred:
         ctx.node = node
         fn(ctx)
-        ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
+        refresh()
     ctx.node = None
     cg.finish()
     return cg

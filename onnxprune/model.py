@@ -143,6 +143,15 @@ class Shapes:
 
     concrete: dict[str, tuple[int, ...]]
     dynamic: dict[str, tuple[bool, ...]]
+    # sizes with the batch doubled and other dynamic sizes changed (where known)
+    concrete2: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def batch_scaled(self, name: str, axis: int) -> bool:
+        """A dynamic axis that is (batch x a static count), e.g. heads merged into the batch."""
+        c, c2 = self.concrete.get(name), self.concrete2.get(name)
+        if c is None or c2 is None or axis >= len(c) or axis >= len(c2):
+            return False
+        return self.is_dynamic(name, axis) and c[axis] > 1 and c2[axis] == 2 * c[axis]
 
     def get(self, name: str) -> tuple[int, ...] | None:
         return self.concrete.get(name)
@@ -234,10 +243,14 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
     dynamic: dict[str, tuple[bool, ...]] = {}
     feeds = make_inputs(model, feeds_overrides)
     env: dict[str, int] = {}
+    env2: dict[str, int] = {}
     for vi in input_feeds_spec(model):
-        for d, v in zip(_dims(vi) or [], feeds[vi.name].shape, strict=False):
+        dims = _dims(vi) or []
+        for ax, (d, v) in enumerate(zip(dims, feeds[vi.name].shape, strict=False)):
             if isinstance(d, str):
                 env[d] = int(v)
+                env2[d] = 2 * int(v) if ax == 0 else int(v) + (32 if len(dims) == 4 else 1)
+    concrete2: dict[str, tuple[int, ...]] = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         dims = _dims(vi)
         if dims is None:
@@ -251,6 +264,9 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
             continue  # unknown or not evaluable: resolved by a run below
         dynamic[vi.name] = tuple(not isinstance(d, int) for d in dims)
         concrete[vi.name] = tuple(int(v) for v in values)
+        values2 = [d if isinstance(d, int) else _eval_dim(d, env2) for d in dims]
+        if all(v is not None for v in values2):
+            concrete2[vi.name] = tuple(int(v) for v in values2)
     consts = ConstantTable.of(model.graph)
     for name, value in consts.values.items():
         concrete[name] = tuple(value.shape)
@@ -265,6 +281,8 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
         for name, shape in run1.items():
             concrete[name] = shape
             other = run2.get(name)
+            if other is not None:
+                concrete2[name] = other
             known = dynamic.get(name)
             flags = []
             for ax, d in enumerate(shape):
@@ -273,7 +291,7 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
                     flag = flag or known[ax]
                 flags.append(flag)
             dynamic[name] = tuple(flags)
-    return Shapes(concrete, dynamic)
+    return Shapes(concrete, dynamic, concrete2)
 
 
 def _eval_dim(expr: str | None, env: dict[str, int]) -> int | None:

@@ -101,3 +101,76 @@ def _drop_unused(model: onnx.ModelProto) -> None:
     if len(nodes) != len(g.node):
         del g.node[:]
         g.node.extend(nodes)
+
+
+# ops whose output depends only on their inputs' values (deterministic, no randomness)
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+
+
+def shape_derived(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed only from constants and the *shapes* (not values) of activations."""
+    g = model.graph
+    derived = set(ConstantTable.of(g).values)
+    out: set[str] = set()
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or subgraphs_of(node):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            ok = True
+        elif node.op_type == "Constant":
+            ok = False
+        else:
+            ok = bool(node.input) and all((not t) or t in derived for t in node.input)
+        if ok:
+            for o in node.output:
+                if o:
+                    derived.add(o)
+                    out.add(o)
+    return out
+
+
+def fold_static_shapes(model: onnx.ModelProto, overrides=None) -> onnx.ModelProto:
+    """Replace shape computations whose value does not depend on dynamic input sizes by constants.
+
+    Reshape targets, Slice bounds, head counts and attention scales computed from ``Shape`` become
+    plain constants that handlers can read and rewrite; computations that do depend on dynamic sizes
+    (batch, sequence) stay computed. The function is unchanged for every input.
+    """
+    from onnxprune.model import probe_static_values
+
+    derived = shape_derived(model)
+    if not derived:
+        return model
+    g = model.graph
+    values = probe_static_values(model, sorted(derived), overrides)
+    # fold the largest static sub-expressions: static tensors read by a node whose result is not static
+    frontier = {t for n in g.node if not all(o in values for o in n.output if o) for t in n.input if t in values}
+    values = {t: v for t, v in values.items() if t in frontier}
+    if not values:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    names = {i.name for i in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    new_names: dict[str, str] = {}
+    for t, v in values.items():
+        name = f"{t}__static"
+        while name in names:
+            name += "_"
+        names.add(name)
+        new_names[t] = name
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            if t in new_names:
+                n.input[i] = new_names[t]
+    from onnxprune.rewrite import _drop_dead_nodes
+
+    _drop_dead_nodes(out)
+    _drop_unused(out)
+    return out
+
+
+def subgraphs_of(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)

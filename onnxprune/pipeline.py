@@ -16,7 +16,7 @@ import onnx
 from onnxprune import model as io
 from onnxprune.coupling import CouplingGraph, analyze, shape_inputs_to_probe
 from onnxprune.errors import NothingToPrune, RewriteError
-from onnxprune.normalize import normalize
+from onnxprune.normalize import fold_static_shapes, normalize
 from onnxprune.plan import Plan, PlanOptions, make_plan
 from onnxprune.rewrite import check_shapes, rewrite
 from onnxprune.stats import ModelStats, model_stats
@@ -34,17 +34,18 @@ class Analysis:
     seconds: float = 0.0
 
 
-def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Analysis:
+def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  head_mode: str = "dim") -> Analysis:
     t0 = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         model = io.load(model)
     else:
         io.check_opset(model)
-    model = normalize(model)
+    model = fold_static_shapes(normalize(model), input_shapes)
     shapes = io.infer_shapes(model, input_shapes)
     consts = io.ConstantTable.of(model.graph)
     values = io.probe_static_values(model, shape_inputs_to_probe(model, consts), input_shapes)
-    cg = analyze(model, shapes, consts, values)
+    cg = analyze(model, shapes, consts, values, head_mode=head_mode)
     return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0)
 
 
@@ -126,7 +127,12 @@ def verify_plan(an: Analysis, plan: Plan, pruned: onnx.ModelProto, feeds: dict[s
 def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, input_arrays=None,
         plan_json: dict | None = None, verify: bool = False, ep: str = "auto", tol: float = DEFAULT_TOL) -> Result:
     t0 = time.perf_counter()
-    an = analyze_model(model, input_shapes)
+    opts.validate()
+    mode = opts.head_mode
+    if plan_json is not None:
+        o = plan_json.get("options", {}) if isinstance(plan_json, dict) else {}
+        mode = "heads" if o.get("head_ratio") is not None else "dim"
+    an = analyze_model(model, input_shapes, head_mode=mode)
     t1 = time.perf_counter()
     plan = build_plan(an, opts, plan_json)
     t2 = time.perf_counter()

@@ -23,8 +23,9 @@ def masked_original(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> on
         g = cg.groups[gp.group]
         mask = np.ones(g.size, dtype=bool)
         mask[gp.keep] = False
+        roles = ("consumer", "producer", "param") if g.mask_producers else ("consumer",)
         for s in g.slots:
-            if s.role != "consumer":
+            if s.role not in roles:
                 continue
             removed = np.flatnonzero(mask[cg.unit_index(g, s.space)])
             zero.setdefault(s.const, []).append((s.axis, removed))
@@ -76,7 +77,7 @@ class Verification:
         return bool(self.outputs) and all(o.passed for o in self.outputs)
 
     def to_json(self) -> dict:
-        return {"ep": self.ep, "tolerance": self.tol, "passed": self.passed, "note": self.note,
+        return {"ep": self.ep, "tolerance": self.tol, "passed": self.passed, "exact": self.exact, "note": self.note,
                 "outputs": [{"name": o.name, "rel_error": o.rel_error, "fidelity_rel_error": o.fidelity,
                              "min_passing_tolerance": o.rel_error, "passed": o.passed, "shape": list(o.shape)}
                             for o in self.outputs]}
