@@ -88,6 +88,16 @@ def _plan_args() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     out = {}
     for it in items:
@@ -127,24 +137,48 @@ def _parse_layer_ratios(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def _probe_dir(parent: Path, what: str) -> None:
+    """The directory must really take a file (os.access lies for root on /proc and /sys)."""
+    import tempfile
+
+    if not parent.is_dir():
+        raise UserError(f"{what}: directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxprune-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"{what}: directory {parent} is not writable ({exc.strerror})") from None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve() or (
+            not pb.exists() and pa.exists() and pa.resolve() == pb.resolve())
+    except OSError:
+        return False
+
+
 def _check_output(inp: str, out: str) -> None:
-    po = Path(out)
-    if Path(inp).exists() and po.exists() and po.resolve() == Path(inp).resolve():
+    if _same_file(inp, out):
         raise UserError("output path equals the input path; the input is never overwritten")
+    po = Path(out)
     if po.exists() and po.is_dir():
         raise UserError(f"output {po} is a directory")
-    parent = po.parent if str(po.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output directory {parent} is not writable")
+    _probe_dir(po.parent if str(po.parent) else Path("."), "output")
 
 
-def _check_writable(path: str | None, what: str) -> None:
-    if path:
-        parent = Path(path).parent if str(Path(path).parent) else Path(".")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise UserError(f"{what} {path}: directory is missing or not writable")
+def _check_writable(path: str | None, what: str, protected: tuple[str, ...] = ()) -> None:
+    if not path:
+        return
+    for other in protected:
+        if other and _same_file(other, path):
+            raise UserError(f"{what} {path} would overwrite {other}")
+    p = Path(path)
+    if p.exists() and p.is_dir():
+        raise UserError(f"{what} {path} is a directory")
+    _probe_dir(p.parent if str(p.parent) else Path("."), what)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -304,8 +338,8 @@ def cmd_prune(args) -> int:
     opts = _plan_options(args)
     opts.validate()
     _check_output(args.model, args.output)
-    _check_writable(args.report, "--report")
-    _check_writable(args.save_plan, "--save-plan")
+    _check_writable(args.report, "--report", (args.model, args.output))
+    _check_writable(args.save_plan, "--save-plan", (args.model, args.output, args.report))
     plan_json = _load_plan_file(args.load_plan)
     c = _console()
     from onnxprune.targets import before_prune
@@ -343,6 +377,7 @@ def cmd_verify(args) -> int:
     from onnxprune import pipeline
     from onnxprune.plan import PlanOptions
 
+    _check_writable(args.report, "--report", (args.original, args.pruned))
     plan_json = _load_plan_file(args.plan)
     shapes = _parse_shapes(args.input_shape)
     an = pipeline.analyze_model(args.original, shapes)
@@ -437,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("pruned", nargs="?")
     s.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--warmup", type=int, default=5)
-    s.add_argument("--repeat", type=int, default=30)
+    s.add_argument("--threads", type=_positive_int, default=None)
+    s.add_argument("--batch", type=_positive_int, default=1)
+    s.add_argument("--warmup", type=_positive_int, default=5)
+    s.add_argument("--repeat", type=_positive_int, default=30)
     s.add_argument("--min-seconds", type=float, default=0.0, help="keep measuring at least this long")
     s.add_argument("--report", metavar="FILE.json")
     s.set_defaults(fn=cmd_bench)

@@ -226,6 +226,9 @@ class AnalysisContext:
         src = self.const_source(name)
         if src is None:
             return None
+        shp = self.cg.consts.shape(src[0])
+        if shp is not None and int(np.prod(shp, dtype=np.int64)) > 4096:
+            return None  # weights are never shape data: do not read them here
         value = self.cg.consts.get(src[0])
         return np.transpose(value, src[1]) if value.ndim > 1 else value
 
@@ -243,8 +246,7 @@ class AnalysisContext:
         cur = name
         for _ in range(16):
             if cur in self.cg.consts:
-                value = self.cg.consts.get(cur)
-                rank = value.ndim
+                rank = len(self.cg.consts.shape(cur))
                 return cur, tuple(perm) if perm is not None else tuple(range(rank))
             prod = self.cg.producer_of.get(cur)
             if prod is None or prod.domain not in ("", "ai.onnx"):

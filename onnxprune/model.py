@@ -32,13 +32,47 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if p.is_dir():
         raise UserError(f"{p} is a directory, not an ONNX file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise UserError(f"{p} is not a readable ONNX file ({type(exc).__name__})") from None
+    _absolutize_external(model, p.parent)
     if not model.graph.node:
         raise UserError(f"{p} is not an ONNX model (no graph nodes)")
     check_opset(model, str(p))
     return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for t in model.graph.initializer:
+        if is_external(t):
+            yield t
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and is_external(a.t):
+                    yield a.t
+
+
+def _absolutize_external(model: onnx.ModelProto, base: Path) -> None:
+    """Weights stay in their files: each external tensor points at its file by absolute path and is
+    read only when needed (memory stays near the size of what is pruned, not of the model)."""
+    for t in _external_tensors(model):
+        for e in t.external_data:
+            if e.key == "location":
+                loc = Path(e.value)
+                full = loc if loc.is_absolute() else (base / loc)
+                if not full.exists():
+                    raise UserError(f"external data file {full} of tensor '{t.name}' is missing")
+                e.value = str(full.resolve())
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return next(_external_tensors(model), None) is not None
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Size of the model including its external data."""
+    return model.ByteSize() + sum(tensor_nbytes(t) for t in _external_tensors(model))
 
 
 def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
@@ -57,24 +91,84 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside ``path``, then rename: no partial output on failure."""
+LARGE_BYTES = 1_800_000_000
+
+
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
+    """Write to temporary files beside ``path``, then rename: no partial output on failure.
+
+    Models with external data (or over ~1.8 GB) keep their weights in ``<name>.data`` beside the
+    file, written tensor by tensor."""
     p = Path(path)
+    if external is None:
+        external = has_external(model) or model_bytes(model) > LARGE_BYTES
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     os.close(fd)
+    tmp_data = None
     try:
-        large = model.ByteSize() > 1_800_000_000
-        if large:
+        if external:
             data_name = p.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=p.parent or ".")
+            os.close(fd)
+            out = _externalized_copy(model, tmp_data, data_name)
+            with open(tmp, "wb") as f:
+                f.write(out.SerializeToString())
+            os.replace(tmp_data, p.parent / data_name)
+            _default_mode(p.parent / data_name)
         else:
             onnx.save_model(model, tmp)
+        _default_mode(Path(tmp))
         os.replace(tmp, p)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for f in (tmp, tmp_data):
+            if f and os.path.exists(f):
+                os.unlink(f)
         raise
+
+
+def _default_mode(path: Path) -> None:
+    """mkstemp creates 0600 files: give outputs the usual permissions (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _externalized_copy(model: onnx.ModelProto, data_path: str, location: str,
+                       threshold: int = 1024) -> onnx.ModelProto:
+    """A copy of ``model`` whose large tensors live in ``data_path`` (streamed, one tensor at a time)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in _all_tensors(out):
+            if not is_external(t) and tensor_nbytes(t) < threshold:
+                continue
+            data = tensor_value(t) if is_external(t) else numpy_helper.to_array(t)
+            raw = np.ascontiguousarray(data).tobytes()
+            pad = (-offset) % 64
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            t.ClearField("raw_data")
+            for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(fld)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(raw)
+            del data, raw
+    return out
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    yield a.t
 
 
 def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -89,31 +183,129 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 # constants
 
 
-@dataclass
-class ConstantTable:
-    """Every constant tensor of the main graph: initializers and Constant-node outputs."""
+class _LazyValues:
+    """name -> numpy array, converted on first use; external data is read per tensor, not cached."""
 
-    values: dict[str, np.ndarray] = field(default_factory=dict)
-    constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)  # output name -> node
+    def __init__(self, table: ConstantTable):
+        self._t = table
+
+    def __contains__(self, name) -> bool:
+        return name in self._t._protos or name in self._t._cache
+
+    def __iter__(self):
+        return iter(list(self._t._protos) + [k for k in self._t._cache if k not in self._t._protos])
+
+    def keys(self):
+        return list(iter(self))
+
+    def get(self, name, default=None):
+        v = self._t.get(name)
+        return default if v is None else v
+
+    def __getitem__(self, name):
+        v = self._t.get(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def __setitem__(self, name, value) -> None:
+        self._t._cache[name] = np.asarray(value)
+
+    def items(self):
+        return ((k, self._t.get(k)) for k in self.keys())
+
+    def values(self):
+        return (self._t.get(k) for k in self.keys())
+
+
+class ConstantTable:
+    """Every constant tensor of the main graph: initializers and Constant-node outputs.
+
+    Values are converted lazily; tensors stored as external data are read from their file on each
+    use (never all at once), so large models are analysed without holding their weights.
+    """
+
+    CACHE_BYTES = 1 << 20
+
+    def __init__(self):
+        self._protos: dict[str, onnx.TensorProto] = {}
+        self._cache: dict[str, np.ndarray] = {}
+        self.constant_nodes: dict[str, onnx.NodeProto] = {}
+        self.values = _LazyValues(self)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> ConstantTable:
         table = cls()
         for init in graph.initializer:
-            table.values[init.name] = numpy_helper.to_array(init)
+            table._protos[init.name] = init
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
-                value = constant_node_value(node)
-                if value is not None:
-                    table.values[node.output[0]] = value
-                    table.constant_nodes[node.output[0]] = node
+                t = next((a.t for a in node.attribute if a.name == "value"), None)
+                if t is not None:
+                    table._protos[node.output[0]] = t
+                else:
+                    value = constant_node_value(node)
+                    if value is not None:
+                        table._cache[node.output[0]] = value
+                table.constant_nodes[node.output[0]] = node
         return table
 
     def get(self, name: str) -> np.ndarray | None:
-        return self.values.get(name)
+        v = self._cache.get(name)
+        if v is not None:
+            return v
+        proto = self._protos.get(name)
+        if proto is None:
+            return None
+        v = tensor_value(proto)
+        if v.nbytes <= self.CACHE_BYTES:
+            self._cache[name] = v
+        return v
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self._cache:
+            return tuple(self._cache[name].shape)
+        proto = self._protos.get(name)
+        return None if proto is None else tuple(int(d) for d in proto.dims)
+
+    def dtype(self, name: str):
+        if name in self._cache:
+            return self._cache[name].dtype
+        proto = self._protos.get(name)
+        return None if proto is None else onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
+
+    def names(self) -> list[str]:
+        return self.values.keys()
 
     def __contains__(self, name: str) -> bool:
         return name in self.values
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """numpy value of a tensor; external data (with an absolute location) is read from its file."""
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    info = external_info(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    count = int(np.prod(t.dims, dtype=np.int64))
+    offset = int(info.get("offset", 0))
+    arr = np.fromfile(info["location"], dtype=dtype, count=count, offset=offset)
+    return arr.reshape(tuple(t.dims))
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    if is_external(t):
+        return int(external_info(t).get("length", 0))
+    return len(t.raw_data) if t.raw_data else int(
+        np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -193,7 +385,22 @@ def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
     feeds: dict[str, np.ndarray] = {}
     overrides = overrides or {}
     arrays = arrays or {}
-    for vi in input_feeds_spec(model):
+    specs = input_feeds_spec(model)
+    names = {vi.name for vi in specs}
+    for name in list(overrides) + list(arrays):
+        if name not in names:
+            raise UserError(f"'{name}' is not a graph input (inputs: {', '.join(sorted(names))})")
+    for vi in specs:
+        declared = _dims(vi) or []
+        given = overrides.get(vi.name, arrays[vi.name].shape if vi.name in arrays else None)
+        if given is not None:
+            if len(given) != len(declared):
+                raise UserError(f"input '{vi.name}': rank {len(given)} given, the model declares {len(declared)}")
+            for ax, (g, d) in enumerate(zip(given, declared, strict=True)):
+                if g < 1:
+                    raise UserError(f"input '{vi.name}': dim {ax} must be >= 1, got {g}")
+                if isinstance(d, int) and d > 0 and g != d:
+                    raise UserError(f"input '{vi.name}': dim {ax} is fixed to {d} in the model, got {g}")
         if vi.name in arrays:
             feeds[vi.name] = arrays[vi.name]
             continue
@@ -268,9 +475,10 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
         if all(v is not None for v in values2):
             concrete2[vi.name] = tuple(int(v) for v in values2)
     consts = ConstantTable.of(model.graph)
-    for name, value in consts.values.items():
-        concrete[name] = tuple(value.shape)
-        dynamic[name] = (False,) * value.ndim
+    for name in consts.names():
+        shp = consts.shape(name)
+        concrete[name] = shp
+        dynamic[name] = (False,) * len(shp)
     all_names = {o for n in model.graph.node for o in n.output if o} | {i for n in model.graph.node for i in n.input if i}
     missing = [n for n in all_names if n not in concrete]
     if needed is not None:

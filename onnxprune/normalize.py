@@ -77,9 +77,9 @@ def _untie_constants(model: onnx.ModelProto) -> None:
     for name, lst in uses.items():
         if len(lst) < 2:
             continue
-        value = consts.get(name)
-        if value.size > UNTIE_MAX_ELEMENTS:
+        if int(np.prod(consts.shape(name), dtype=np.int64)) > UNTIE_MAX_ELEMENTS:
             continue
+        value = consts.get(name)
         for k, (node, i) in enumerate(lst[1:], start=1):
             new = f"{name}__use{k}"
             while new in names:
@@ -111,7 +111,7 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 def shape_derived(model: onnx.ModelProto) -> set[str]:
     """Tensors computed only from constants and the *shapes* (not values) of activations."""
     g = model.graph
-    derived = set(ConstantTable.of(g).values)
+    derived = set(ConstantTable.of(g).names())
     out: set[str] = set()
     for node in g.node:
         if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or subgraphs_of(node):

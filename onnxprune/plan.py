@@ -153,7 +153,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict, cg: CouplingGraph) -> Plan:
-        if not isinstance(data, dict) or data.get("version") != 1 or "groups" not in data:
+        try:
+            return cls._from_json(data, cg)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise UserError(f"plan file is malformed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from_json(cls, data: dict, cg: CouplingGraph) -> Plan:
+        if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("groups"), list):
             raise UserError("plan file is not an onnxprune plan (version 1)")
         by_space = {}
         for g in cg.groups:
@@ -169,6 +176,8 @@ class Plan:
                 raise UserError(f"plan prunes group of '{key[0]}', which is frozen here: {g.frozen[0]}")
             if g.is_approximate and not data.get("options", {}).get("allow_approximate", False):
                 raise UserError(f"plan prunes approximate group of '{key[0]}' without allow_approximate")
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in entry["keep"]):
+                raise UserError(f"plan keeps non-integer channel indices for '{key[0]}'")
             keep_el = np.asarray(entry["keep"], dtype=np.int64)
             if keep_el.size and (keep_el.min() < 0 or keep_el.max() >= cg.space_size[sid]):
                 raise UserError(f"plan keeps channel indices outside '{key[0]}' axis {key[1]}")
