@@ -96,12 +96,26 @@ def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None) -
 def apply_plan(an: Analysis, plan: Plan) -> tuple[onnx.ModelProto, io.Shapes]:
     pruned = rewrite(an.model, an.cg, plan)
     try:
-        onnx.checker.check_model(pruned, full_check=True)
+        full_check(pruned)
     except Exception as exc:  # noqa: BLE001
         raise RewriteError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
     new_shapes = io.infer_shapes(pruned, an.input_shapes)
     check_shapes(pruned, an.cg, plan, new_shapes)
     return pruned, new_shapes
+
+
+def full_check(model: onnx.ModelProto) -> None:
+    """onnx.checker with full_check; models with external data are checked as saved files."""
+    if not io.has_external(model) and model.ByteSize() < io.LARGE_BYTES:
+        onnx.checker.check_model(model, full_check=True)
+        return
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as d:
+        path = Path(d) / "model.onnx"
+        io.save_atomic(model, path, external=True)
+        onnx.checker.check_model(str(path), full_check=True)
 
 
 def verify_plan(an: Analysis, plan: Plan, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],

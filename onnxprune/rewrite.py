@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnxprune import registry
 from onnxprune.coupling import CouplingGraph
 from onnxprune.errors import RewriteError
-from onnxprune.model import ConstantTable, constant_node_value, used_names
+from onnxprune.model import ConstantTable, constant_node_value, tensor_value, used_names
 from onnxprune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
     for init in model.graph.initializer:
         axes = by_tensor.get(init.name)
         if axes:
-            arr = numpy_helper.to_array(init)
+            arr = tensor_value(init)
             for ax, k in axes.items():
                 arr = np.take(arr, k, axis=ax)
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))

@@ -54,14 +54,57 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"] if ep == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    tmpdir = None
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() > 1_900_000_000:
-            raise UserError("model too large to run from memory; run it from a file")
-        src = model.SerializeToString()
+        src, tmpdir = _runnable(model)
     else:
         src = str(model)
-    sess = ort.InferenceSession(src, sess_options=so, providers=providers)
+    try:
+        sess = ort.InferenceSession(src, sess_options=so, providers=providers)
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
     used = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
     if ep == "cuda" and used != "cuda":
         raise UserError("--ep cuda: onnxruntime fell back to CPU")
     return sess, used
+
+
+def _runnable(model: onnx.ModelProto):
+    """(bytes or path, temp dir) for onnxruntime. Weights kept in external files (absolute paths
+    after loading) are inlined for models under ~1.8 GB, else the model is written to a temporary
+    directory with its data files linked beside it (onnxruntime wants relative locations)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxprune.model import LARGE_BYTES, _all_tensors, has_external, is_external, model_bytes, tensor_value
+
+    if not has_external(model):
+        if model.ByteSize() > LARGE_BYTES:
+            raise UserError("model too large to run from memory")
+        return model.SerializeToString(), None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if model_bytes(model) <= LARGE_BYTES:
+        from onnx import numpy_helper
+
+        for t in _all_tensors(copy):
+            if is_external(t):
+                value = tensor_value(t)
+                t.CopyFrom(numpy_helper.from_array(value, t.name))
+        return copy.SerializeToString(), None
+    tmp = tempfile.TemporaryDirectory(prefix="onnxprune-run-")
+    links: dict[str, str] = {}
+    for t in _all_tensors(copy):
+        if not is_external(t):
+            continue
+        for e in t.external_data:
+            if e.key == "location":
+                if e.value not in links:
+                    name = f"data{len(links)}.bin"
+                    os.symlink(e.value, Path(tmp.name) / name)
+                    links[e.value] = name
+                e.value = links[e.value]
+    path = Path(tmp.name) / "model.onnx"
+    path.write_bytes(copy.SerializeToString())
+    return str(path), tmp

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.coupling import CouplingGraph
-from onnxprune.model import constant_node_value
+from onnxprune.model import constant_node_value, tensor_value
 from onnxprune.plan import Plan
 from onnxprune.runtime import make_session
 
@@ -33,7 +33,7 @@ def masked_original(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> on
     m.CopyFrom(model)
     for init in m.graph.initializer:
         if init.name in zero:
-            arr = numpy_helper.to_array(init).copy()
+            arr = np.array(tensor_value(init), copy=True)
             for ax, idx in zero[init.name]:
                 sl = [slice(None)] * arr.ndim
                 sl[ax] = idx
