@@ -13,11 +13,13 @@ class Pool(Handler):
 
     def analyze(self, node, ctx):
         x = node.input[0]
-        for y in node.output:
+        for k, y in enumerate(node.output):
             if not y:
                 continue
             ctx.identity(x, 0, y, 0)
             ctx.identity(x, 1, y, 1)
+            if k == 1 and ctx.cg.consumers_of.get(y):  # Indices encode flattened (N, C, H, W) positions
+                ctx.approximate(y, 1, f"{node.op_type} '{node.name}' Indices encode channel positions")
         if node.op_type == "MaxRoiPool":
             ctx.cover(node.input[1])
 

@@ -5,6 +5,7 @@ not touch."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnxprune.registry import Handler, register
 
@@ -14,7 +15,82 @@ class Shape(Handler):
     op_types = ("Shape", "Size")
 
     def analyze(self, node, ctx):
-        ctx.cover(node.input[0])
+        """Sizes that reach run-time arithmetic must not change: the axes this node's value reads
+        (through Gather/Slice with constant indices, else all of them) are frozen; the others are
+        carried passively. Static shape computations were already folded into constants."""
+        x = node.input[0]
+        r = ctx.rank(x)
+        if r is None:
+            return
+        ctx.cover(x)
+        if _only_shapes(ctx, node.output[0]):
+            return  # sizes only shape other tensors: the rewrite's shape check covers that
+        read = set(range(r)) if node.op_type == "Size" else self._read_axes(node, ctx, r)
+        for ax in sorted(read):
+            if ctx.has_space(x, ax):
+                ctx.freeze(x, ax, f"{node.op_type} '{node.name}' reads the size of axis {ax} at run time")
+
+    @staticmethod
+    def _read_axes(node, ctx, r: int) -> set[int]:
+        start = int(ctx.attr("start") or 0) if ctx.opset >= 15 else 0
+        end = ctx.attr("end") if ctx.opset >= 15 else None
+        start = start + r if start < 0 else start
+        end = r if end is None else (int(end) + r if int(end) < 0 else int(end))
+        axes = list(range(max(0, start), min(r, end)))
+        read: set[int] = set()
+        for c in ctx.cg.consumers_of.get(node.output[0], []):
+            if c.op_type == "Gather" and int(registry_attr(c, "axis", ctx) or 0) == 0:
+                idx = ctx.value(c.input[1])
+                if idx is not None:
+                    read.update(axes[int(i)] for i in np.asarray(idx).reshape(-1) if -len(axes) <= int(i) < len(axes))
+                    continue
+            if c.op_type == "Slice" and c.input[0] == node.output[0]:
+                st = ctx.value(c.input[1]) if len(c.input) > 1 else None
+                en = ctx.value(c.input[2]) if len(c.input) > 2 else None
+                ok_axes = len(c.input) <= 3 or not c.input[3] or ctx.value(c.input[3]) is not None
+                steps_ok = len(c.input) <= 4 or not c.input[4] or ctx.value(c.input[4]) is not None
+                if st is not None and en is not None and ok_axes and steps_ok:
+                    sl = slice(int(np.asarray(st).reshape(-1)[0]), int(np.asarray(en).reshape(-1)[0]))
+                    read.update(axes[sl])
+                    continue
+            return set(axes)
+        return read
+
+
+# integer arithmetic on shape vectors, and the inputs through which a value only sets a shape
+_SHAPE_ARITH = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Mul", "Add", "Sub", "Div", "Mod",
+                "Neg", "Abs", "Max", "Min", "Identity", "ReduceProd", "ReduceSum", "Sum", "Floor", "Ceil"}
+_SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Resize", 3),
+                ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Range", 0), ("Range", 1), ("Range", 2),
+                ("Split", 1), ("Pad", 1), ("Unsqueeze", 1), ("Squeeze", 1), ("OneHot", 1)}
+
+
+def _only_shapes(ctx, t: str, depth: int = 0) -> bool:
+    """True if value ``t`` (derived from a Shape) only ever sets shapes or indexes, never data."""
+    if depth > 32:
+        return False
+    if any(o.name == t for o in ctx.cg.model.graph.output):
+        return False
+    for c in ctx.cg.consumers_of.get(t, []):
+        idxs = [i for i, n in enumerate(c.input) if n == t]
+        if all((c.op_type, i) in _SHAPE_SINKS for i in idxs):
+            continue
+        if c.op_type in _SHAPE_ARITH and all(_is_int(ctx, o) for o in c.output if o):
+            if all(_only_shapes(ctx, o, depth + 1) for o in c.output if o):
+                continue
+        return False
+    return True
+
+
+def _is_int(ctx, t: str) -> bool:
+    et = ctx.cg.elem_types.get(t)
+    return et in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def registry_attr(node, name, ctx):
+    from onnxprune.registry import get_attr
+
+    return get_attr(node, name, ctx.opset)
 
 
 @register
@@ -40,7 +116,7 @@ class Gather(Handler):
         axis = int(ctx.attr("axis") or 0)
         axis = axis + r if axis < 0 else axis
         ctx.cover(idx)
-        ctx.cover(data, axis)
+        # the gathered axis is not carried: it stays frozen (indices are positions of the old axis)
         q = len(is_)
         for ax in range(r):
             if ax < axis:

@@ -95,6 +95,8 @@ class CouplingGraph:
         self.group_of_space: np.ndarray = np.zeros(0, dtype=np.int64)
         self.node_by_name: dict[str, onnx.NodeProto] = {}
         self.producer_of: dict[str, onnx.NodeProto] = {}
+        self.consumers_of: dict[str, list[onnx.NodeProto]] = {}
+        self.elem_types: dict[str, int] = {}
         self.static_values: dict[str, np.ndarray] = {}
         self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
         self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
@@ -457,6 +459,12 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None
     cg.head_mode = head_mode
     g = model.graph
     cg.producer_of = {o: n for n in g.node for o in n.output if o}
+    cg.elem_types = shapes.elem_types
+    cg.consumers_of = defaultdict(list)
+    for n in g.node:
+        for t in n.input:
+            if t:
+                cg.consumers_of[t].append(n)
     ctx = AnalysisContext(cg)
     for i, node in enumerate(g.node):
         if not node.name:

@@ -337,6 +337,7 @@ class Shapes:
     dynamic: dict[str, tuple[bool, ...]]
     # sizes with the batch doubled and other dynamic sizes changed (where known)
     concrete2: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    elem_types: dict[str, int] = field(default_factory=dict)
 
     def batch_scaled(self, name: str, axis: int) -> bool:
         """A dynamic axis that is (batch x a static count), e.g. heads merged into the batch."""
@@ -499,7 +500,13 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
                     flag = flag or known[ax]
                 flags.append(flag)
             dynamic[name] = tuple(flags)
-    return Shapes(concrete, dynamic, concrete2)
+    elem_types: dict[str, int] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            elem_types[vi.name] = vi.type.tensor_type.elem_type
+    for name in consts.names():
+        elem_types[name] = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(consts.dtype(name)))
+    return Shapes(concrete, dynamic, concrete2, elem_types)
 
 
 def _eval_dim(expr: str | None, env: dict[str, int]) -> int | None:

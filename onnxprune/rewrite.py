@@ -145,7 +145,9 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
         handler = registry.lookup(node.domain or "", node.op_type, cg.opset)
         if handler is not None:
             handler.rewrite(node, rw)
+    keep_vi = [vi for vi in new.graph.value_info if vi.name not in changed]
     del new.graph.value_info[:]
+    new.graph.value_info.extend(keep_vi)
     _drop_dead_nodes(new)
     _drop_unused_initializers(new)
     return new
