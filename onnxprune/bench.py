@@ -163,6 +163,9 @@ def run_bench(args, console) -> int:
     models = [io.load(p) for p in paths]
     feeds = io.make_inputs(models[0], shapes, batch=args.batch, arrays=_parse_arrays(args.input))
     in_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    if args.batch != 1 and batch_of(feeds) != args.batch:
+        console.print(f"note: the inputs have a static batch of {batch_of(feeds)}; --batch {args.batch} "
+                      f"does not apply (give shapes with --input-shape)")
     stats = []
     for m in models:
         sh = io.infer_shapes(m, in_shapes)

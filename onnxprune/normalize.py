@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.model import ConstantTable, inline_functions, outer_refs, used_names
+from onnxprune.model import ConstantTable, inline_functions, used_names
 
 log = logging.getLogger(__name__)
 

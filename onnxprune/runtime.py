@@ -77,7 +77,14 @@ def _runnable(model: onnx.ModelProto):
     import tempfile
     from pathlib import Path
 
-    from onnxprune.model import LARGE_BYTES, _all_tensors, has_external, is_external, model_bytes, tensor_value
+    from onnxprune.model import (
+        LARGE_BYTES,
+        _all_tensors,
+        has_external,
+        is_external,
+        model_bytes,
+        tensor_value,
+    )
 
     if not has_external(model):
         if model.ByteSize() > LARGE_BYTES:

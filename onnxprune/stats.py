@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from onnxprune import registry
-from onnxprune.model import ConstantTable, Shapes, default_opset
+from onnxprune.model import model_bytes, ConstantTable, Shapes, default_opset
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ def real_shapes(model: onnx.ModelProto, shapes: Shapes, needed: set[str] | None 
 
 
 def count_params(consts: ConstantTable) -> int:
-    return sum(int(v.size) for v in consts.values.values() if np.issubdtype(v.dtype, np.floating))
+    return sum(int(np.prod(consts.shape(n), dtype=np.int64)) for n in consts.names()
+               if np.issubdtype(consts.dtype(n), np.floating))
 
 
 def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None) -> ModelStats:
@@ -226,7 +227,7 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | 
         if m:
             by_op[node.op_type] += m
     return ModelStats(nodes=sum(ops.values()), ops=ops, params=count_params(consts), macs=int(sum(by_op.values())),
-                      size_bytes=model.ByteSize(), macs_by_op=by_op)
+                      size_bytes=model_bytes(model), macs_by_op=by_op)
 
 
 def _counts_macs(node: onnx.NodeProto, opset: int) -> bool:

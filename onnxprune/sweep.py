@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 from onnxprune.errors import UserError
@@ -100,8 +101,10 @@ def sweep(an, opts, ratios: list[float], *, ep: str = "auto", threads: int | Non
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'onnxprune[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -162,6 +165,11 @@ def run_sweep(args) -> int:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     _check_writable(args.plot, "--plot")
     _check_writable(args.report, "--report")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'onnxprune[bench]'") from None
     round_to, why = (auto_round_to(ep) if args.round_to == "auto" else (args.round_to, ""))
     opts = PlanOptions(ratio=max(ratios), ignore=args.ignore, round_to=round_to, global_=args.global_,
                        importance=args.importance, allow_approximate=args.allow_approximate)
@@ -180,16 +188,17 @@ def run_sweep(args) -> int:
         rows = sweep(an, opts, ratios, ep=ep, threads=args.threads, batch=args.batch, input_shapes=shapes,
                      input_arrays=_parse_arrays(args.input), warmup=args.warmup, repeat=args.repeat,
                      progress=progress)
-    t = Table(title=f"onnxprune sweep: {args.model} ({ep.upper()}, batch {args.batch}, threads "
+    name = Path(args.model).name
+    t = Table(title=f"onnxprune sweep: {name} ({ep.upper()}, batch {args.batch}, threads "
                     f"{args.threads or 'default'}, round-to {round_to})")
-    for col in ("ratio", "MACs", "params", "latency", "p90", "speedup", "MAC ratio", "fidelity (rel. err)"):
+    for col in ("ratio", "MACs", "params", "latency", "p90", "speedup", "MAC ratio", "rel. error"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(f"{r.ratio:g}", human(r.macs), human(r.params), f"{r.latency_ms:.2f} ms", f"{r.latency_p90_ms:.2f} ms",
                   f"{r.speedup:.2f}x", f"{r.mac_ratio:.2f}x", f"{r.fidelity:.2e}")
     c.print(t)
     if args.plot:
-        plot(rows, args.plot, f"{args.model} — {ep.upper()}, batch {args.batch}, round-to {round_to}")
+        plot(rows, args.plot, f"{name}: {ep.upper()}, batch {args.batch}, round-to {round_to}")
         c.print(f"wrote {args.plot}")
     if args.report:
         _write_json(args.report, {"model": args.model, "ep": ep, "batch": args.batch, "threads": args.threads,
