@@ -2,6 +2,7 @@
 
 from onnxprune.handlers import (  # noqa: F401
     concat,
+    contrib,
     conv,
     elementwise,
     gemm,
@@ -9,7 +10,8 @@ from onnxprune.handlers import (  # noqa: F401
     pool,
     reshape,
     resize,
+    rnn,
     shapeops,
 )
 
-MODULES = ("concat", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "shapeops")
+MODULES = ("concat", "contrib", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "rnn", "shapeops")

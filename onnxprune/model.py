@@ -304,8 +304,8 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     if is_external(t):
         return int(external_info(t).get("length", 0))
-    return len(t.raw_data) if t.raw_data else int(
-        np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+    # from dims, not raw_data: reading raw_data copies the bytes
+    return int(np.prod(t.dims, dtype=np.int64) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -442,7 +442,7 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
     are dynamic.
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except Exception as exc:  # noqa: BLE001 - shape inference raises many types
         log.debug("shape inference failed: %s", exc)
         inferred = model
@@ -507,6 +507,31 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
     for name in consts.names():
         elem_types[name] = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(consts.dtype(name)))
     return Shapes(concrete, dynamic, concrete2, elem_types)
+
+
+def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers keep name, type and dims but no data (shape
+    inference reads only their types; data propagation needs only the small ones)."""
+    out = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(f):
+            setattr(out, f, getattr(model, f))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g, g2 = model.graph, out.graph
+    g2.name = g.name
+    g2.node.extend(g.node)
+    g2.input.extend(g.input)
+    g2.output.extend(g.output)
+    g2.value_info.extend(g.value_info)
+    for t in g.initializer:
+        if is_external(t) or tensor_nbytes(t) > keep_bytes:
+            light = g2.initializer.add()
+            light.name, light.data_type = t.name, t.data_type
+            light.dims.extend(t.dims)
+        else:
+            g2.initializer.append(t)
+    return out
 
 
 def _eval_dim(expr: str | None, env: dict[str, int]) -> int | None:

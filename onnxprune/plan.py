@@ -43,13 +43,11 @@ def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: in
         w = cg.consts.get(s.const)
         if w is None or not np.issubdtype(w.dtype, np.floating):
             continue
-        w = np.moveaxis(w.astype(np.float64, copy=False), s.axis, 0).reshape(w.shape[s.axis], -1)
-        if kind == "l1":
-            per = np.abs(w).sum(axis=1)
-        elif kind == "bn":
-            per = np.abs(w).sum(axis=1)
+        w = np.moveaxis(w.astype(np.float32, copy=False), s.axis, 0).reshape(w.shape[s.axis], -1)
+        if kind in ("l1", "bn"):
+            per = np.abs(w).sum(axis=1, dtype=np.float64)
         else:
-            per = np.square(w).sum(axis=1)
+            per = np.einsum("ij,ij->i", w, w, dtype=np.float64)
         units = cg.unit_index(group, s.space)
         total += np.bincount(units, weights=per, minlength=n)
         count += np.bincount(units, minlength=n) > 0

@@ -163,7 +163,7 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             arr = tensor_value(init)
             for ax, k in axes.items():
                 arr = np.take(arr, k, axis=ax)
-            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+            _set_tensor(init, np.ascontiguousarray(arr))
     for node in model.graph.node:
         if node.op_type != "Constant" or not node.output or node.output[0] not in by_tensor:
             continue
@@ -172,6 +172,20 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             arr = np.take(arr, k, axis=ax)
         del node.attribute[:]
         node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(arr))))
+
+
+def _set_tensor(t: onnx.TensorProto, arr: np.ndarray) -> None:
+    """Replace a tensor's value in place (raw_data), keeping its name and type."""
+    if arr.dtype == object or t.data_type in (onnx.TensorProto.STRING,):
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+        return
+    for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+                "external_data"):
+        t.ClearField(fld)
+    t.data_location = onnx.TensorProto.DEFAULT
+    del t.dims[:]
+    t.dims.extend(arr.shape)
+    t.raw_data = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), copy=False).tobytes()
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:

@@ -1,0 +1,234 @@
+"""LSTM, GRU and RNN: hidden-size pruning (DepGraph's LSTM rule) and input-channel pruning.
+
+Layout 0 (the only one onnxruntime runs): X [seq, batch, input], W [dirs, G*hidden, input],
+R [dirs, G*hidden, hidden], B [dirs, 2*G*hidden], initial_h/initial_c [dirs, batch, hidden],
+P [dirs, 3*hidden] (LSTM peepholes), Y [seq, dirs, batch, hidden], Y_h/Y_c [dirs, batch, hidden];
+G = 4 for LSTM (gates i, o, f, c), 3 for GRU (z, r, h), 1 for RNN.
+
+One *hidden unit* h owns row h of every gate block of W and R (element g*hidden + h of axis 1),
+element h of every block of B (both the Wb and the Rb halves) and of P, column h of R, and index h
+of the last axis of Y, Y_h, Y_c, initial_h and initial_c. Every such axis is a single space whose
+element e is linked to unit e % hidden, so all gate blocks and both directions of a bidirectional
+op share the same unit (``hidden_size`` is one attribute). Roles: W and R rows are producers, B and
+P and constant initial states params, and R's column h is the *recurrent consumer*: unit h reaches
+the other units only through R[:, :, h] and through the consumers of Y/Y_h/Y_c downstream.
+
+Why the masked original is exact: with R[:, :, h] = 0, every gate of every other unit k is
+f(W[k]·x + sum_{j != h} R[k, j]·H_j + b[k] (+ P[k]·C_k)), the same sum the pruned op computes
+(activations, clip, peepholes, input_forget and the state update are all per unit). For GRU the
+hidden gate reads (r ⊙ H_{t-1})·Rh^T (linear_before_reset=0) or r ⊙ (H_{t-1}·Rh^T + Rbh)
+(linear_before_reset=1): in both, H_h enters other units only through column h of Rh, and r_h, Rbh_h
+only touch unit h. So every attribute the spec defines is per unit and is kept as is; only
+``layout=1`` (batch-first, which onnxruntime refuses to run) and unknown activation names are
+barriers. X's feature axis and W's axis 2 are an ordinary consumer slot (like a Conv's input
+channels), so the channels feeding the op can be pruned too.
+
+Initial states: a constant state is sliced with the unit (param). A *computed all-zero* state (the
+legacy exporter's ConstantOfShape(Concat(num_layers*dirs, batch, hidden)) -> Slice for a dynamic
+batch) is equal to an omitted one: it is not linked, and the rewrite drops it ("") when hidden
+changes. Any other computed state is linked to the unit; a state that is a graph input or output
+stays frozen (graph inputs/outputs are).
+
+MACs per op: seq * batch * dirs * G * hidden * (input + hidden) = seq * batch * (|W| + |R|), the W and
+R matrix products of every step, all gates and directions (the definition in onnxprune/stats.py).
+Elementwise work (bias adds, peephole products, activations, the state update) is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.coupling import Barrier
+from onnxprune.registry import Handler, register
+
+# activation names of the ONNX spec (every one is elementwise, hence per unit)
+ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
+               "HardSigmoid", "Elu", "Softsign", "Softplus")
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+# ops that only move or broadcast values: a zero tensor stays zero through them (data input 0)
+_ZERO_PRESERVING = ("Slice", "Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Transpose",
+                    "Tile", "Gather", "Flatten", "CastLike")
+
+
+def _is_computed_zero(name: str, producer: Callable[[str], onnx.NodeProto | None],
+                      const: Callable[[str], np.ndarray | None]) -> bool:
+    """Whether ``name`` is a computed (non-constant) tensor that is provably all zeros."""
+    if not name or const(name) is not None:
+        return False
+    cur = name
+    for _ in range(16):
+        v = const(cur)
+        if v is not None:
+            return bool(np.issubdtype(v.dtype, np.number) and not np.any(v))
+        p = producer(cur)
+        if p is None or p.domain not in ("", "ai.onnx"):
+            return False
+        if p.op_type == "ConstantOfShape":
+            for a in p.attribute:
+                if a.name == "value":
+                    return not np.any(numpy_helper.to_array(a.t))
+            return True  # default value: float 0
+        if p.op_type in _ZERO_PRESERVING and p.input:
+            cur = p.input[0]
+            continue
+        return False
+    return False
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Recurrent(Handler):
+    gates: int = 1
+    state_inputs: tuple[int, ...] = (5,)  # initial_h (, initial_c)
+    peephole: int | None = None  # input index of P
+
+    # -- analysis ---------------------------------------------------------------------------------
+    def _check_attrs(self, node, ctx) -> None:
+        layout = int(ctx.attr("layout") or 0)
+        if layout != 0:
+            raise Barrier(f"layout={layout} (batch-first) is not supported: onnxruntime cannot run it, "
+                          f"so the pruned op could not be verified")
+        direction = ctx.attr("direction") or "forward"
+        if isinstance(direction, bytes):
+            direction = direction.decode()
+        if direction not in DIRECTIONS:
+            raise Barrier(f"unknown direction '{direction}'")
+        acts = ctx.attr("activations") or []
+        for a in acts:
+            a = a.decode() if isinstance(a, bytes) else a
+            if a not in ACTIVATIONS:
+                raise Barrier(f"activation '{a}' is not an ONNX RNN activation")
+
+    def analyze(self, node, ctx):
+        self._check_attrs(node, ctx)
+        ins = list(node.input) + [""] * (8 - len(node.input))
+        x, w, r, b = ins[0], ins[1], ins[2], ins[3]
+        seq_lens = ins[4]
+        xs, ws, rs = ctx.shape(x), ctx.shape(w), ctx.shape(r)
+        if xs is None or ws is None or rs is None:
+            return  # nothing covered: the coverage rule freezes every axis
+        G = self.gates
+        hidden = int(rs[2])
+        attr_hidden = ctx.attr("hidden_size")
+        if attr_hidden is not None and int(attr_hidden) != hidden:
+            raise Barrier(f"hidden_size={attr_hidden} does not match R's shape {list(rs)}")
+        if len(ws) != 3 or len(rs) != 3 or ws[1] != G * hidden or rs[1] != G * hidden or ws[0] != rs[0]:
+            raise Barrier(f"W {list(ws)} / R {list(rs)} do not have {G} gate blocks of hidden_size {hidden}")
+        dirs = int(ws[0])
+        dir_reason = f"{node.op_type} '{node.name}': direction axis (num_directions is fixed by 'direction')"
+
+        # the hidden unit: anchored on R's column axis
+        gh = np.arange(G * hidden)
+        ctx.slot(r, 2, "consumer")
+        ctx.slot(r, 1, "producer")
+        ctx.link(r, 1, gh, r, 2, gh % hidden)
+        ctx.slot(w, 1, "producer")
+        ctx.link(w, 1, gh, r, 2, gh % hidden)
+        ctx.freeze(w, 0, dir_reason)
+        ctx.freeze(r, 0, dir_reason)
+        if b:
+            bs = ctx.shape(b)
+            if bs is None or len(bs) != 2 or bs[0] != dirs or bs[1] != 2 * G * hidden:
+                raise Barrier(f"B has shape {bs}, expected [{dirs}, {2 * G * hidden}]")
+            e = np.arange(2 * G * hidden)
+            ctx.slot(b, 1, "param")
+            ctx.link(b, 1, e, r, 2, e % hidden)
+            ctx.freeze(b, 0, dir_reason)
+        p = ins[self.peephole] if self.peephole is not None else ""
+        if p:
+            ps = ctx.shape(p)
+            if ps is None or len(ps) != 2 or ps[0] != dirs or ps[1] != 3 * hidden:
+                raise Barrier(f"P has shape {ps}, expected [{dirs}, {3 * hidden}]")
+            e = np.arange(3 * hidden)
+            ctx.slot(p, 1, "param")
+            ctx.link(p, 1, e, r, 2, e % hidden)
+            ctx.freeze(p, 0, dir_reason)
+
+        # input features: an ordinary consumer slot
+        ctx.slot(w, 2, "consumer")
+        ctx.identity(x, 2, w, 2)
+
+        # outputs
+        outs = list(node.output) + [""] * 3
+        y, y_states = outs[0], [t for t in outs[1:3] if t]
+        if y:
+            ctx.identity(y, 0, x, 0)
+            ctx.identity(y, 2, x, 1)
+            ctx.identity(y, 3, r, 2)
+            ctx.freeze(y, 1, dir_reason)
+        for t in y_states:
+            ctx.identity(t, 1, x, 1)
+            ctx.identity(t, 2, r, 2)
+            ctx.freeze(t, 0, dir_reason)
+
+        # initial states
+        for idx in self.state_inputs:
+            s = ins[idx]
+            if not s:
+                continue
+            if _is_computed_zero(s, ctx.cg.producer_of.get, ctx.const):
+                ctx.cover(s)  # equal to an omitted state: dropped by the rewrite
+                continue
+            if ctx.const_source(s) is not None:
+                ctx.slot(s, 2, "param")
+            ctx.identity(s, 2, r, 2)
+            ctx.identity(s, 1, x, 1)
+            ctx.freeze(s, 0, dir_reason)
+        ctx.cover(seq_lens)
+
+    # -- rewrite ----------------------------------------------------------------------------------
+    def rewrite(self, node, rw):
+        r = node.input[2]
+        old_h = int(rw.old_shape(r)[2])
+        new_h = int(rw.new_shape(r)[2])
+        if new_h == old_h:
+            return
+        rw.set_attr(node, "hidden_size", new_h)
+        for idx in self.state_inputs:
+            s = node.input[idx] if idx < len(node.input) else ""
+            if not s:
+                continue
+            shape = rw.new_shape(s)
+            unsliced = shape is None or len(shape) != 3 or int(shape[2]) != new_h
+            if unsliced and _is_computed_zero(s, rw.producer, rw.const):
+                node.input[idx] = ""  # an all-zero state is the omitted state
+
+    # -- cost -------------------------------------------------------------------------------------
+    def macs(self, node, shape_of, const_of):
+        xs, ws, rs = shape_of(node.input[0]), shape_of(node.input[1]), shape_of(node.input[2])
+        if xs is None or ws is None or rs is None or len(xs) != 3:
+            return 0
+        layout = int(_attr(node, "layout", 0) or 0)
+        seq, batch = (xs[0], xs[1]) if layout == 0 else (xs[1], xs[0])
+        return int(seq) * int(batch) * int(np.prod(ws, dtype=np.int64) + np.prod(rs, dtype=np.int64))
+
+
+@register
+class LSTM(_Recurrent):
+    op_types = ("LSTM",)
+    gates = 4
+    state_inputs = (5, 6)
+    peephole = 7
+
+
+@register
+class GRU(_Recurrent):
+    op_types = ("GRU",)
+    gates = 3
+    state_inputs = (5,)
+
+
+@register
+class RNN(_Recurrent):
+    op_types = ("RNN",)
+    gates = 1
+    state_inputs = (5,)
