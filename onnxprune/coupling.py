@@ -154,6 +154,11 @@ class CouplingGraph:
         slot_comps: set[int] = set()
         for s in self.slots:
             slot_comps.add(int(comp[s.space]))
+        # weights behind a barrier (unknown op) declare no slots: list their groups too, so the
+        # report and the coverage line count what the tool did not understand
+        for sid, reasons in self.frozen.items():
+            if self.space_key[sid][0] in self.consts and any(p == _PRIO["unknown"] for p, _ in reasons):
+                slot_comps.add(int(comp[sid]))
         for sid in range(n_sp):
             c = int(comp[sid])
             if c in slot_comps:
