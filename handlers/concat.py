@@ -156,9 +156,10 @@ class Slice(Handler):
             starts[k], ends[k] = new_start, new_end
             changed = True
         if changed:
-            rw.set_input_const(node, 1, starts.astype(np.int64))
-            rw.set_input_const(node, 2, ends.astype(np.int64))
+            dtype = rw.value(node.input[1]).dtype  # int32 or int64, the same for every index input
+            rw.set_input_const(node, 1, starts.astype(dtype))
+            rw.set_input_const(node, 2, ends.astype(dtype))
             if axes_t and rw.const(axes_t) is None:
-                rw.set_input_const(node, 3, np.asarray(axes, dtype=np.int64))
+                rw.set_input_const(node, 3, rw.value(axes_t).astype(dtype))
             if len(node.input) > 4 and node.input[4] and rw.const(node.input[4]) is None:
-                rw.set_input_const(node, 4, rw.value(node.input[4]).astype(np.int64))
+                rw.set_input_const(node, 4, rw.value(node.input[4]).astype(dtype))

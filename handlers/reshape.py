@@ -75,10 +75,65 @@ def analyze_reshape(node, ctx, x: str, y: str) -> None:
         elif len(jj) == 1 and len(ii) > 1:
             _defer_factor(node, ctx, y, jj[0], x, ii)
         elif ii and jj:
-            for ax in ii:
-                ctx.freeze(x, ax, f"Reshape '{node.name}': axes regroup without a common factor")
-            for ax in jj:
-                ctx.freeze(y, ax, f"Reshape '{node.name}': axes regroup without a common factor")
+            _regroup(node, ctx, x, ii, y, jj)
+
+
+def _atoms(sizes: list[int]) -> list[int]:
+    """Suffix products of a block's axis sizes (inner to outer)."""
+    out, p = [], 1
+    for n in reversed(sizes):
+        p *= n
+        out.append(p)
+    return out
+
+
+def _regroup(node, ctx, x: str, ii: list[int], y: str, jj: list[int]) -> None:
+    """Several axes on both sides (``[2048, 64] -> [512, 256]``): refine both into common atoms
+    (here 512 x 4 x 64); an axis that is a run of atoms inside an axis of the other side is followed
+    like a merge factor, the others keep their size."""
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    sa, sb = [xs[a] for a in ii], [ys[b] for b in jj]
+    cuts = sorted(set(_atoms(sa)) | set(_atoms(sb)))
+    if any(c2 % c1 for c1, c2 in zip(cuts, cuts[1:], strict=False)):
+        for ax in ii:
+            ctx.freeze(x, ax, f"Reshape '{node.name}': axes regroup without a common factor")
+        for ax in jj:
+            ctx.freeze(y, ax, f"Reshape '{node.name}': axes regroup without a common factor")
+        return
+
+    def spans(sizes):  # (inner stride, outer stride) of each axis in flat-index units
+        out, p = [], 1
+        for n in reversed(sizes):
+            out.append((p, p * n))
+            p *= n
+        return out[::-1]
+
+    span_a, span_b = spans(sa), spans(sb)
+    contained = set()
+    linked_big = set()
+    for side, (t_small, axes_small, sp_small), (t_big, axes_big, sp_big) in (
+            (0, (x, ii, span_a), (y, jj, span_b)), (1, (y, jj, span_b), (x, ii, span_a))):
+        for k, ax in enumerate(axes_small):
+            lo, hi = sp_small[k]
+            for m, bx in enumerate(axes_big):
+                blo, bhi = sp_big[m]
+                if blo <= lo and hi <= bhi and (lo, hi) != (blo, bhi):
+                    # element e of the big axis holds index (e * blo // lo) % size of the small axis
+                    size_small, size_big = hi // lo, bhi // blo
+                    if (size_small > 1 and ctx.has_space(t_small, ax) and ctx.has_space(t_big, bx)
+                            and (t_big, bx) not in linked_big):  # one factor per axis, or all would merge
+                        linked_big.add((t_big, bx))
+                        e = np.arange(size_big)
+                        ctx.link(t_big, bx, e, t_small, ax, (e * blo // lo) % size_small)
+                        contained.add((t_small, ax))
+                        contained.add((t_big, bx))
+                elif (lo, hi) == (blo, bhi):
+                    ctx.identity(t_small, ax, t_big, bx)
+                    contained.add((t_small, ax))
+    for t, axes in ((x, ii), (y, jj)):
+        for ax in axes:
+            if (t, ax) not in contained:
+                ctx.freeze(t, ax, f"Reshape '{node.name}': axis {ax} is split across other axes")
 
 
 def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[int]) -> None:
@@ -110,12 +165,24 @@ def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[
 def _target_sources(rw, node, shape_input_index: int):
     """For each entry of a Reshape/Expand target: (node, input index, position) of a constant, or None."""
     t = node.input[shape_input_index]
+    owner, idx = node, shape_input_index
+    for _ in range(8):  # look through Cast/Identity (tf2onnx casts shape vectors)
+        if rw.const(t) is not None:
+            break
+        p = rw.producer(t)
+        if p is None or p.op_type not in ("Cast", "Identity"):
+            break
+        if len(rw.consumers(t)) > 1:
+            p = rw.clone_producer(owner, idx)  # a shared shape vector: give this node its own copy
+        owner, idx, t = p, 0, p.input[0]
     if rw.const(t) is not None:
         n = rw.const(t).size
-        return [(node, shape_input_index, k) for k in range(n)]
+        return [(owner, idx, k) for k in range(n)]
     prod = rw.producer(t)
     if prod is None or prod.op_type != "Concat":
         return None
+    if len(rw.consumers(t)) > 1:
+        prod = rw.clone_producer(owner, idx)
     out = []
     for idx, part in enumerate(prod.input):
         ps = rw.old_shape(part)

@@ -95,6 +95,30 @@ class RewriteContext:
     def producer(self, name: str) -> onnx.NodeProto | None:
         return self._producer.get(name)
 
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return [n for n in self.model.graph.node if name in n.input]
+
+    def clone_producer(self, consumer: onnx.NodeProto, idx: int) -> onnx.NodeProto:
+        """Give ``consumer`` a private copy of the node producing its input ``idx`` (placed right
+        after the original, so the graph stays sorted); returns the copy."""
+        orig = self._producer[consumer.input[idx]]
+        new = onnx.NodeProto()
+        new.CopyFrom(orig)
+        new.name = self._fresh(orig.name or orig.op_type)
+        for k, o in enumerate(orig.output):
+            if o:
+                new.output[k] = self._fresh(o)
+                self._producer[new.output[k]] = new
+        nodes = self.model.graph.node
+        pos = next(i for i, n in enumerate(nodes) if n == orig)
+        nodes.insert(pos + 1, new)
+        new = nodes[pos + 1]
+        for k, o in enumerate(new.output):
+            if o:
+                self._producer[o] = new
+        consumer.input[idx] = new.output[list(orig.output).index(consumer.input[idx])]
+        return new
+
     def attr(self, node: onnx.NodeProto, name: str):
         return registry.get_attr(node, name, self.opset)
 

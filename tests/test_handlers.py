@@ -1336,9 +1336,6 @@ FROZEN_CASES = [
                               "int64[1] ax = {1}"),
      ["Pad", "does not carry axis 1"]),
     ("Tile-channels", prefixed("m = Tile(h, r)", "int64[4] r = {1,2,1,1}", cin2=16), ["Tile", "does not carry"]),
-    ("Reshape-regroup-without-common-factor",
-     prefixed("r = Reshape(h, s1)\n  m = Reshape(r, s2)", "int64[4] s1 = {0,4,16,8}, int64[4] s2 = {0,8,8,8}"),
-     ["Reshape", "without a common factor"]),
     ("ConstantOfShape-of-Shape", prefixed("sh = Shape(h)\n  ones = ConstantOfShape<value=float[1] {1.0}>(sh)\n"
                                           "  m = Mul(h, ones)"), ["ConstantOfShape", "does not carry axis 1"]),
     ("ignored-by-option", prefixed("m = Relu(h)"), ["ignored by --ignore"]),
@@ -1517,3 +1514,34 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 }"""
     res = pipeline.run(build(text), PlanOptions(ratio=0.5), verify=False)
     assert shapes_of(res.pruned)["w0"] == (3, 3, 3, 3)
+
+
+def test_reshape_regroup_with_common_atoms_prunes_channel_pairs():
+    """[N,8,8,8] -> [N,4,16,8] -> [N,8,8,8]: both sides refine into atoms 4 x 2 x 8, so channel
+    pairs (c//2) are the units; pruning keeps them together and verifies exactly."""
+    model = build(prefixed("r = Reshape(h, s1)\n  m = Reshape(r, s2)", "int64[4] s1 = {0,4,16,8}, int64[4] s2 = {0,8,8,8}"))
+    res = prune_and_verify(model)
+    assert res.verification.passed
+    assert all(o.rel_error < TOL for o in res.verification.outputs)
+    w1 = shapes_of(res.pruned)["w1"]
+    assert w1[0] < 8 and w1[0] % 2 == 0  # whole pairs removed
+
+
+def test_reshape_regroup_without_common_factor_is_frozen():
+    text = H17 + """
+g (float[N,12] x) => (float[N,5] y)
+<float[12,96] w1, float[96,5] w2>
+{
+  h = MatMul(x, w1)
+  r = Reshape(h, s1)
+  m = Reshape(r, s2)
+  y = MatMul(m, w2)
+}"""
+    text = text.replace("<float[12,96] w1, float[96,5] w2>",
+                        "<float[12,96] w1, float[96,5] w2, int64[3] s1 = {0,12,8}, int64[3] s2 = {0,8,12}>")
+    text = text.replace("m = Reshape(r, s2)", "m2 = Reshape(r, s2)\n  s3 = Constant<value=int64[2] {0,96}>()\n  m = Reshape(m2, s3)")
+    from onnxprune.pipeline import analyze_model
+
+    an = analyze_model(build(text))
+    g = next(g for g in an.cg.groups if any(sl.const == "w1" and sl.role == "producer" for sl in g.slots))
+    assert g.frozen and any("without a common factor" in r for r in g.frozen)
