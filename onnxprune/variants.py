@@ -72,7 +72,7 @@ def ort_optimize(model_path: str | os.PathLike, level: str = "extended", *,
 
     The optimized file is written to a temporary directory and loaded back with any external data
     it uses, so the returned model is self-contained (no tensor refers to a file). ``external_data``
-    asks onnxruntime to write the initializers to a side file (what it does for large models).
+    asks onnxruntime to write the initializers to a side file (what a model over 2 GB needs).
     """
     from onnxprune.runtime import require_ort
 

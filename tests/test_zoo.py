@@ -139,3 +139,23 @@ def test_zoo_export(name: str, exporter: str, tmp_path_factory: pytest.TempPathF
         scale = float(np.abs(ref).max())
         assert 1e-3 < scale < 1e4
         assert float(np.abs(y - ref).max()) / scale < 1e-4
+
+
+def test_dynamo_falls_back_to_static_batch(tmp_path: pathlib.Path) -> None:
+    import torch
+
+    class BatchSpecific(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # control flow on the batch size cannot be exported with a symbolic batch
+            return x * 2 if x.shape[0] == 2 else x + 1
+
+    dest = tmp_path / "toy.onnx"
+    dynamic = zoo._export_dynamo(
+        BatchSpecific().eval(), torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4), dest, opset=18, bn="fold"
+    )
+    assert dynamic is False
+    model = onnx.load(str(dest))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert zoo.load_meta(dest) == {"dynamic_batch": False}  # inferred without a sidecar
+    (y,) = _session(dest).run(None, {model.graph.input[0].name: np.zeros((1, 3, 4, 4), np.float32)})
+    np.testing.assert_array_equal(y, np.ones((1, 3, 4, 4), np.float32))

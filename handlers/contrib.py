@@ -1,0 +1,64 @@
+"""onnxruntime contrib ops (domain ``com.microsoft``) that its graph optimizer produces.
+
+On the torchvision CNNs, ``ORT_ENABLE_EXTENDED`` with the CPU provider produces FusedConv
+(Conv + Relu/Clip/Sigmoid/HardSigmoid/...), FusedGemm (Gemm + activation) and QuickGelu
+(``x * sigmoid(alpha * x)``, i.e. SiLU). Transformer fusions add Gelu, FastGelu and BiasGelu.
+
+- FusedConv: Conv (same channel flow, same ``group`` rewrite, same MACs); the activation is per
+  element. The optional 4th input Z is summed in before the activation, like a residual Add: every
+  axis of Z is the same index set as the output's.
+- FusedGemm: Gemm followed by an elementwise activation.
+- Gelu, QuickGelu (unary) and FastGelu, BiasGelu (input + optional bias broadcast on the last axis):
+  elementwise; a constant bias is a param slot.
+
+Every other contrib op (SkipLayerNormalization, BiasSoftmax, FusedMatMul, NhwcConv, Attention, ...)
+has no handler, so it stays a barrier that freezes every tensor it touches.
+
+The registry is keyed by domain; the analysis looks contrib ops up at opset 1 (``since = 1``).
+"""
+
+from __future__ import annotations
+
+from onnxprune.handlers.conv import Conv
+from onnxprune.handlers.elementwise import broadcast_links
+from onnxprune.handlers.gemm import Gemm
+from onnxprune.registry import Handler, register
+
+DOMAIN = "com.microsoft"
+
+
+@register
+class FusedConv(Conv):
+    """Conv + activation (``activation``, ``activation_params``) + optional summed input Z."""
+
+    op_types = ("FusedConv",)
+    domain = DOMAIN
+    since = 1
+
+    def analyze(self, node, ctx):
+        super().analyze(node, ctx)
+        z = node.input[3] if len(node.input) > 3 else ""
+        if z:
+            # Y = act(conv(X, W) + B + Z): Z is added elementwise, like the other operand of an Add
+            broadcast_links(node, ctx, [z])
+
+
+@register
+class FusedGemm(Gemm):
+    """Gemm + activation (``activation``, ``activation_alpha/beta/gamma``)."""
+
+    op_types = ("FusedGemm",)
+    domain = DOMAIN
+    since = 1
+
+
+@register
+class ContribElementwise(Handler):
+    """Per-element activations: Gelu, QuickGelu (one input), FastGelu, BiasGelu (input, bias)."""
+
+    op_types = ("Gelu", "QuickGelu", "FastGelu", "BiasGelu")
+    domain = DOMAIN
+    since = 1
+
+    def analyze(self, node, ctx):
+        broadcast_links(node, ctx, node.input[:2])
