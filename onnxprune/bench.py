@@ -1,9 +1,11 @@
 """onnxruntime latency, measured interleaved so that ratios survive a noisy machine.
 
 Every model gets its own session on the same inputs; after a warm-up of each, the models run in
-rounds, one run of each model per round, the order rotated every round (and reversed every other
-round) so that drift of the machine (frequency, other load, cache state) hits all of them alike. The
-speedup is the ratio of the medians; the spread of the per-round ratios says how noisy it was.
+rounds, the order rotated every round (and reversed every other round) so that drift of the machine
+(frequency, other load) hits all of them alike. In a round each model runs a short block of runs
+(default 3) and all but the first are recorded: the first re-warms the caches the other model evicted,
+so that the smaller model is not measured with the larger one's weights in its caches. The speedup is
+the ratio of the medians; the spread of the per-round ratios says how noisy it was.
 On CUDA the inputs are copied to the device once and the outputs stay there (IO binding), so a run
 measures the model, not PCIe copies.
 """
@@ -78,9 +80,20 @@ def batch_of(feeds: dict[str, np.ndarray]) -> int:
     return 1
 
 
+DEFAULT_BLOCK = 3
+
+
 def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, min_seconds: float = 0.0,
-                    progress=None) -> list[Latency]:
-    """Interleaved timing of prepared runners (see the module docstring)."""
+                    progress=None, block: int = DEFAULT_BLOCK) -> list[Latency]:
+    """Interleaved timing of prepared runners (see the module docstring).
+
+    At least ``repeat`` recorded runs per model (exactly ``repeat`` without ``min_seconds``) and at least
+    ``min_seconds``. In a round every model runs ``block`` times in a row and all but the first of those
+    runs are recorded: the first re-warms the caches that the other model's run evicted, so the
+    latencies are steady-state ones, as in a serving loop, while the models still alternate every few
+    runs. ``block=1`` alternates single runs (each run then starts with the other model's data in the
+    caches, which penalizes the smaller model)."""
+    block = max(1, int(block))
     for r in runners:
         for _ in range(warmup):
             r()
@@ -88,16 +101,21 @@ def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, mi
     times: list[list[float]] = [[] for _ in runners]
     t_end = time.perf_counter() + min_seconds
     k = 0
-    while k < repeat or time.perf_counter() < t_end:
+    while (times and len(times[0]) < repeat) or time.perf_counter() < t_end:
         order = list(range(n))
         order = order[k % n:] + order[:k % n]
         if (k // n) % 2 == 1:
             order.reverse()
         for i in order:
-            times[i].append(runners[i]())
+            for j in range(block):
+                t = runners[i]()
+                if block == 1 or j > 0:
+                    times[i].append(t)
         k += 1
         if progress is not None:
             progress(k)
+    if min_seconds <= 0:
+        times = [ts[:repeat] for ts in times]  # the same count for every model: drops the same positions
     batch = batch_of(runners[0].feeds) if runners else 1
     out = []
     for r, ts in zip(runners, times, strict=True):
@@ -109,10 +127,10 @@ def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, mi
 
 def measure(models: list[onnx.ModelProto | str], feeds: dict[str, np.ndarray], ep: str = "auto",
             threads: int | None = None, warmup: int = 5, repeat: int = 30, min_seconds: float = 0.0,
-            progress=None) -> list[Latency]:
+            progress=None, block: int = DEFAULT_BLOCK) -> list[Latency]:
     """Median and p90 latency of each model on the same inputs, runs interleaved."""
     runners = [Runner(m, feeds, ep, threads) for m in models]
-    return measure_runners(runners, warmup, repeat, min_seconds, progress)
+    return measure_runners(runners, warmup, repeat, min_seconds, progress, block)
 
 
 def speedup(original: Latency, pruned: Latency) -> float:
@@ -149,7 +167,7 @@ def rel_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 def run_bench(args, console) -> int:
     """``onnxprune bench MODEL [PRUNED]``: latency (and MACs) of one model or of a pair."""
     from onnxprune import model as io
-    from onnxprune.cli import _json_default, _parse_arrays, _parse_shapes, _write_json  # noqa: F401
+    from onnxprune.cli import _parse_arrays, _parse_shapes, _write_json
     from onnxprune.runtime import resolve_ep
     from onnxprune.stats import human, model_stats
 
@@ -172,7 +190,8 @@ def run_bench(args, console) -> int:
         stats.append(model_stats(m, sh))
     with console.status("measuring (interleaved runs)...", spinner="dots"):
         runners = [Runner(m, feeds, ep, args.threads) for m in models]
-        lats = measure_runners(runners, args.warmup, args.repeat, getattr(args, "min_seconds", 0.0))
+        lats = measure_runners(runners, args.warmup, args.repeat, getattr(args, "min_seconds", 0.0),
+                               block=getattr(args, "block", DEFAULT_BLOCK))
     prov = lats[0].providers
     console.print(f"execution provider: {lats[0].ep.upper()} ({', '.join(prov)}"
                   f"{'; IO binding' if lats[0].ep == 'cuda' else ''}), threads "

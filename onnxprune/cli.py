@@ -477,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=_positive_int, default=5)
     s.add_argument("--repeat", type=_positive_int, default=30)
     s.add_argument("--min-seconds", type=float, default=0.0, help="keep measuring at least this long")
+    s.add_argument("--block", type=int, default=3,
+                   help="runs per model per round, the first of each block not recorded (default 3; "
+                        "1: strict alternation, each run after the other model's)")
     s.add_argument("--report", metavar="FILE.json")
     s.set_defaults(fn=cmd_bench)
 

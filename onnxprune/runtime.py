@@ -42,7 +42,7 @@ def resolve_ep(ep: str) -> str:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", threads: int | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, precise: bool = False):
     """Return (session, ep actually used). CUDA sessions keep CPU as fallback for unsupported ops."""
     ort = require_ort()
     ep = resolve_ep(ep)
@@ -53,7 +53,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
         so.inter_op_num_threads = 1
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    providers = ["CPUExecutionProvider"] if ep == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = ["CPUExecutionProvider"] if ep == "cpu" else [
+        # verification compares float32 results: TF32 Tensor-Core math (on by default) would add ~1e-3
+        ("CUDAExecutionProvider", {"use_tf32": "0"} if precise else {}), "CPUExecutionProvider"]
     tmpdir = None
     if isinstance(model, onnx.ModelProto):
         src, tmpdir = _runnable(model)

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from onnxprune import registry
-from onnxprune.model import model_bytes, ConstantTable, Shapes, default_opset
+from onnxprune.model import ConstantTable, Shapes, default_opset, model_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from onnxprune.errors import UserError
 

@@ -96,7 +96,7 @@ def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ep: str) -> tuple[list[np.ndarray], list[str], str]:
-    sess, used = make_session(model, ep)
+    sess, used = make_session(model, ep, precise=True)
     names = [o.name for o in sess.get_outputs()]
     return sess.run(None, feeds), names, used
 
