@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 UNTIE_MAX_ELEMENTS = 1 << 22
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    model = inline_functions(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def normalize(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """Normalized model; ``inplace=True`` reuses ``model`` (for a model the caller just loaded)."""
+    inlined = inline_functions(model)
+    if inplace or inlined is not model:
+        out = inlined
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     _name_nodes(out)
     _fold_identity_constants(out)
     _untie_constants(out)

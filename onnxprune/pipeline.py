@@ -37,11 +37,12 @@ class Analysis:
 def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
                   head_mode: str = "dim") -> Analysis:
     t0 = time.perf_counter()
-    if not isinstance(model, onnx.ModelProto):
+    owned = not isinstance(model, onnx.ModelProto)
+    if owned:
         model = io.load(model)
     else:
         io.check_opset(model)
-    model = fold_static_shapes(normalize(model), input_shapes)
+    model = fold_static_shapes(normalize(model, inplace=owned), input_shapes)
     shapes = io.infer_shapes(model, input_shapes)
     consts = io.ConstantTable.of(model.graph)
     values = io.probe_static_values(model, shape_inputs_to_probe(model, consts), input_shapes)

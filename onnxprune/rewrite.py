@@ -158,9 +158,8 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
     """Return a pruned copy of ``model`` (``model`` itself is not touched)."""
     validate(cg, plan)
     kept = kept_map(cg, plan)
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    _slice_constants(new, kept)
+    new = _copy_without(model, {t for t, _ in kept})
+    _slice_constants(new, kept, model)
     rw = RewriteContext(new, cg, kept)
     changed = rw.changed_tensors
     for node in list(new.graph.node):
@@ -177,14 +176,43 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
     return new
 
 
-def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndarray]) -> None:
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if hasattr(value, "extend"):
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _copy_without(model: onnx.ModelProto, sliced: set[str]) -> onnx.ModelProto:
+    """Copy of ``model`` where initializers about to be sliced keep only name and type (their old
+    bytes are never copied); ``_slice_constants`` fills them from the original."""
+    new = onnx.ModelProto()
+    _copy_fields(model, new, skip="graph")
+    _copy_fields(model.graph, new.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.name in sliced:
+            light = new.graph.initializer.add()
+            light.name, light.data_type = t.name, t.data_type
+        else:
+            new.graph.initializer.append(t)
+    return new
+
+
+def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndarray],
+                     source: onnx.ModelProto | None = None) -> None:
     by_tensor: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for (t, ax), k in kept.items():
         by_tensor[t][ax] = k
+    originals = {t.name: t for t in source.graph.initializer} if source is not None else {}
     for init in model.graph.initializer:
         axes = by_tensor.get(init.name)
         if axes:
-            arr = tensor_value(init)
+            arr = tensor_value(originals.get(init.name, init))
             for ax, k in axes.items():
                 arr = np.take(arr, k, axis=ax)
             _set_tensor(init, np.ascontiguousarray(arr))
