@@ -289,9 +289,18 @@ def external_info(t: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
+_RAW_FAST = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+             onnx.TensorProto.INT64: np.dtype("<i8"), onnx.TensorProto.INT32: np.dtype("<i4"),
+             onnx.TensorProto.FLOAT16: np.dtype("<f2"), onnx.TensorProto.INT8: np.dtype("i1"),
+             onnx.TensorProto.UINT8: np.dtype("u1")}
+
+
 def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     """numpy value of a tensor; external data (with an absolute location) is read from its file."""
     if not is_external(t):
+        if t.data_type in _RAW_FAST and t.HasField("raw_data"):
+            # one copy (the bytes object), read-only: callers never write into constants
+            return np.frombuffer(t.raw_data, dtype=_RAW_FAST[t.data_type]).reshape(tuple(t.dims))
         return numpy_helper.to_array(t)
     info = external_info(t)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
