@@ -75,6 +75,11 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize() + sum(tensor_nbytes(t) for t in _external_tensors(model))
 
 
+def approx_bytes(model: onnx.ModelProto) -> int:
+    """Weight bytes from tensor dims (ByteSize walks every byte and costs as much as serializing)."""
+    return sum(tensor_nbytes(t) for t in _all_tensors(model)) + 1_000_000
+
+
 def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
     opset = default_opset(model)
     if opset is None:
@@ -101,7 +106,7 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool 
     file, written tensor by tensor."""
     p = Path(path)
     if external is None:
-        external = has_external(model) or model_bytes(model) > LARGE_BYTES
+        external = has_external(model) or approx_bytes(model) > LARGE_BYTES
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     os.close(fd)
     tmp_data = None

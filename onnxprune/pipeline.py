@@ -107,7 +107,7 @@ def apply_plan(an: Analysis, plan: Plan) -> tuple[onnx.ModelProto, io.Shapes]:
 
 def full_check(model: onnx.ModelProto) -> None:
     """onnx.checker with full_check; models with external data are checked as saved files."""
-    if not io.has_external(model) and model.ByteSize() < io.LARGE_BYTES:
+    if not io.has_external(model) and io.approx_bytes(model) < io.LARGE_BYTES:
         onnx.checker.check_model(model, full_check=True)
         return
     import tempfile

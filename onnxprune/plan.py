@@ -43,11 +43,13 @@ def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: in
         w = cg.consts.get(s.const)
         if w is None or not np.issubdtype(w.dtype, np.floating):
             continue
-        w = np.moveaxis(w.astype(np.float32, copy=False), s.axis, 0).reshape(w.shape[s.axis], -1)
+        w = w.astype(np.float32, copy=False)
+        others = tuple(a for a in range(w.ndim) if a != s.axis)
         if kind in ("l1", "bn"):
-            per = np.abs(w).sum(axis=1, dtype=np.float64)
-        else:
-            per = np.einsum("ij,ij->i", w, w, dtype=np.float64)
+            per = np.abs(w).sum(axis=others).astype(np.float64)
+        else:  # sum of squares over every other axis, without moving the axis (no copy)
+            idx = list(range(w.ndim))
+            per = np.einsum(w, idx, w, idx, [s.axis], optimize=False).astype(np.float64)
         units = cg.unit_index(group, s.space)
         total += np.bincount(units, weights=per, minlength=n)
         count += np.bincount(units, minlength=n) > 0

@@ -89,7 +89,7 @@ def _runnable(model: onnx.ModelProto):
     )
 
     if not has_external(model):
-        if model.ByteSize() > LARGE_BYTES:
+        if approx_bytes(model) > LARGE_BYTES:
             raise UserError("model too large to run from memory")
         return model.SerializeToString(), None
     copy = onnx.ModelProto()
