@@ -82,6 +82,7 @@ def _runnable(model: onnx.ModelProto):
     from onnxprune.model import (
         LARGE_BYTES,
         _all_tensors,
+        approx_bytes,
         has_external,
         is_external,
         model_bytes,
