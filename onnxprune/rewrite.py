@@ -213,12 +213,10 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
         axes = by_tensor.get(init.name)
         if axes:
             arr = tensor_value(originals.get(init.name, init))
-            index = [slice(None)] * arr.ndim
-            for ax, k in axes.items():
-                index[ax] = k
-            _set_tensor(init, np.ascontiguousarray(arr[np.ix_(*[
-                np.arange(arr.shape[a]) if isinstance(i, slice) else i for a, i in enumerate(index)])]
-                if len(axes) > 1 else np.take(arr, next(iter(axes.values())), axis=next(iter(axes)))))
+            # one take per axis, the one that drops most first (each take copies whole blocks)
+            for ax, k in sorted(axes.items(), key=lambda a: len(a[1]) / arr.shape[a[0]]):
+                arr = np.take(arr, k, axis=ax)
+            _set_tensor(init, np.ascontiguousarray(arr))
     for node in model.graph.node:
         if node.op_type != "Constant" or not node.output or node.output[0] not in by_tensor:
             continue
