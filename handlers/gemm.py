@@ -11,7 +11,6 @@ import numpy as np
 
 from onnxprune.registry import Handler, register
 
-
 _LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Split",
            "Expand", "Gather")
 
