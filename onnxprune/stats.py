@@ -22,6 +22,27 @@ Definitions, so that the numbers can be compared with other tools:
   are what we count (see tests/test_macs.py: ResNet-50 and MobileNetV2 agree exactly on these, the
   totals differ by 0.8% and 6.1% respectively, all of it BN, activations and pooling).
 
+* **tp_ops** (``ModelStats.tp_ops``) is a second count, computed from the same graph with the
+  conventions of Torch-Pruning's ``tp.utils.count_ops_and_params`` (torch_pruning/utils/op_counter.py,
+  which hooks modules only): Conv/ConvTranspose ``N·prod(out spatial)·|W|`` plus a bias add per output
+  element; Gemm ``M·N·K`` plus ``|C|`` (a Linear's bias counted once, not per row), MatMul with a
+  weight plus ``|b|`` of the Add of a constant bias after it; BatchNormalization, LayerNormalization,
+  InstanceNormalization, GroupNormalization 2 per input element; Relu, PRelu, Elu, LeakyRelu, Gelu,
+  Erf (exact GELU as exported), Clip(0, 6) (ReLU6) 1 per output element; MaxPool, AveragePool and
+  global pooling 1 per input element; Resize/Upsample the output elements of one sample; attention
+  (Q·Kᵀ → Softmax → ·V between activations), as ``nn.MultiheadAttention`` is counted: the products,
+  plus Q scaling (|Q|), softmax (1 per score), in-projection bias per element (|Q|+|K|+|V|) and
+  out-projection bias per element (|P·V|), the projections' bias adds not counted again;
+  LSTM/GRU/RNN the gate products plus biases and TP's per-step gate arithmetic. Zero, as in TP
+  (whose hooks do not see functional code or unlisted modules): residual and other elementwise
+  Add/Mul, Sigmoid, HardSigmoid, HardSwish, SiLU, Tanh, Softmax outside attention, Clip other than
+  (0, 6), ReduceMean, Einsum, Dropout/Identity. What the ONNX graph cannot tell: a pooling written
+  functionally (MobileNetV2's ``adaptive_avg_pool2d``) is counted here and not by TP, attention built
+  from ``nn.Linear`` + functional matmuls is counted like ``nn.MultiheadAttention`` (TP counts only
+  the Linears), and a BatchNorm folded into the conv by the exporter is gone from the graph, so a
+  BN-folded export has 2 per element less per BN than the torch module (compare on ``bn="unfused"``).
+  Like ``macs``, tp_ops is for the whole input batch; TP divides its total by the batch size.
+
 * **Parameters** are the elements of floating-point constants (initializers and Constant nodes),
   each tensor once. A BatchNorm folded into a convolution by the exporter leaves its shift as the
   conv bias and its scale inside the weight, so the folded model has one vector per BN fewer than
@@ -56,10 +77,11 @@ class ModelStats:
     macs: int = 0
     size_bytes: int = 0
     macs_by_op: Counter = field(default_factory=Counter)
+    tp_ops: int = 0  # Torch-Pruning-compatible count (see the module docstring); an extra, not MACs
 
     def to_json(self) -> dict:
         return {"nodes": self.nodes, "ops": dict(self.ops), "params": self.params, "macs": self.macs,
-                "size_bytes": self.size_bytes, "macs_by_op": dict(self.macs_by_op)}
+                "size_bytes": self.size_bytes, "macs_by_op": dict(self.macs_by_op), "tp_ops": self.tp_ops}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +165,155 @@ def node_macs(node: onnx.NodeProto, opset: int, shape_of: ShapeOf, const_of: Con
 
 
 # ----------------------------------------------------------------------------------------------
+# Torch-Pruning-compatible count (tp_ops; conventions in the module docstring)
+
+_TP_ACTIVATIONS = {"Relu", "PRelu", "Elu", "LeakyRelu", "Gelu", "Erf"}  # nn.ReLU/PReLU/ELU/LeakyReLU/GELU
+_TP_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+_TP_NORMS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"}
+_TP_RNN_GATE_OPS = {"LSTM": 10, "GRU": 7, "RNN": 1}  # TP's elementwise gate arithmetic, x hidden size
+# ops that carry a tensor between attention's projections and its matrix products
+_TP_PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Gather", "Split",
+            "Slice", "Mul", "Div", "Dropout"}
+TP_SHAPE_OPS = ({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Clip", "Softmax", "Resize", "Upsample"}
+                | _TP_ACTIVATIONS | _TP_POOLS | _TP_NORMS | set(_TP_RNN_GATE_OPS))
+
+
+def _numel(s) -> int:
+    return int(np.prod(s, dtype=np.int64)) if s is not None else 0
+
+
+def _is_relu6(node, const_of: ConstOf) -> bool:
+    lo, hi = _attr(node, "min"), _attr(node, "max")
+    if len(node.input) > 1 and node.input[1]:
+        c = const_of(node.input[1])
+        lo = None if c is None else float(np.asarray(c).reshape(-1)[0])
+    if len(node.input) > 2 and node.input[2]:
+        c = const_of(node.input[2])
+        hi = None if c is None else float(np.asarray(c).reshape(-1)[0])
+    return lo == 0.0 and hi == 6.0
+
+
+def tp_ops(graph: onnx.GraphProto, shape_of: ShapeOf, const_of: ConstOf,
+           is_const: Callable[[str], bool] | None = None) -> int:
+    """Operations of ``graph`` counted as Torch-Pruning's ``count_ops_and_params`` counts the torch
+    module it was exported from (see the module docstring). ``is_const``: whether a tensor is a
+    constant, without decoding it (default: ``const_of``)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    if is_const is None:
+        is_const = lambda name: const_of(name) is not None  # noqa: E731
+
+    def weight_product(node) -> bool:  # a MatMul/Gemm with a constant operand: a Linear
+        return node is not None and node.op_type in ("MatMul", "Gemm") and any(is_const(i) for i in node.input[:2])
+
+    def bias_of(add) -> str | None:  # the constant operand of an Add after a Linear's MatMul
+        if add.op_type != "Add" or len(add.input) != 2:
+            return None
+        for b, x in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            if is_const(b) and not is_const(x) and weight_product(producer.get(x)) and producer[x].op_type == "MatMul":
+                return b
+        return None
+
+    # attention as nn.MultiheadAttention is counted: Q·Kᵀ -> Softmax -> ·V between activations
+    uncounted_bias: set[int] = set()  # ids of Add/Gemm nodes whose bias is part of the attention extras
+    extras = 0
+
+    def projection_bias(name: str, backward: bool) -> bool:
+        seen = 0
+        frontier = [name]
+        while frontier and seen < 64:
+            t = frontier.pop()
+            seen += 1
+            nodes = [producer[t]] if backward and t in producer else ([] if backward else consumers.get(t, []))
+            for n in nodes:
+                if n.op_type == "Gemm" and weight_product(n):
+                    if len(n.input) > 2 and n.input[2]:
+                        uncounted_bias.add(id(n))
+                        return True
+                    continue
+                if n.op_type == "Add" and bias_of(n) is not None:
+                    uncounted_bias.add(id(n))
+                    return True
+                if n.op_type == "MatMul" and weight_product(n) and not backward:
+                    frontier.extend(o for o in n.output if o)
+                elif n.op_type in _TP_PASS:  # (a scale's or a shape's branch ends at Sqrt, Shape, Concat)
+                    frontier.extend(t for t in (n.input if backward else n.output) if t and not is_const(t))
+        return False
+
+    for sm in graph.node:
+        if sm.op_type != "Softmax":
+            continue
+        qk = producer.get(sm.input[0])
+        pvs = [n for n in consumers.get(sm.output[0], []) if n.op_type == "MatMul"]
+        if qk is None or qk.op_type != "MatMul" or any(is_const(i) for i in qk.input) or len(pvs) != 1:
+            continue
+        pv = pvs[0]
+        v = pv.input[1] if pv.input[0] == sm.output[0] else pv.input[0]
+        if is_const(v):
+            continue
+        extras += _numel(shape_of(qk.input[0]))  # Q scaling
+        extras += _numel(shape_of(qk.output[0]))  # softmax, 1 per score
+        for t in (qk.input[0], qk.input[1], v):  # in-projection bias adds, per element
+            if projection_bias(t, backward=True):
+                extras += _numel(shape_of(t))
+        projection_bias(pv.output[0], backward=False)
+        extras += _numel(shape_of(pv.output[0]))  # out-projection bias add (TP: always)
+
+    total = extras
+    for n in graph.node:
+        op = n.op_type
+        if op in ("Conv", "ConvTranspose"):
+            out, w = shape_of(n.output[0]), shape_of(n.input[1])
+            if out is not None and w is not None:
+                total += out[0] * _numel(out[2:]) * _numel(w)
+                if len(n.input) > 2 and n.input[2]:
+                    total += _numel(out)
+        elif op == "Gemm":
+            total += _gemm_products(n, shape_of)
+            if len(n.input) > 2 and n.input[2] and id(n) not in uncounted_bias:
+                total += _numel(shape_of(n.input[2]))
+        elif op == "MatMul":
+            out, a = shape_of(n.output[0]), shape_of(n.input[0])
+            if out is not None and a is not None:
+                total += _numel(out) * int(a[-1])
+        elif op == "Add":
+            b = bias_of(n)
+            if b is not None and id(n) not in uncounted_bias:
+                total += _numel(shape_of(b))
+        elif op in _TP_NORMS:
+            total += 2 * _numel(shape_of(n.input[0]))
+        elif op in _TP_ACTIVATIONS or (op == "Clip" and _is_relu6(n, const_of)):
+            total += _numel(shape_of(n.output[0]))
+        elif op in _TP_POOLS:
+            total += _numel(shape_of(n.input[0]))
+        elif op in ("Resize", "Upsample"):
+            out = shape_of(n.output[0])
+            total += _numel(out[1:]) if out else 0
+        elif op in _TP_RNN_GATE_OPS:
+            xs = shape_of(n.input[0])
+            if xs is not None and len(xs) == 3:
+                seq, batch = (xs[1], xs[0]) if int(_attr(n, "layout", 0) or 0) == 1 else (xs[0], xs[1])
+                ws = shape_of(n.input[1])
+                dirs = int(ws[0]) if ws else 1
+                bias = _numel(shape_of(n.input[3])) if len(n.input) > 3 and n.input[3] else 0
+                hidden = int(_attr(n, "hidden_size", 0) or 0)
+                total += int(seq) * int(batch) * (_numel(ws) + _numel(shape_of(n.input[2])) + bias
+                                                  + dirs * _TP_RNN_GATE_OPS[op] * hidden)
+    return int(total)
+
+
+def _gemm_products(node, shape_of: ShapeOf) -> int:
+    a, y = shape_of(node.input[0]), shape_of(node.output[0])
+    if a is None or y is None or len(a) != 2:
+        return 0
+    k = a[0] if int(_attr(node, "transA", 0) or 0) else a[1]
+    return _numel(y) * int(k)
+
+
+# ----------------------------------------------------------------------------------------------
 # shapes: symbolic dims take the real input sizes
 
 
@@ -219,7 +390,8 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | 
     consts = consts if consts is not None else ConstantTable.of(model.graph)
     opset = default_opset(model) or 0
     counted = [n for n in model.graph.node if _counts_macs(n, opset)]
-    needed = {t for n in counted for t in list(n.input) + list(n.output) if t}
+    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset)
+              for t in list(n.input) + list(n.output) if t}
     shape_of = real_shapes(model, shapes, needed)
     by_op: Counter = Counter()
     for node in counted:
@@ -227,7 +399,8 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | 
         if m:
             by_op[node.op_type] += m
     return ModelStats(nodes=sum(ops.values()), ops=ops, params=count_params(consts), macs=int(sum(by_op.values())),
-                      size_bytes=model_bytes(model), macs_by_op=by_op)
+                      size_bytes=model_bytes(model), macs_by_op=by_op,
+                      tp_ops=tp_ops(model.graph, shape_of, consts.get, consts.__contains__))
 
 
 def _counts_macs(node: onnx.NodeProto, opset: int) -> bool:
@@ -245,7 +418,8 @@ def stats_at(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ..
     if not isinstance(model, onnx.ModelProto):
         model = io.load(model)
     opset = default_opset(model) or 0
-    needed = {t for n in model.graph.node if _counts_macs(n, opset) for t in list(n.input) + list(n.output) if t}
+    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset)
+              for t in list(n.input) + list(n.output) if t}
     feeds = io.make_inputs(model, input_shapes)  # the concrete input sizes (generated where not given)
     pinned = {k: tuple(v.shape) for k, v in feeds.items()}
     with _pinned_inputs(model, pinned):

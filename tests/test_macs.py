@@ -9,6 +9,8 @@ linear bias adds, BatchNorm (2 per element), LayerNorm (2 per element), activati
 element), and inside nn.MultiheadAttention the Q scaling, softmax (1 per score) and projection bias
 adds. The comparison below splits its count into those two parts; the matrix-product part must agree
 within 2% (it agrees exactly on ResNet-50 and MobileNetV2); the rest is reported as definitional.
+``ModelStats.tp_ops`` counts the graph with TP's conventions; it must agree with TP's total within
+2% on the unfused-BN exports of ResNet-50 and MobileNetV2 and on ViT-B/16 (the tp_ops tests below).
 """
 
 from __future__ import annotations
@@ -283,3 +285,109 @@ def test_macs_agree_with_torch_pruning_vit_b_16(tmp_path):
         torch.backends.mha.set_fastpath_enabled(fast)
     ours, tp_parts = _compare(model, path, x)
     assert ours.macs_by_op["MatMul"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# tp_ops: the same graph counted with Torch-Pruning's conventions (onnxprune/stats.py docstring)
+
+
+def test_tp_ops_conventions_on_a_small_graph():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8,8] x) => (float[1,5] y)
+    <float[8,4,3,3] w, float[8] b, float[8] s, float[8] t, float[8] mu, float[8] var, float[5,8] wf,
+     float[5] bf, float lo = {0.0}, float hi = {6.0}>
+    {
+      c = Conv <pads=[1,1,1,1]> (x, w, b)
+      n = BatchNormalization (c, s, t, mu, var)
+      r = Relu (n)
+      r6 = Clip (r, lo, hi)
+      sg = Sigmoid (r6)
+      a = Add (sg, r)
+      p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (a)
+      gp = GlobalAveragePool (p)
+      f = Flatten (gp)
+      y = Gemm <transB=1> (f, wf, bf)
+    }
+    """
+    st = stats_at(from_text(text))
+    e = 8 * 8 * 8  # elements of every 8x8x8 activation
+    conv = e * 4 * 9 + e  # products + a bias add per output element
+    assert st.macs == e * 4 * 9 + 5 * 8
+    # BN 2 per element, Relu and Clip(0, 6) 1 per element; Sigmoid and the Add not counted (as TP);
+    # pools 1 per input element; Gemm products + its bias once (nn.Linear's convention)
+    assert st.tp_ops == conv + 2 * e + e + e + e + 8 * 4 * 4 + 5 * 8 + 5
+    assert stats_at(from_text(text)).to_json()["tp_ops"] == st.tp_ops
+
+
+def test_tp_ops_attention_as_multihead_attention():
+    """Q·Kᵀ → Softmax → ·V between activations, with projection MatMul + bias Add around it: the
+    projections' bias adds per element (not once), Q scaling and softmax, like nn.MultiheadAttention."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,10,16] x) => (float[1,10,16] y)
+    <float[16,16] wq, float[16] bq, float[16,16] wk, float[16] bk, float[16,16] wv, float[16] bv,
+     float[16,16] wo, float[16] bo, float sc = {0.25}>
+    {
+      q0 = MatMul (x, wq)
+      q1 = Add (q0, bq)
+      q = Mul (q1, sc)
+      k0 = MatMul (x, wk)
+      k1 = Add (k0, bk)
+      kt = Transpose <perm=[0,2,1]> (k1)
+      v0 = MatMul (x, wv)
+      v = Add (v0, bv)
+      s = MatMul (q, kt)
+      p = Softmax <axis=-1> (s)
+      o = MatMul (p, v)
+      y0 = MatMul (o, wo)
+      y = Add (y0, bo)
+    }
+    """
+    st = stats_at(from_text(text))
+    L, E = 10, 16
+    products = 4 * L * E * E + 2 * L * L * E
+    assert st.macs == products
+    assert st.tp_ops == products + L * E + L * L + 3 * L * E + L * E  # Q scaling, softmax, in/out biases
+
+
+def _tp_total(model, x) -> float:
+    tp = _tp()
+    total, _ = tp.utils.count_ops_and_params(model, x)
+    return total
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2"])
+def test_tp_ops_agree_with_torch_pruning(arch):
+    """tp_ops of the unfused-BN legacy export within 2% of TP's total on the same torch model; the
+    BN-folded export has less work (a folded BN leaves a conv bias add, 1 per element, not 2)."""
+    _tp()
+    torch = pytest.importorskip("torch")
+    from onnxprune.models import zoo
+
+    x = torch.zeros(1, 3, 224, 224)
+    tp_parts = tp_breakdown(zoo.build_model(arch).eval(), x)
+    total = tp_parts["total"]
+    unfused = stats_at(str(zoo.export(arch, "legacy", bn="unfused")), {"input": tuple(x.shape)})
+    folded = stats_at(str(zoo.export(arch, "legacy", bn="fold")), {"input": tuple(x.shape)})
+    rel = abs(unfused.tp_ops - total) / total
+    print(f"{arch}: tp_ops unfused {unfused.tp_ops} (rel. diff {rel:.3e}), BN-folded {folded.tp_ops} "
+          f"({(folded.tp_ops - total) / total:+.3e}); TP total {total:.0f}; macs {unfused.macs}")
+    assert rel < 0.02, f"tp_ops {unfused.tp_ops} vs Torch-Pruning's {total}"
+    assert unfused.macs == folded.macs
+    assert unfused.tp_ops - folded.tp_ops == tp_parts["norm"] // 2
+
+
+@pytest.mark.slow
+def test_tp_ops_agree_with_torch_pruning_vit_b_16():
+    _tp()
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from onnxprune.models import transformers
+
+    x = torch.zeros(1, 3, 224, 224)
+    total = _tp_total(transformers.build_vision("vit_b_16"), x)
+    st = stats_at(str(transformers.export_vision("vit_b_16", "legacy")), {"input": tuple(x.shape)})
+    rel = abs(st.tp_ops - total) / total
+    print(f"vit_b_16: tp_ops {st.tp_ops} (rel. diff {rel:.3e}); TP total {total:.0f}; macs {st.macs}")
+    assert rel < 0.02, f"tp_ops {st.tp_ops} vs Torch-Pruning's {total}"
