@@ -19,6 +19,15 @@ def _group_blocks(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, idx % k
 
 
+def rewrite_group(node, rw) -> None:
+    """Depthwise-like convs (one input channel per group) lose whole groups: ``group`` follows the
+    input channel count. Grouped convs keep their groups (same in-group positions removed)."""
+    g = int(rw.attr(node, "group") or 1)
+    x = node.input[0]
+    if g > 1 and rw.old_shape(x)[1] // g == 1:
+        rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+
+
 @register
 class Conv(Handler):
     op_types = ("Conv",)
@@ -54,13 +63,7 @@ class Conv(Handler):
             ctx.link(y, 1, oidx, y, 1, opos)
 
     def rewrite(self, node, rw):
-        g = int(rw.attr(node, "group") or 1)
-        if g == 1:
-            return
-        x = node.input[0]
-        old_cin = rw.old_shape(x)[1]
-        if old_cin // g == 1:
-            rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+        rewrite_group(node, rw)
 
     def macs(self, node, shape_of, const_of):
         ys, ws = shape_of(node.output[0]), shape_of(node.input[1])
@@ -107,12 +110,7 @@ class ConvTranspose(Handler):
             ctx.link(y, 1, oidx, w, 1, opos)
 
     def rewrite(self, node, rw):
-        g = int(rw.attr(node, "group") or 1)
-        if g == 1:
-            return
-        x = node.input[0]
-        if rw.old_shape(x)[1] // g == 1:
-            rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+        rewrite_group(node, rw)
 
     def macs(self, node, shape_of, const_of):
         xs, ws = shape_of(node.input[0]), shape_of(node.input[1])
