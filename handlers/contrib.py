@@ -22,6 +22,7 @@ from __future__ import annotations
 from onnxprune.handlers.conv import Conv
 from onnxprune.handlers.elementwise import broadcast_links
 from onnxprune.handlers.gemm import Gemm
+
 from onnxprune.registry import Handler, register
 
 DOMAIN = "com.microsoft"

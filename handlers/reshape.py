@@ -111,8 +111,8 @@ def _regroup(node, ctx, x: str, ii: list[int], y: str, jj: list[int]) -> None:
     span_a, span_b = spans(sa), spans(sb)
     contained = set()
     linked_big = set()
-    for side, (t_small, axes_small, sp_small), (t_big, axes_big, sp_big) in (
-            (0, (x, ii, span_a), (y, jj, span_b)), (1, (y, jj, span_b), (x, ii, span_a))):
+    for (t_small, axes_small, sp_small), (t_big, axes_big, sp_big) in (
+            ((x, ii, span_a), (y, jj, span_b)), ((y, jj, span_b), (x, ii, span_a))):
         for k, ax in enumerate(axes_small):
             lo, hi = sp_small[k]
             for m, bx in enumerate(axes_big):

@@ -113,7 +113,7 @@ class RewriteContext:
         pos = next(i for i, n in enumerate(nodes) if n == orig)
         nodes.insert(pos + 1, new)
         new = nodes[pos + 1]
-        for k, o in enumerate(new.output):
+        for o in new.output:
             if o:
                 self._producer[o] = new
         consumer.input[idx] = new.output[list(orig.output).index(consumer.input[idx])]

@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxprune.models import zoo
 
 from onnxprune import pipeline, variants
 from onnxprune.model import make_inputs
-from onnxprune.models import zoo
 from onnxprune.plan import PlanOptions
 from onnxprune.runtime import make_session
 

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnxprune.models import zoo
 
 from onnxprune.cli import main
 from onnxprune.model import make_inputs
-from onnxprune.models import zoo
 from onnxprune.runtime import make_session
 
 FAST = [("resnet18", "legacy")]
