@@ -193,13 +193,13 @@ def run_onnxprune(path: Path, ratio: float, out_dir: Path) -> dict:
     clock = _Clock()
     m = io.load(path)
     clock.lap("load")
-    an = pipeline.analyze_model(m)
+    an = pipeline.analyze_model(m, owned=True)  # the model was loaded here: normalize it in place
     clock.lap("analyze")
     plan = pipeline.build_plan(an, PlanOptions(ratio=ratio, importance="l2"))
     clock.lap("plan")
-    pruned, new_shapes = pipeline.apply_plan(an, plan)
+    pruned, new_shapes, data = pipeline.apply_plan(an, plan, keep_bytes=True)
     clock.lap("rewrite_and_check")
-    io.save_atomic(pruned, out_dir / "pruned.onnx")
+    io.save_atomic(pruned, out_dir / "pruned.onnx", data=data)  # what `onnxprune prune` does
     clock.lap("save")
     t, cpu = clock.wall, clock.cpu
     return {"times": t, "cpu": cpu, "objects": (an, plan, pruned, new_shapes),

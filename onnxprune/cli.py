@@ -366,7 +366,7 @@ def cmd_prune(args) -> int:
             pass  # never written: we only save after verification
         c.print("FAILED: verification failed; no output written")
         return 1
-    io.save_atomic(res.pruned, args.output)
+    io.save_atomic(res.pruned, args.output, data=res.serialized)
     c.print(f"wrote {args.output}")
     c.print("PASSED" if res.verification is not None else "DONE (not verified; add --verify)")
     return 0

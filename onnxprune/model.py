@@ -99,7 +99,8 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 LARGE_BYTES = 1_800_000_000
 
 
-def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None,
+                data: bytes | None = None) -> None:
     """Write to temporary files beside ``path``, then rename: no partial output on failure.
 
     Models with external data (or over ~1.8 GB) keep their weights in ``<name>.data`` beside the
@@ -121,7 +122,8 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool 
             os.replace(tmp_data, p.parent / data_name)
             _default_mode(p.parent / data_name)
         else:
-            onnx.save_model(model, tmp)
+            with open(tmp, "wb") as f:  # ``data``: the serialization already made (and checked)
+                f.write(data if data is not None else model.SerializeToString())
         _default_mode(Path(tmp))
         os.replace(tmp, p)
     except BaseException:

@@ -35,10 +35,12 @@ class Analysis:
 
 
 def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                  head_mode: str = "dim") -> Analysis:
+                  head_mode: str = "dim", owned: bool | None = None) -> Analysis:
+    """``owned``: the caller hands the ModelProto over (it may be normalized in place); a path is
+    always loaded and owned here."""
     t0 = time.perf_counter()
-    owned = not isinstance(model, onnx.ModelProto)
-    if owned:
+    owned = (not isinstance(model, onnx.ModelProto)) or bool(owned)
+    if not isinstance(model, onnx.ModelProto):
         model = io.load(model)
     else:
         io.check_opset(model)
@@ -68,6 +70,7 @@ class Result:
     after: ModelStats
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    serialized: bytes | None = None  # the checked serialization of ``pruned`` (None: external data)
 
     def to_json(self) -> dict:
         cg = self.analysis.cg
@@ -94,25 +97,31 @@ def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None) -
     return plan
 
 
-def apply_plan(an: Analysis, plan: Plan) -> tuple[onnx.ModelProto, io.Shapes]:
+def apply_plan(an: Analysis, plan: Plan, keep_bytes: bool = False):
+    """Rewrite and check: (pruned model, its shapes), plus the checked serialization with
+    ``keep_bytes`` (pass it to ``save_atomic(data=...)`` to save without serializing again)."""
     pruned = rewrite(an.model, an.cg, plan)
     try:
-        full_check(pruned)
+        data = full_check(pruned)
     except Exception as exc:  # noqa: BLE001
         raise RewriteError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
     new_shapes = io.infer_shapes(pruned, an.input_shapes)
     check_shapes(pruned, an.cg, plan, new_shapes)
-    return pruned, new_shapes
+    return (pruned, new_shapes, data) if keep_bytes else (pruned, new_shapes)
 
 
-def full_check(model: onnx.ModelProto) -> None:
-    """onnx.checker with full_check; models with external data are checked as saved files."""
+def full_check(model: onnx.ModelProto) -> bytes | None:
+    """onnx.checker with full_check; models with external data are checked as saved files.
+
+    Returns the serialized model that was checked (None for external data), so that saving it
+    does not serialize it again."""
     if not io.has_external(model) and io.approx_bytes(model) < io.LARGE_BYTES:
         # full_check = the structural check + strict, type-checking shape inference; the latter only
         # needs the weights' types and dims, so it runs on a weightless copy (one serialization less)
-        onnx.checker.check_model(model)
+        data = model.SerializeToString()
+        onnx.checker.check_model(data)
         onnx.shape_inference.infer_shapes(io.weightless(model), check_type=True, strict_mode=True)
-        return
+        return data
     import tempfile
     from pathlib import Path
 
@@ -120,6 +129,7 @@ def full_check(model: onnx.ModelProto) -> None:
         path = Path(d) / "model.onnx"
         io.save_atomic(model, path, external=True)
         onnx.checker.check_model(str(path), full_check=True)
+    return None
 
 
 def verify_plan(an: Analysis, plan: Plan, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -154,12 +164,12 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     t1 = time.perf_counter()
     plan = build_plan(an, opts, plan_json)
     t2 = time.perf_counter()
-    pruned, new_shapes = apply_plan(an, plan)
+    pruned, new_shapes, data = apply_plan(an, plan, keep_bytes=True)
     t3 = time.perf_counter()
     before = model_stats(an.model, an.shapes)
     after = model_stats(pruned, new_shapes)
     res = Result(an, plan, pruned, new_shapes, before, after,
-                 timings={"analyze": t1 - t0, "plan": t2 - t1, "rewrite_and_check": t3 - t2})
+                 timings={"analyze": t1 - t0, "plan": t2 - t1, "rewrite_and_check": t3 - t2}, serialized=data)
     if verify:
         feeds = io.make_inputs(an.model, input_shapes, arrays=input_arrays)
         res.verification = verify_plan(an, plan, pruned, feeds, ep, tol)
