@@ -20,8 +20,13 @@ def write_section(name: str, lines: list[str], path: Path = RESULTS_MD) -> None:
     """Replace the section ``name`` of RESULTS.md (between its BEGIN/END markers) or append it;
     the rest of the file is left as it is."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    section = "\n".join([begin, *lines, end]) + "\n"
-    text = path.read_text() if path.exists() else HEADER
+    replace_section(begin, end, "\n".join([begin, *lines, end]) + "\n", path)
+
+
+def replace_section(begin: str, end: str, section: str, path: Path = RESULTS_MD, header: str = HEADER) -> None:
+    """Write ``section`` (which starts with ``begin`` and ends with ``end``) in place of the old one,
+    or append it; atomic."""
+    text = path.read_text() if path.exists() else header
     pat = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pat.search(text):
         text = pat.sub(lambda _: section, text, count=1)

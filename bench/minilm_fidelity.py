@@ -39,7 +39,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -127,17 +126,9 @@ def cpu_name() -> str:
 
 def write_section(section: str, path: Path = RESULTS_MD) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving the rest of the file as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pat = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    fd, tmp = tempfile.mkstemp(prefix=".RESULTS.md.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from _common import replace_section
+
+    replace_section(BEGIN, END, section, path)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,6 @@ import importlib.metadata as md
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -447,19 +446,10 @@ def results_header(mi: dict) -> str:
 
 
 def write_markdown(res: dict, path: Path = RESULTS_MD) -> None:
-    section = markdown_section(res)
+    from _common import replace_section
+
     begin, end = _markers(res["threads"])
-    text = path.read_text() if path.exists() else results_header(res["machine"])
-    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    if pat.search(text):
-        text = pat.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    fd, tmp = tempfile.mkstemp(prefix=".RESULTS.md.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    replace_section(begin, end, markdown_section(res), path, header=results_header(res["machine"]))
 
 
 def write_json(res: dict, path: Path) -> None:
