@@ -7,8 +7,12 @@ from onnxprune.registry import Handler, register
 
 
 @register
-class BatchNormalization(Handler):
-    op_types = ("BatchNormalization",)
+class ChannelNormalization(Handler):
+    """BatchNormalization (scale, bias, mean, var) and InstanceNormalization (scale, bias): one
+    parameter per channel of axis 1, every axis carried."""
+
+    op_types = ("BatchNormalization", "InstanceNormalization")
+    ROLES = {"BatchNormalization": ("scale", "param", "stat", "stat"), "InstanceNormalization": ("scale", "param")}
 
     def analyze(self, node, ctx):
         x, y = node.input[0], node.output[0]
@@ -17,31 +21,13 @@ class BatchNormalization(Handler):
             return
         for ax in range(r):
             ctx.identity(x, ax, y, ax)
-        roles = ("scale", "param", "stat", "stat")
-        for t, role in zip(node.input[1:5], roles, strict=False):
+        for t, role in zip(node.input[1:], self.ROLES[node.op_type], strict=False):
             if t:
                 ctx.slot(t, 0, role)
                 ctx.identity(t, 0, y, 1)
-        for extra in node.output[1:]:
+        for extra in node.output[1:]:  # training-mode running mean / var
             if extra:
                 ctx.identity(extra, 0, y, 1)
-
-
-@register
-class InstanceNormalization(Handler):
-    op_types = ("InstanceNormalization",)
-
-    def analyze(self, node, ctx):
-        x, y = node.input[0], node.output[0]
-        r = ctx.rank(x)
-        if r is None:
-            return
-        for ax in range(r):
-            ctx.identity(x, ax, y, ax)
-        for t, role in zip(node.input[1:3], ("scale", "param"), strict=False):
-            if t:
-                ctx.slot(t, 0, role)
-                ctx.identity(t, 0, y, 1)
 
 
 @register
