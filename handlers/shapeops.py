@@ -116,7 +116,6 @@ class Gather(Handler):
         axis = int(ctx.attr("axis") or 0)
         axis = axis + r if axis < 0 else axis
         ctx.cover(idx)
-        # the gathered axis is not carried: it stays frozen (indices are positions of the old axis)
         q = len(is_)
         for ax in range(r):
             if ax < axis:
@@ -127,6 +126,45 @@ class Gather(Handler):
             for ax in range(r):
                 if ax != axis and ctx.has_space(data, ax):
                     ctx.slot(data, ax, "param")
+        # the gathered axis is carried only for constant, distinct indices along one index axis
+        # (a channel subset or permutation): output element j is data element indices[j], and the
+        # rewrite renumbers the indices; anything else leaves the axis frozen
+        sel = _selection(ctx.value(idx), ds[axis])
+        if sel is not None and ctx.has_space(data, axis):
+            k, values = sel
+            if ctx.has_space(y, axis + k):
+                ctx.link(y, axis + k, np.arange(len(values)), data, axis, values)
+
+    def rewrite(self, node, rw):
+        data, idx = node.input[0], node.input[1]
+        r = len(rw.old_shape(data))
+        axis = int(rw.attr(node, "axis") or 0)
+        axis = axis + r if axis < 0 else axis
+        if rw.old_shape(data)[axis] == rw.new_shape(data)[axis]:
+            return
+        old = rw.value(idx)
+        k, values = _selection(old, rw.old_shape(data)[axis])
+        kept_out = rw.kept(node.output[0], axis + k)
+        new_vals = np.searchsorted(rw.kept(data, axis), values[kept_out])
+        shape = list(np.shape(old))
+        shape[k] = len(new_vals)
+        rw.set_input_const(node, 1, new_vals.astype(old.dtype).reshape(shape))
+
+
+def _selection(indices, n: int):
+    """(index axis, normalized values) for constant indices that are distinct along one axis."""
+    if indices is None or np.ndim(indices) == 0:
+        return None
+    shape = np.shape(indices)
+    big = [i for i, d in enumerate(shape) if d != 1]
+    if len(big) > 1:
+        return None
+    k = big[0] if big else 0
+    values = np.asarray(indices).reshape(-1).astype(np.int64)
+    values = np.where(values < 0, values + n, values)
+    if values.size == 0 or len(np.unique(values)) != values.size or values.min() < 0 or values.max() >= n:
+        return None
+    return k, values
 
 
 @register

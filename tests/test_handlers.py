@@ -1545,3 +1545,19 @@ g (float[N,12] x) => (float[N,5] y)
     an = analyze_model(build(text))
     g = next(g for g in an.cg.groups if any(sl.const == "w1" and sl.role == "producer" for sl in g.slots))
     assert g.frozen and any("without a common factor" in r for r in g.frozen)
+
+
+@pytest.mark.parametrize("idx", ["{7, 6, 5, 4, 3, 2, 1, 0}", "{1, 5}", "{0, 2, 4, 6}"])
+def test_gather_channel_subset_is_followed_and_indices_renumbered(idx):
+    n = idx.count(",") + 1
+    model = build(H17 + f"""
+g (float[N,3,8,8] x) => (float[N,4,8,8] y)
+<float[8,3,3,3] w1, float[4,{n},3,3] w2, int64[{n}] ix = {idx}>
+{{ h = Conv<pads=[1,1,1,1]>(x, w1)  r = Relu(h)  m = Gather<axis=1>(r, ix)  y = Conv<pads=[1,1,1,1]>(m, w2) }}""")
+    res = prune_and_verify(model)
+    assert res.verification.passed and res.verification.outputs[0].rel_error < TOL
+    shapes = shapes_of(res.pruned)
+    assert shapes["w1"][0] < 8
+    gather = next(nd for nd in res.pruned.graph.node if nd.op_type == "Gather")
+    new_idx = {i.name: onnx.numpy_helper.to_array(i) for i in res.pruned.graph.initializer}[gather.input[1]]
+    assert new_idx.max() < shapes["w1"][0] and len(np.unique(new_idx)) == len(new_idx)
