@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
 import pathlib
 import sys
 import tempfile
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from onnxprune.models import zoo
@@ -59,7 +57,6 @@ TRACE_BATCH = 2
 TRACE_TIME = 12
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-_NOISY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
 
 
 def _module_class() -> type[nn.Module]:
@@ -144,23 +141,6 @@ def cache_path(kind: str, bidirectional: bool = False, num_layers: int = 1, *, f
     return zoo.cache_root(cache_dir) / "rnn" / f"{stem}.onnx"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    saved = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
-    buffer = io.StringIO()
-    try:
-        for n in _NOISY_LOGGERS:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in saved.items():
-            logging.getLogger(n).setLevel(level)
-        if buffer.getvalue().strip():
-            logger.debug("suppressed exporter output:\n%s", buffer.getvalue())
-
-
 def _export_legacy(model: nn.Module, x: torch.Tensor, dest: pathlib.Path, opset: int, front: str) -> None:
     import torch
 
@@ -231,7 +211,7 @@ def export_rnn(kind: str, bidirectional: bool = False, num_layers: int = 1, *, f
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     try:
-        with _quiet():
+        with zoo._quiet():
             if exporter == "legacy":
                 _export_legacy(model, x, tmp, opset or LEGACY_OPSET, front)
                 dynamic = True

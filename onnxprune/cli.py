@@ -98,30 +98,49 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+def add_timing_args(parser, warmup: int, repeat: int) -> None:
+    """Execution provider and measurement options shared by bench and sweep (all validated)."""
+    parser.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=_positive_int, default=None)
+    parser.add_argument("--batch", type=_positive_int, default=1)
+    parser.add_argument("--warmup", type=_positive_int, default=warmup)
+    parser.add_argument("--repeat", type=_positive_int, default=repeat)
+
+
+def _split_items(items: list[str], flag: str, form: str, parse):
+    """NAME=VALUE options: {NAME: parse(VALUE)}; any failure is one line naming the option."""
     out = {}
     for it in items:
         if "=" not in it:
-            raise UserError(f"--input-shape {it}: expected NAME=DIMxDIMx...")
-        name, dims = it.rsplit("=", 1)
+            raise UserError(f"{flag} {it}: expected {form}")
+        name, value = it.rsplit("=", 1)
         try:
-            out[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--input-shape {it}: dims must be integers separated by 'x'") from None
+            out[name] = parse(value)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{flag} {it}: {exc}") from None
     return out
+
+
+def _parse_dims(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise ValueError("dims must be integers separated by 'x'") from None
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path)
+    except Exception as exc:  # noqa: BLE001 - numpy raises several types
+        raise ValueError(f"cannot read ({type(exc).__name__})") from None
+
+
+def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    return _split_items(items, "--input-shape", "NAME=DIMxDIMx...", _parse_dims)
 
 
 def _parse_arrays(items: list[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise UserError(f"--input {it}: expected NAME=FILE.npy")
-        name, f = it.rsplit("=", 1)
-        try:
-            out[name] = np.load(f)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--input {it}: cannot read ({type(exc).__name__})") from None
-    return out
+    return _split_items(items, "--input", "NAME=FILE.npy", _load_npy)
 
 
 def _parse_layer_ratios(items: list[str]) -> list[tuple[str, float]]:
@@ -471,11 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", parents=[m], help="onnxruntime latency, interleaved")
     s.add_argument("model")
     s.add_argument("pruned", nargs="?")
-    s.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=_positive_int, default=None)
-    s.add_argument("--batch", type=_positive_int, default=1)
-    s.add_argument("--warmup", type=_positive_int, default=5)
-    s.add_argument("--repeat", type=_positive_int, default=30)
+    add_timing_args(s, warmup=5, repeat=30)
     s.add_argument("--min-seconds", type=float, default=0.0, help="keep measuring at least this long")
     s.add_argument("--block", type=int, default=3,
                    help="runs per model per round, the first of each block not recorded (default 3; "

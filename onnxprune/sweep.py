@@ -129,16 +129,13 @@ def plot(rows: list[Row], path: str, title: str) -> None:
 
 
 def add_sweep_parser(sub, parents) -> None:
+    from onnxprune.cli import add_timing_args
     from onnxprune.hw import parse_round_to
 
     s = sub.add_parser("sweep", parents=parents, help="MACs, parameters, latency and fidelity against the ratio")
     s.add_argument("model")
     s.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"ratios to try (default {DEFAULT_RATIOS})")
-    s.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--warmup", type=int, default=3)
-    s.add_argument("--repeat", type=int, default=20)
+    add_timing_args(s, warmup=3, repeat=20)
     s.add_argument("--round-to", type=parse_round_to, default=1, help="as for prune (auto: by --ep and CPU)")
     s.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random"])
     s.add_argument("--global", dest="global_", action="store_true")
