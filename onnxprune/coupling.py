@@ -97,7 +97,6 @@ class CouplingGraph:
         self.producer_of: dict[str, onnx.NodeProto] = {}
         self.consumers_of: dict[str, list[onnx.NodeProto]] = {}
         self.elem_types: dict[str, int] = {}
-        self.static_values: dict[str, np.ndarray] = {}
         self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
         self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
         self.contract_sids: set[int] = set()
@@ -240,9 +239,8 @@ class AnalysisContext:
         return np.transpose(value, src[1]) if value.ndim > 1 else value
 
     def value(self, name: str) -> np.ndarray | None:
-        """A constant, or a computed tensor whose value does not depend on dynamic sizes."""
-        v = self.const(name)
-        return v if v is not None else self.cg.static_values.get(name)
+        """A constant (static shape computations were folded into constants before analysis)."""
+        return self.const(name)
 
     def const_source(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
         """(constant name, axis map from this tensor's axes to the constant's) or None.
@@ -436,21 +434,8 @@ def _norm_axis(axis: int, rank: int | None) -> int:
     return axis
 
 
-# inputs (index >= 1) of these ops are shape-like: when computed, their static values are probed
-SHAPE_INPUT_OPS = ("Slice", "Split", "Resize", "Pad", "Tile", "Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum",
-                   "ReduceMax", "ReduceMin")
-
-
-def shape_inputs_to_probe(model: onnx.ModelProto, consts: ConstantTable) -> list[str]:
-    names = []
-    for n in model.graph.node:
-        if n.op_type in SHAPE_INPUT_OPS and n.domain in ("", "ai.onnx"):
-            names.extend(t for t in n.input[1:] if t and t not in consts)
-    return sorted(set(names))
-
-
 def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
-            static_values: dict[str, np.ndarray] | None = None, head_mode: str = "dim") -> CouplingGraph:
+            head_mode: str = "dim") -> CouplingGraph:
     """Build the coupling graph of ``model`` (pure).
 
     ``head_mode`` decides what a unit is where an attention projection is split into heads:
@@ -460,7 +445,6 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None
 
     consts = consts or ConstantTable.of(model.graph)
     cg = CouplingGraph(model, shapes, consts)
-    cg.static_values = dict(static_values or {})
     cg.head_mode = head_mode
     g = model.graph
     cg.producer_of = {o: n for n in g.node for o in n.output if o}

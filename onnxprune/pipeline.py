@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxprune import model as io
-from onnxprune.coupling import CouplingGraph, analyze, shape_inputs_to_probe
+from onnxprune.coupling import CouplingGraph, analyze
 from onnxprune.errors import NothingToPrune, RewriteError
 from onnxprune.normalize import fold_static_shapes, normalize
 from onnxprune.plan import Plan, PlanOptions, make_plan
@@ -47,8 +47,7 @@ def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[in
     model = fold_static_shapes(normalize(model, inplace=owned), input_shapes)
     shapes = io.infer_shapes(model, input_shapes)
     consts = io.ConstantTable.of(model.graph)
-    values = io.probe_static_values(model, shape_inputs_to_probe(model, consts), input_shapes)
-    cg = analyze(model, shapes, consts, values, head_mode=head_mode)
+    cg = analyze(model, shapes, consts, head_mode=head_mode)
     return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0)
 
 

@@ -88,9 +88,8 @@ class RewriteContext:
         return self._consts.get(name)
 
     def value(self, name: str) -> np.ndarray | None:
-        """A constant or a probed static value (a computed input gets replaced by a constant)."""
-        v = self._consts.get(name)
-        return v if v is not None else self.cg.static_values.get(name)
+        """A constant (static shape computations were folded into constants before analysis)."""
+        return self._consts.get(name)
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         return self._producer.get(name)
