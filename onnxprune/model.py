@@ -449,8 +449,7 @@ def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
     return feeds
 
 
-def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, ...]] | None = None,
-                 needed: set[str] | None = None) -> Shapes:
+def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, ...]] | None = None) -> Shapes:
     """Shapes of every tensor: onnx shape inference, then one onnxruntime run for what stays unknown.
 
     Dynamic axes are those with a symbolic or unknown dim in shape inference; for tensors that shape
@@ -498,8 +497,6 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
         dynamic[name] = (False,) * len(shp)
     all_names = {o for n in model.graph.node for o in n.output if o} | {i for n in model.graph.node for i in n.input if i}
     missing = [n for n in all_names if n not in concrete]
-    if needed is not None:
-        missing = [n for n in missing if n in needed]
     if missing:
         run1 = _run_for_shapes(model, missing, feeds_overrides, scale=1)
         run2 = _run_for_shapes(model, missing, feeds_overrides, scale=2)
@@ -637,17 +634,6 @@ def _run_probe(model: onnx.ModelProto, names: list[str], overrides, scale: int) 
     for meta, arr in zip(sess.get_outputs(), outs, strict=True):
         result[meta.name] = np.asarray(arr)
     return result
-
-
-def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out: dict[str, int] = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.HasField("tensor_type"):
-            out[vi.name] = vi.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        out[init.name] = init.data_type
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
