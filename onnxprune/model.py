@@ -449,7 +449,8 @@ def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
     return feeds
 
 
-def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, ...]] | None = None) -> Shapes:
+def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, ...]] | None = None,
+                 needed: set[str] | None = None) -> Shapes:
     """Shapes of every tensor: onnx shape inference, then one onnxruntime run for what stays unknown.
 
     Dynamic axes are those with a symbolic or unknown dim in shape inference; for tensors that shape
@@ -497,6 +498,8 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
         dynamic[name] = (False,) * len(shp)
     all_names = {o for n in model.graph.node for o in n.output if o} | {i for n in model.graph.node for i in n.input if i}
     missing = [n for n in all_names if n not in concrete]
+    if needed is not None:  # only these tensors need a run (stats.py asks for the MAC-relevant ones)
+        missing = [n for n in missing if n in needed]
     if missing:
         run1 = _run_for_shapes(model, missing, feeds_overrides, scale=1)
         run2 = _run_for_shapes(model, missing, feeds_overrides, scale=2)
