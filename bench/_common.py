@@ -47,7 +47,7 @@ def write_json(name: str, data: dict) -> Path:
 
 
 def machine_line(extra: str = "") -> str:
-    from onnxprune.hw import describe_markdown
+    from onnxprune.runtime.machine import describe_markdown
 
     load = ""
     try:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxprune.synth import external_mlp
+from onnxprune.testing.synth import external_mlp
 
 
 def main() -> int:

@@ -20,8 +20,8 @@ the original and by the pruned ONNX model in onnxruntime on the CPU (batches of 
 longest sentence; mean pooling over the attention mask, then L2 normalisation), and the cosine
 similarity of the two embeddings of the same sentence is averaged over the sentences (min also shown).
 
-MACs: ``onnxprune.stats.stats_at`` at the latency input (MatMul/Gemm MACs, attention products included).
-Latency: ``onnxprune.bench.measure`` with the original and the four pruned models in one interleaved
+MACs: ``onnxprune.measure.stats.stats_at`` at the latency input (MatMul/Gemm MACs, attention products included).
+Latency: ``onnxprune.measure.latency.measure`` with the original and the four pruned models in one interleaved
 run (rotated order each round) on the same real input, batch 8 x 64 tokens (8 sentences truncated or
 padded to 64), onnxruntime CPU with 2 intra-op threads, ``--repeat`` rounds after 5 warm-up runs
 each. The change is the median over the rounds of (pruned time / original time of the same round) - 1,
@@ -144,11 +144,11 @@ def main(argv=None) -> int:
     from onnxprune.models import transformers as T
 
     from onnxprune import pipeline
-    from onnxprune.bench import measure
-    from onnxprune.model import load
-    from onnxprune.plan import PlanOptions
-    from onnxprune.runtime import make_session
-    from onnxprune.stats import stats_at
+    from onnxprune.ir.io import load
+    from onnxprune.measure.latency import measure
+    from onnxprune.measure.stats import stats_at
+    from onnxprune.planning.options import PlanOptions
+    from onnxprune.runtime.session import make_session
 
     try:
         model_dir = T.fetch_minilm()
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         f"- MACs: MatMul/Gemm MACs at the latency input (batch {LAT_BATCH} x {LAT_SEQ} tokens), attention "
         "products included; params change: all parameters, the embedding tables (never pruned here) included.",
         f"- Latency: original and the four pruned models measured in one interleaved run "
-        f"(`onnxprune.bench.measure`, {args.repeat} rounds, 5 warm-up runs each) on batch {LAT_BATCH} x "
+        f"(`onnxprune.measure.latency.measure`, {args.repeat} rounds, 5 warm-up runs each) on batch {LAT_BATCH} x "
         f"{LAT_SEQ} real tokens; the original's median is that of the same run. Latency change: the median "
         "(and interquartile range) over the rounds of pruned time / original time in the same round, which "
         "cancels most of the drift of a shared machine; absolute times are noisy.",

@@ -25,10 +25,10 @@ from _common import machine_line, md_table, write_json, write_section
 from onnxprune.models import zoo
 
 from onnxprune import pipeline
-from onnxprune.hw import auto_round_to
-from onnxprune.model import make_inputs
-from onnxprune.plan import PlanOptions
-from onnxprune.stats import model_stats
+from onnxprune.measure.stats import model_stats
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.machine import auto_round_to
 
 
 def profile(model, feeds, threads: int, runs: int, warmup: int, tmp: str, tag: str) -> dict[str, float]:

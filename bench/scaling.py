@@ -36,7 +36,7 @@ from _common import machine_line, md_table, write_json, write_section
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import pipeline
-from onnxprune.plan import PlanOptions
+from onnxprune.planning.options import PlanOptions
 
 OPSET = 17
 

@@ -27,11 +27,11 @@ from _common import machine_line, md_table, write_json, write_section
 from onnxprune.models import zoo
 
 from onnxprune import pipeline
-from onnxprune.bench import DEFAULT_BLOCK, Runner, measure_runners
-from onnxprune.hw import auto_round_to, describe
-from onnxprune.model import make_inputs
-from onnxprune.plan import PlanOptions
-from onnxprune.stats import model_stats
+from onnxprune.measure.latency import DEFAULT_BLOCK, Runner, measure_runners
+from onnxprune.measure.stats import model_stats
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.machine import auto_round_to, describe
 
 
 def prune(an, ratio: float, round_to: int):

@@ -13,7 +13,7 @@ at the same channel ratio with an L2 magnitude importance, in this process, on t
 
 The two tools run alternately (a, b, a, b, ...) after one untimed warm-up of each, so slow drift of the
 machine hits both; the median of ``--repeat`` runs is reported. MACs before/after come from
-``onnxprune.stats`` (the pipeline's stats) and ``tp.utils.count_ops_and_params``, plus a conv+linear
+``onnxprune.measure.stats`` (the pipeline's stats) and ``tp.utils.count_ops_and_params``, plus a conv+linear
 only count of the torch model that is directly comparable with onnxprune's (BatchNorm is folded into
 the convolutions of the ONNX export, and onnxprune counts conv/gemm MACs only).
 
@@ -65,7 +65,7 @@ OP_STAGES = ("load", "analyze", "plan", "rewrite_and_check", "save")
 TP_STAGES = ("pruner_init", "step")
 TP_INFO_STAGES = ("dependency_graph_only",)
 STAGE_LABEL = {
-    "load": "load (onnxprune.model.load)",
+    "load": "load (onnxprune.ir.io.load)",
     "analyze": "analyze (normalize, shapes, coupling graph)",
     "plan": "plan (l2)",
     "rewrite_and_check": "rewrite + checker + shape check",
@@ -132,11 +132,12 @@ def set_threads(n: int) -> str:
     """Give both tools ``n`` intra-op threads (0: leave the libraries' defaults). Returns a description.
 
     torch: ``torch.set_num_threads``. onnxruntime (onnxprune's shape/value probes): the bench wraps
-    ``onnxprune.runtime.make_session`` so a session made without an explicit thread count gets ``n``;
-    ``onnxprune.model`` imports it at call time, so the wrapper is what the pipeline uses. Sessions are
+    ``onnxprune.runtime.session.make_session`` (and the probes' reference to it) so a session made
+    without an explicit thread count gets ``n``. Sessions are
     counted either way.
     """
-    import onnxprune.runtime as rt
+    import onnxprune.runtime.probe as probe
+    import onnxprune.runtime.session as rt
 
     orig = rt.make_session
 
@@ -146,6 +147,7 @@ def set_threads(n: int) -> str:
 
     make_session.__wrapped__ = orig
     rt.make_session = make_session
+    probe.make_session = make_session  # the shape/value probes import it by name
     try:
         import torch
 
@@ -184,9 +186,9 @@ class _Clock:
 
 
 def run_onnxprune(path: Path, ratio: float, out_dir: Path) -> dict:
-    from onnxprune import model as io
     from onnxprune import pipeline
-    from onnxprune.plan import PlanOptions
+    from onnxprune.ir import io
+    from onnxprune.planning.options import PlanOptions
 
     sessions0 = ORT_SESSIONS["count"]
     clock = _Clock()
@@ -206,7 +208,7 @@ def run_onnxprune(path: Path, ratio: float, out_dir: Path) -> dict:
 
 
 def onnxprune_work(objects, saved: Path) -> dict:
-    from onnxprune.stats import model_stats
+    from onnxprune.measure.stats import model_stats
 
     an, plan, pruned, new_shapes = objects
     before = model_stats(an.model, an.shapes)
@@ -218,7 +220,7 @@ def onnxprune_work(objects, saved: Path) -> dict:
         "groups_total": len(an.cg.groups), "groups_pruned": len(plan.pruned()), "groups_frozen": len(plan.frozen),
         "prunable_channels": prunable, "channels": total,
         "file_bytes_after": saved.stat().st_size if saved.exists() else None,
-        "macs_counter": "onnxprune.stats.model_stats (handler MACs: Conv/Gemm; BN folded by the export)",
+        "macs_counter": "onnxprune.measure.stats.model_stats (handler MACs: Conv/Gemm; BN folded by the export)",
     }
 
 

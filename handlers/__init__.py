@@ -1,6 +1,7 @@
-"""Op handlers, one module per op family. Every module is imported here explicitly."""
+"""Op handlers, one module per op family, listed here explicitly; ``REGISTRY`` holds them all and
+is what the pipeline passes to the analysis."""
 
-from onnxprune.handlers import (  # noqa: F401
+from onnxprune.handlers import (
     concat,
     contrib,
     conv,
@@ -14,4 +15,8 @@ from onnxprune.handlers import (  # noqa: F401
     shapeops,
 )
 
+from onnxprune.analysis.contract import Registry
+
 MODULES = ("concat", "contrib", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "rnn", "shapeops")
+
+REGISTRY = Registry.of_modules([concat, contrib, conv, elementwise, gemm, norm, pool, reshape, resize, rnn, shapeops])

@@ -23,7 +23,7 @@ from onnxprune.handlers.conv import Conv
 from onnxprune.handlers.elementwise import broadcast_links
 from onnxprune.handlers.gemm import Gemm
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
 
 DOMAIN = "com.microsoft"
 

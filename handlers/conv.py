@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
 
 
 def _group_blocks(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
 
 UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Identity", "Cast",
          "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Elu", "Selu", "Celu", "Softplus", "Softsign",

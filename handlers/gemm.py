@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
+from onnxprune.errors import Barrier
 
 _LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Slice", "Split",
            "Expand", "Gather")
@@ -122,8 +123,6 @@ class MatMul(Handler):
         if sa is None or sb is None or sy is None:
             return
         if len(sa) < 2 or len(sb) < 2:
-            from onnxprune.coupling import Barrier
-
             raise Barrier("1-D MatMul operands are not followed")
         ry = len(sy)
         act = ctx.const_source(a) is None and ctx.const_source(b) is None

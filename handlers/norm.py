@@ -3,7 +3,7 @@ LayerNormalization over a channel axis mixes channels without weights (approxima
 
 from __future__ import annotations
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
 
 
 @register

@@ -3,7 +3,8 @@ A reduction over a channel axis mixes channels without weights (approximate)."""
 
 from __future__ import annotations
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
+from onnxprune.errors import Barrier
 
 
 @register
@@ -45,8 +46,6 @@ class Reduce(Handler):
             if axes_t:
                 v = ctx.value(axes_t)
                 if v is None:
-                    from onnxprune.coupling import Barrier
-
                     raise Barrier("reduction axes are not constant")
                 axes = [int(a) for a in v.reshape(-1)]
                 ctx.cover(axes_t)

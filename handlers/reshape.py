@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
+from onnxprune.errors import Barrier
 
 
 def factor_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -305,8 +306,6 @@ def _axes(node, ctx, attr_until: int = 13):
         ctx.cover(node.input[1])
         v = ctx.value(node.input[1])
         if v is None:
-            from onnxprune.coupling import Barrier
-
             raise Barrier("axes are not constant")
         return [int(a) for a in v.reshape(-1)]
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
 
 
 @register

@@ -42,8 +42,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.coupling import Barrier
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
+from onnxprune.errors import Barrier
 
 # activation names of the ONNX spec (every one is elementwise, hence per unit)
 ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",

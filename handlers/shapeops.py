@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnxprune.handlers.reshape import rewrite_target
 
-from onnxprune.registry import Handler, register
+from onnxprune.analysis.contract import Handler, register
+from onnxprune.ir.attrs import get_attr
 
 
 @register
@@ -88,8 +90,6 @@ def _is_int(ctx, t: str) -> bool:
 
 
 def registry_attr(node, name, ctx):
-    from onnxprune.registry import get_attr
-
     return get_attr(node, name, ctx.opset)
 
 
@@ -185,8 +185,6 @@ class Expand(Handler):
                 ctx.cover(x, j)
 
     def rewrite(self, node, rw):
-        from onnxprune.handlers.reshape import rewrite_target
-
         # an entry that broadcast a channel axis becomes 1: the input's own size then wins
         rewrite_target(rw, node, 1, lambda pos, cur, n: 1 if cur != 1 else None)
 

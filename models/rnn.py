@@ -32,11 +32,14 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import onnx
+from onnx import inliner
 from onnxprune.models import zoo
 
 if TYPE_CHECKING:
@@ -124,7 +127,6 @@ def _check(kind: str, front: str, head: str, exporter: str) -> None:
 
 
 def _torch_tag() -> str:
-    import re
 
     import torch
 
@@ -152,8 +154,6 @@ def _export_legacy(model: nn.Module, x: torch.Tensor, dest: pathlib.Path, opset:
 
 def _export_dynamo(model: nn.Module, x: torch.Tensor, dest: pathlib.Path, opset: int | None, front: str) -> bool:
     """Export with dynamic batch and time if torch.export allows it, else static; returns which."""
-    import onnx
-    import onnx.inliner
     import torch
 
     kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
@@ -172,7 +172,7 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, dest: pathlib.Path, opset:
     program.save(str(dest), external_data=False)
     m = onnx.load(str(dest))
     if m.functions:
-        onnx.save(onnx.inliner.inline_local_functions(m), str(dest))
+        onnx.save(inliner.inline_local_functions(m), str(dest))
     return is_dynamic
 
 
@@ -198,7 +198,6 @@ def export_rnn(kind: str, bidirectional: bool = False, num_layers: int = 1, *, f
     and no state inputs or outputs. A JSON sidecar records the settings and the recurrent op types
     found in the file (``rnn_ops``).
     """
-    import onnx
 
     path = cache_path(kind, bidirectional, num_layers, front=front, head=head, exporter=exporter, opset=opset,
                       hidden=hidden, cache_dir=cache_dir)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 from onnxprune.models import zoo
 
 if TYPE_CHECKING:
@@ -309,7 +310,6 @@ def export_bert_module(model: nn.Module, exporter: str, dest: str | os.PathLike[
                                     external_data=False, optimize=True, verbose=False, report=False)
         program.save(str(dest), external_data=False)
     zoo._inline_functions(dest)
-    import onnx
 
     onnx.checker.check_model(onnx.load(str(dest)), full_check=True)
     return not isinstance(program.model.graph.inputs[0].shape[0], int)  # torch.export may specialise it

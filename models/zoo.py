@@ -27,6 +27,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import onnx
+from onnx import inliner
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -289,7 +292,6 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     sidecar = meta_path(path)
     if sidecar.exists():
         return json.loads(sidecar.read_text())
-    import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
@@ -433,18 +435,15 @@ def _program_has_dynamic_batch(program: Any) -> bool:
 
 
 def _inline_functions(path: pathlib.Path) -> None:
-    import onnx
-    import onnx.inliner
 
     model = onnx.load(str(path))
     if not model.functions:
         return
     logger.debug("inlining %d local functions in %s", len(model.functions), path.name)
-    onnx.save(onnx.inliner.inline_local_functions(model), str(path))
+    onnx.save(inliner.inline_local_functions(model), str(path))
 
 
 def _versions() -> dict[str, str]:
-    import onnx
     import torch
     import torchvision
 

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from onnxprune.coupling import Group
+from onnxprune.analysis.coupling import Group
 from onnxprune.errors import UserError
 from onnxprune.pipeline import Analysis, analyze_model, apply_plan
-from onnxprune.plan import GroupPlan, Plan, PlanOptions, group_importance, make_plan
+from onnxprune.planning.importance import group_importance
+from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.plan import GroupPlan, Plan, make_plan
 
 
 class GroupView:
@@ -50,7 +52,7 @@ class GroupView:
 
     def members(self) -> list[dict]:
         cg = self._dg.analysis.cg
-        roles = {(s.const, s.axis): s.role for s in self.group.slots}
+        roles = {(s.const, s.axis): str(s.role) for s in self.group.slots}
         out = []
         for sid in self.group.spaces:
             t, ax = cg.space_key[sid]

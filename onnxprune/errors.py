@@ -1,4 +1,7 @@
-"""Exceptions with the exit codes the CLI maps them to."""
+"""Exceptions with the exit codes the CLI maps them to, and ``Barrier`` (a handler's reason).
+
+The bottom floor: every other module may raise these; this module imports nothing of onnxprune.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +34,8 @@ class RewriteError(OnnxPruneError):
     """The rewrite produced shapes the plan did not predict: refused, nothing written. Exit code 4."""
 
     exit_code = 4
+
+
+class Barrier(Exception):  # noqa: N818 - a barrier is not an error: the analysis records it and goes on
+    """Raised by a handler that cannot follow a node: every tensor the node touches is frozen with
+    the message as the reason. It never escapes the analysis."""

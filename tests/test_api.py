@@ -8,8 +8,8 @@ import pytest
 
 from onnxprune.api import DependencyGraph, Pruner
 from onnxprune.errors import UserError
-from onnxprune.plan import PlanOptions
-from onnxprune.runtime import make_session
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.session import make_session
 from onnxprune.testing import from_text
 
 CNN = """<ir_version: 8, opset_import: ["" : 17]>

@@ -19,8 +19,9 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune.cli
-import onnxprune.pipeline
-from onnxprune.runtime import cuda_available
+import onnxprune.measure.verify
+from onnxprune.errors import NothingToPrune
+from onnxprune.runtime.session import cuda_available
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -285,8 +286,8 @@ def test_nothing_to_prune(run_cli, tmp_path, out_dir, model_builders):
     onnx.save(model_builders.single_conv(), str(single))
     snap = Snapshot(single, src, out_dir)
     proc = run_cli("prune", single, "-o", out_dir / "o.onnx", "--verify")
-    msg = assert_user_error(proc, code=onnxprune.cli.EXIT_NOTHING_TO_PRUNE)
-    assert onnxprune.cli.EXIT_NOTHING_TO_PRUNE == 3
+    msg = assert_user_error(proc, code=NothingToPrune.exit_code)
+    assert NothingToPrune.exit_code == 3
     assert "nothing to prune" in msg
     assert "graph input" in msg and "graph output" in msg
     snap.assert_unchanged()
@@ -379,7 +380,7 @@ def test_verify_against_a_different_plan_fails(pruned_small, run_cli, run_main):
 
 
 def test_verify_failure_exit_1_no_output(monkeypatch, small_onnx, out_dir, capsys):
-    monkeypatch.setattr(onnxprune.pipeline, "masked_original", lambda model, cg, plan: model)
+    monkeypatch.setattr(onnxprune.measure.verify, "masked_original", lambda model, cg, plan: model)
     snap = Snapshot(small_onnx, small_onnx.parent, out_dir)
     rc = onnxprune.cli.main(["prune", str(small_onnx), "-o", str(out_dir / "o.onnx"), "--verify", "--ep", "cpu"])
     cap = capsys.readouterr()

@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.runtime import make_session
-from onnxprune.synth import external_mlp
+from onnxprune.runtime.session import make_session
+from onnxprune.testing.synth import external_mlp
 
 
 def test_external_data_in_and_out(tmp_path):

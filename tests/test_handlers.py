@@ -20,11 +20,11 @@ from onnx import numpy_helper
 
 from onnxprune import pipeline
 from onnxprune.errors import NothingToPrune
-from onnxprune.model import make_inputs
-from onnxprune.plan import PlanOptions
-from onnxprune.rewrite import rewrite
+from onnxprune.measure.verify import compare, masked_original
+from onnxprune.planning.options import PlanOptions
+from onnxprune.rewrite.apply import rewrite
+from onnxprune.runtime.inputs import make_inputs
 from onnxprune.testing import from_text, prune_and_verify
-from onnxprune.verify import compare, masked_original
 
 TOL = 1e-4
 

@@ -1,4 +1,4 @@
-"""MACs and parameters of ONNX graphs (onnxprune.stats), per op and against Torch-Pruning.
+"""MACs and parameters of ONNX graphs (onnxprune.measure.stats), per op and against Torch-Pruning.
 
 Our definition (onnxprune/stats.py): MACs are the multiply-accumulates of Conv, ConvTranspose, Gemm,
 MatMul (weights and activation x activation, so attention's Q·Kᵀ and ·V), Einsum, Attention and
@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.model import infer_shapes
-from onnxprune.stats import model_stats, stats_at
+from onnxprune.analysis.shapes import infer_shapes
+from onnxprune.measure.stats import model_stats, stats_at
 from onnxprune.testing import from_text
 
 

@@ -51,7 +51,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import pipeline
 from onnxprune.errors import NothingToPrune
-from onnxprune.plan import GroupPlan, Plan, PlanOptions
+from onnxprune.measure import verify as measure_verify
+from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.plan import GroupPlan, Plan
+from onnxprune.rewrite import check as rewrite_check
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -574,20 +577,23 @@ def _swap_kept_units(plan: Plan, only=None) -> Plan:
 @pytest.fixture
 def broken_rewrite(monkeypatch):
     """The pruned model is built from a wrong plan; the masked original from the right one."""
-    real = pipeline.rewrite
-    monkeypatch.setattr(pipeline, "rewrite", lambda model, cg, plan: real(model, cg, _swap_kept_units(plan)))
+    real = rewrite_check.rewrite
+    broken = lambda model, cg, plan: real(model, cg, _swap_kept_units(plan))  # noqa: E731
+    monkeypatch.setattr(rewrite_check, "rewrite", broken)
+    monkeypatch.setattr(measure_verify, "rewrite", broken)
 
 
 @pytest.fixture
 def broken_concat_rewrite(monkeypatch):
     """A bug that only shows in groups that pass through a Concat: a failing graph must have one."""
-    real = pipeline.rewrite
+    real = rewrite_check.rewrite
 
     def rewrite(model, cg, plan):
         concat = {g.id for g in cg.groups if any(cg.node_by_name[n].op_type == "Concat" for n in g.nodes)}
         return real(model, cg, _swap_kept_units(plan, only=concat))
 
-    monkeypatch.setattr(pipeline, "rewrite", rewrite)
+    monkeypatch.setattr(rewrite_check, "rewrite", rewrite)
+    monkeypatch.setattr(measure_verify, "rewrite", rewrite)
 
 
 def test_chain_passes():

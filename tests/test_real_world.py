@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 
 from onnxprune.cli import main
 from onnxprune.errors import NothingToPrune
-from onnxprune.model import make_inputs
-from onnxprune.runtime import make_session
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.session import make_session
 from onnxprune.testing import prune_and_verify
 
 FETCH = Path(__file__).resolve().parents[2] / "shared" / "real-models" / "fetch.sh"

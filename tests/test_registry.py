@@ -11,10 +11,13 @@ import re
 
 import onnxprune.handlers
 import pytest
-from onnxprune.handlers import MODULES
+from onnxprune.handlers import MODULES, REGISTRY
 
-from onnxprune import registry
-from onnxprune.registry import DuplicateHandler, Handler, lookup, register, registered
+from onnxprune.analysis.contract import DuplicateHandler, Handler, Registry
+from onnxprune.ir import attrs
+
+registered = REGISTRY.items
+lookup = REGISTRY.lookup
 
 HANDLER_TESTS = pathlib.Path(__file__).with_name("test_handlers.py")
 
@@ -29,14 +32,8 @@ _FAKE_DOMAIN = "test.onnxprune.registry"
 
 @pytest.fixture
 def scratch_registry():
-    """Registrations made by a test in the fake domain are removed afterwards."""
-    before = {k: list(v) for k, v in registry._REGISTRY.items()}
-    yield
-    for key in list(registry._REGISTRY):
-        if key not in before:
-            del registry._REGISTRY[key]
-        else:
-            registry._REGISTRY[key][:] = before[key]
+    """A registry of every real handler that a test may add to (the real one is never touched)."""
+    return Registry.of_modules([getattr(onnxprune.handlers, m) for m in MODULES])
 
 
 def _handler_classes(module) -> list[type[Handler]]:
@@ -87,10 +84,10 @@ def test_duplicate_registration_raises(scratch_registry):
     class AnotherConv(Handler):
         op_types = ("Conv",)
 
-    before = list(registered()[("", "Conv")])
+    before = list(scratch_registry.items()[("", "Conv")])
     with pytest.raises(DuplicateHandler):
-        register(AnotherConv)
-    assert registered()[("", "Conv")] == before
+        scratch_registry.add(AnotherConv)
+    assert scratch_registry.items()[("", "Conv")] == before
 
 
 def test_duplicate_in_ai_onnx_alias_raises(scratch_registry):
@@ -99,7 +96,7 @@ def test_duplicate_in_ai_onnx_alias_raises(scratch_registry):
         domain = "ai.onnx"
 
     with pytest.raises(DuplicateHandler):
-        register(AliasRelu)
+        scratch_registry.add(AliasRelu)
 
 
 def test_duplicate_in_custom_domain_raises_and_other_since_is_fine(scratch_registry):
@@ -116,11 +113,11 @@ def test_duplicate_in_custom_domain_raises_and_other_since_is_fine(scratch_regis
         domain = _FAKE_DOMAIN
         since = 2
 
-    register(Probe1)
+    scratch_registry.add(Probe1)
     with pytest.raises(DuplicateHandler):
-        register(Probe1Again)
-    register(Probe2)  # another since-version of the same op is not a duplicate
-    assert [s for s, _ in registered()[(_FAKE_DOMAIN, "Probe")]] == [1, 2]
+        scratch_registry.add(Probe1Again)
+    scratch_registry.add(Probe2)  # another since-version of the same op is not a duplicate
+    assert [s for s, _ in scratch_registry.items()[(_FAKE_DOMAIN, "Probe")]] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,13 +128,15 @@ def test_lookup_picks_greatest_since_not_above_opset(scratch_registry):
     made = {}
     for since in (9, 1, 5):  # registered out of order
         cls = type(f"P{since}", (Handler,), {"op_types": ("Versioned",), "domain": _FAKE_DOMAIN, "since": since})
-        register(cls)
+        scratch_registry.add(cls)
         made[since] = cls
-    assert lookup(_FAKE_DOMAIN, "Versioned", 0) is None
+    look = scratch_registry.lookup
+    assert look(_FAKE_DOMAIN, "Versioned", 0) is None
     for opset, want in [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (23, 9)]:
-        assert type(lookup(_FAKE_DOMAIN, "Versioned", opset)) is made[want], opset
-    assert lookup(_FAKE_DOMAIN, "Unknown", 23) is None
-    assert lookup("", "Versioned", 23) is None  # domains are separate
+        assert type(look(_FAKE_DOMAIN, "Versioned", opset)) is made[want], opset
+    assert look(_FAKE_DOMAIN, "Unknown", 23) is None
+    assert look("", "Versioned", 23) is None  # domains are separate
+    assert lookup(_FAKE_DOMAIN, "Versioned", 23) is None  # the real registry is untouched
 
 
 def test_lookup_of_real_handlers():
@@ -156,12 +155,12 @@ def test_attribute_defaults_come_from_the_schema():
     import onnx
 
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"])
-    assert registry.get_attr(node, "group", 17) == 1
+    assert attrs.get_attr(node, "group", 17) == 1
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], group=4)
-    assert registry.get_attr(node, "group", 17) == 4
-    assert registry.attr_default("Softmax", "axis", 11) == 1
-    assert registry.attr_default("Softmax", "axis", 13) == -1
-    assert registry.attr_default("NoSuchOp", "axis", 13) is None
+    assert attrs.get_attr(node, "group", 17) == 4
+    assert attrs.attr_default("Softmax", "axis", 11) == 1
+    assert attrs.attr_default("Softmax", "axis", 13) == -1
+    assert attrs.attr_default("NoSuchOp", "axis", 13) is None
 
 
 # ----------------------------------------------------------------------------------------------

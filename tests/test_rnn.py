@@ -6,12 +6,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from onnxprune.handlers import REGISTRY
 
-from onnxprune import model as io
-from onnxprune import pipeline, registry
-from onnxprune.plan import PlanOptions
+from onnxprune import pipeline
+from onnxprune.analysis.shapes import Shapes
+from onnxprune.measure.verify import masked_original, rel_error, run
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.inputs import make_inputs
 from onnxprune.testing import from_text, prune_and_verify
-from onnxprune.verify import masked_original, rel_error, run
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 HIDDEN = 32  # models/rnn.py default
@@ -30,10 +32,10 @@ def _init_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return {i.name: tuple(i.dims) for i in model.graph.initializer}
 
 
-def _rnn_macs(model: onnx.ModelProto, shapes: io.Shapes) -> int:
+def _rnn_macs(model: onnx.ModelProto, shapes: Shapes) -> int:
     total = 0
     for n in _rnn_nodes(model):
-        total += registry.lookup("", n.op_type, 17).macs(n, shapes.get, None)
+        total += REGISTRY.lookup("", n.op_type, 17).macs(n, shapes.get, None)
     return total
 
 
@@ -100,7 +102,7 @@ def test_masked_original_differs_and_r_columns_matter(rnn_cache):
     path = export_rnn("LSTM", True, 2, front="conv", head="last", cache_dir=rnn_cache)
     res = pipeline.run(str(path), PlanOptions(ratio=0.5), verify=True, ep="cpu")
     an = res.analysis
-    feeds = io.make_inputs(an.model)
+    feeds = make_inputs(an.model)
     masked = masked_original(an.model, an.cg, res.plan)
     o = run(an.model, feeds, "cpu")[0][0]
     m = run(masked, feeds, "cpu")[0][0]

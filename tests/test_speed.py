@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import hw
+from onnxprune.cli.common import parse_round_to
+from onnxprune.runtime import machine as hw
 from onnxprune.testing import from_text
 
 # conv stack with channel counts that are not multiples of 8 or 16 after halving
@@ -57,8 +58,8 @@ def test_round_to_auto_follows_cpu_flags_and_provider():
 
 
 def test_round_to_argument_parsing(run_main, tmp_path):
-    assert hw.parse_round_to("auto") == "auto" and hw.parse_round_to("AUTO") == "auto"
-    assert hw.parse_round_to("16") == 16
+    assert parse_round_to("auto") == "auto" and parse_round_to("AUTO") == "auto"
+    assert parse_round_to("16") == 16
     p = tmp_path / "m.onnx"
     onnx.save(from_text(ODD_CNN), str(p))
     r = run_main("prune", p, "-o", tmp_path / "o.onnx", "--round-to", "fast")
@@ -144,7 +145,7 @@ def test_bench_pair_reports_provider_macs_and_speedup(run_main, tmp_path):
 
 
 def test_interleaving_rotates_the_order():
-    from onnxprune.bench import measure_runners
+    from onnxprune.measure.latency import measure_runners
 
     calls: list[int] = []
 
@@ -183,8 +184,8 @@ def test_bench_cuda_runs_on_cuda(run_cli, resnet18_onnx):
 
 
 def test_parse_ratios():
+    from onnxprune.cli.cmd_sweep import parse_ratios
     from onnxprune.errors import UserError
-    from onnxprune.sweep import parse_ratios
 
     assert parse_ratios("0,0.1,...,0.9") == pytest.approx([i / 10 for i in range(10)])
     assert parse_ratios("0.5,0,0.25") == [0, 0.25, 0.5]
@@ -241,8 +242,8 @@ def test_target_unreachable_is_a_user_error(run_main, tmp_path):
 def test_target_latency_search_uses_cached_measurements(monkeypatch):
     """The latency search logic with a deterministic stand-in for the measurement."""
     from onnxprune import pipeline
-    from onnxprune.plan import PlanOptions
-    from onnxprune.targets import RatioSearch
+    from onnxprune.measure.targets import RatioSearch
+    from onnxprune.planning.options import PlanOptions
 
     an = pipeline.analyze_model(from_text(ODD_CNN))
     measured: list[float] = []

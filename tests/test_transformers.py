@@ -20,9 +20,9 @@ from onnxprune.models import transformers as T  # noqa: E402
 from onnxprune.models import zoo  # noqa: E402
 
 from onnxprune import pipeline  # noqa: E402
-from onnxprune.model import ConstantTable  # noqa: E402
-from onnxprune.plan import PlanOptions  # noqa: E402
-from onnxprune.verify import masked_original, rel_error  # noqa: E402
+from onnxprune.ir.tensors import ConstantTable  # noqa: E402
+from onnxprune.measure.verify import masked_original, rel_error  # noqa: E402
+from onnxprune.planning.options import PlanOptions  # noqa: E402
 
 EXPORTERS = ("legacy", "dynamo")
 # the small encoder of the fast tests: 2 layers, 4 heads of 16, MLP 128

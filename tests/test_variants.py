@@ -18,10 +18,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxprune.models import zoo
 
-from onnxprune import pipeline, variants
-from onnxprune.model import make_inputs
-from onnxprune.plan import PlanOptions
-from onnxprune.runtime import make_session
+from onnxprune import pipeline
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.session import make_session
+from onnxprune.testing import variants
 
 VARIANTS = ("a", "b", "c")
 FAST = [(arch, v) for arch in ("resnet18", "mobilenet_v2") for v in VARIANTS]

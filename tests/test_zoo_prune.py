@@ -13,8 +13,8 @@ import pytest
 from onnxprune.models import zoo
 
 from onnxprune.cli import main
-from onnxprune.model import make_inputs
-from onnxprune.runtime import make_session
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.session import make_session
 
 FAST = [("resnet18", "legacy")]
 ALL = [(a, e) for e in ("legacy", "dynamo") for a in zoo.ARCHS]

@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
+from onnxprune.runtime.session import require_ort
+
 LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -74,8 +76,6 @@ def ort_optimize(model_path: str | os.PathLike, level: str = "extended", *,
     it uses, so the returned model is self-contained (no tensor refers to a file). ``external_data``
     asks onnxruntime to write the initializers to a side file (what a model over 2 GB needs).
     """
-    from onnxprune.runtime import require_ort
-
     ort = require_ort()
     src = Path(model_path)
     with tempfile.TemporaryDirectory(prefix="onnxprune-ort-") as tmp:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.runtime import make_session, require_ort
+from onnxprune.runtime.session import make_session, require_ort
 
 
 @dataclass
@@ -158,59 +158,3 @@ def rel_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
         err = float(np.max(np.abs(b64 - a64))) if a64.size else 0.0
         worst = max(worst, err / scale if scale > 0 else err)
     return worst
-
-
-# ----------------------------------------------------------------------------------------------
-# the `bench` command
-
-
-def run_bench(args, console) -> int:
-    """``onnxprune bench MODEL [PRUNED]``: latency (and MACs) of one model or of a pair."""
-    from onnxprune import model as io
-    from onnxprune.cli import _parse_arrays, _parse_shapes, _write_json
-    from onnxprune.runtime import resolve_ep
-    from onnxprune.stats import human, model_stats
-
-    ep = resolve_ep(args.ep)  # fails loudly (exit 2, one line) when CUDA is asked for and missing
-    shapes = _parse_shapes(args.input_shape)
-    if args.batch < 1:
-        from onnxprune.errors import UserError
-
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
-    paths = [args.model] + ([args.pruned] if args.pruned else [])
-    models = [io.load(p) for p in paths]
-    feeds = io.make_inputs(models[0], shapes, batch=args.batch, arrays=_parse_arrays(args.input))
-    in_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-    if args.batch != 1 and batch_of(feeds) != args.batch:
-        console.print(f"note: the inputs have a static batch of {batch_of(feeds)}; --batch {args.batch} "
-                      f"does not apply (give shapes with --input-shape)")
-    stats = []
-    for m in models:
-        sh = io.infer_shapes(m, in_shapes)
-        stats.append(model_stats(m, sh))
-    with console.status("measuring (interleaved runs)...", spinner="dots"):
-        runners = [Runner(m, feeds, ep, args.threads) for m in models]
-        lats = measure_runners(runners, args.warmup, args.repeat, getattr(args, "min_seconds", 0.0),
-                               block=getattr(args, "block", DEFAULT_BLOCK))
-    prov = lats[0].providers
-    console.print(f"execution provider: {lats[0].ep.upper()} ({', '.join(prov)}"
-                  f"{'; IO binding' if lats[0].ep == 'cuda' else ''}), threads "
-                  f"{args.threads or 'default'}, batch {lats[0].batch}")
-    for name, lat, st in zip(paths, lats, stats, strict=True):
-        console.print(f"  {name}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, "
-                      f"{lat.throughput:.1f} samples/s (batch {lat.batch}, {lat.runs} runs); "
-                      f"{human(st.macs)} MACs, {human(st.params)} parameters")
-    report = {"ep": lats[0].ep, "providers": prov, "threads": args.threads, "batch": lats[0].batch,
-              "latency": [lat.to_json() for lat in lats],
-              "stats": [{"model": p, "macs": s.macs, "params": s.params} for p, s in zip(paths, stats, strict=True)]}
-    if len(lats) == 2:
-        sp = speedup(lats[0], lats[1])
-        lo, hi = round_ratio_spread(lats[0], lats[1])
-        mac_ratio = stats[0].macs / stats[1].macs if stats[1].macs else float("nan")
-        console.print(f"  speedup: {sp:.2f}x (ratio of medians, interleaved runs; per-round IQR {lo:.2f}-{hi:.2f}x)"
-                      f"; MACs {human(stats[0].macs)} -> {human(stats[1].macs)}: {mac_ratio:.2f}x fewer"
-                      f" (speedup / MAC ratio {sp / mac_ratio:.2f})")
-        report.update({"speedup": sp, "speedup_iqr": [lo, hi], "mac_ratio": mac_ratio})
-    if args.report:
-        _write_json(args.report, report)
-    return 0

@@ -20,12 +20,16 @@ import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from onnxprune import registry
-from onnxprune.model import ConstantTable, Shapes, default_opset, input_feeds_spec, outer_refs
+from onnxprune.analysis.contract import Registry, Role
+from onnxprune.analysis.shapes import Shapes
+from onnxprune.errors import Barrier
+from onnxprune.ir.attrs import get_attr
+from onnxprune.ir.graph import consumers, default_opset, input_feeds_spec, outer_refs, producers
+from onnxprune.ir.tensors import ConstantTable
 
 log = logging.getLogger(__name__)
 
-ROLES = ("producer", "consumer", "scale", "param", "stat")
+ROLES = tuple(r.value for r in Role)
 # frozen-reason priorities: lower is shown first
 _PRIO = {"unknown": 0, "ignore": 1, "io": 2, "rule": 3, "carry": 4}
 
@@ -72,8 +76,9 @@ class Group:
 class CouplingGraph:
     """Result of the analysis: spaces, unit labels and groups of one model."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable):
+    def __init__(self, model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable, registry: Registry):
         self.model = model
+        self.registry = registry  # the handlers this graph was analysed with (the rewrite uses them too)
         self.shapes = shapes
         self.consts = consts
         self.opset = default_opset(model) or 0
@@ -261,7 +266,7 @@ class AnalysisContext:
                 continue
             if prod.op_type == "Transpose":
                 r = self.rank(prod.input[0])
-                p = registry.get_attr(prod, "perm", self.opset)
+                p = get_attr(prod, "perm", self.opset)
                 if r is None:
                     return None
                 p = list(p) if p else list(range(r))[::-1]
@@ -273,7 +278,7 @@ class AnalysisContext:
         return None
 
     def attr(self, name: str):
-        return registry.get_attr(self.node, name, self.opset)
+        return get_attr(self.node, name, self.opset)
 
     def has_space(self, tensor: str, axis: int) -> bool:
         return self.cg.space(tensor, axis) is not None
@@ -326,9 +331,9 @@ class AnalysisContext:
         self._add_edges(self.cg.space_base[sa] + ia, self.cg.space_base[sb] + ib)
         self._union(sa, sb)
 
-    def slot(self, tensor: str, axis: int, role: str) -> None:
-        """Axis ``axis`` of input ``tensor`` is a weight slot with ``role`` (see ROLES)."""
-        assert role in ROLES, role
+    def slot(self, tensor: str, axis: int, role: Role | str) -> None:
+        """Axis ``axis`` of input ``tensor`` is a weight slot with ``role``."""
+        role = Role(role)
         axis = _norm_axis(axis, self.rank(tensor))
         self.cover(tensor, axis)
         sid = self.cg.space(tensor, axis)
@@ -434,26 +439,20 @@ def _norm_axis(axis: int, rank: int | None) -> int:
     return axis
 
 
-def analyze(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
+def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: ConstantTable | None = None,
             head_mode: str = "dim") -> CouplingGraph:
     """Build the coupling graph of ``model`` (pure).
 
     ``head_mode`` decides what a unit is where an attention projection is split into heads:
     ``"dim"`` (a head-dimension position, shared by every head) or ``"heads"`` (a whole head).
     """
-    import onnxprune.handlers  # noqa: F401 - registers every handler module
-
     consts = consts or ConstantTable.of(model.graph)
-    cg = CouplingGraph(model, shapes, consts)
+    cg = CouplingGraph(model, shapes, consts, registry)
     cg.head_mode = head_mode
     g = model.graph
-    cg.producer_of = {o: n for n in g.node for o in n.output if o}
+    cg.producer_of = producers(g)
     cg.elem_types = shapes.elem_types
-    cg.consumers_of = defaultdict(list)
-    for n in g.node:
-        for t in n.input:
-            if t:
-                cg.consumers_of[t].append(n)
+    cg.consumers_of = defaultdict(list, consumers(g))
     ctx = AnalysisContext(cg)
     for i, node in enumerate(g.node):
         if not node.name:
@@ -496,7 +495,7 @@ def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     ctx.node = node
     ctx.covered = set()
     domain = node.domain or ""
-    handler = registry.lookup(domain, node.op_type, cg.opset if domain in ("", "ai.onnx") else 1)
+    handler = cg.registry.for_node(node, cg.opset)
     tensors = [t for t in list(node.input) + list(node.output) if t]
     refs = outer_refs(node)
     for t in sorted(refs):
@@ -510,7 +509,7 @@ def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
         return
     try:
         handler.analyze(node, ctx)
-    except _Barrier as exc:
+    except Barrier as exc:
         for t in tensors:
             ctx.freeze(t, None, f"{ctx._where()}: {exc}", kind="unknown")
         return
@@ -521,10 +520,3 @@ def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
                 sid = cg.space(t, ax)
                 if sid is not None:
                     ctx._freeze_sid(sid, "carry", f"{ctx._where()} does not carry axis {ax} of '{t}'")
-
-
-class _Barrier(Exception):
-    """Raised by a handler that cannot follow this node: every tensor it touches is frozen."""
-
-
-Barrier = _Barrier

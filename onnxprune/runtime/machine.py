@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from functools import lru_cache
+
+import onnx
+
+from onnxprune.runtime.session import resolve_ep
 
 CUDA_MULTIPLE = 8
 FALLBACK_MULTIPLE = 8
@@ -55,8 +60,6 @@ def nchwc_block(flags: frozenset[str] | None = None) -> tuple[int, str]:
 
 def auto_round_to(ep: str = "auto", flags: frozenset[str] | None = None) -> tuple[int, str]:
     """Resolve ``--round-to auto`` for execution provider ``ep`` (auto, cpu or cuda)."""
-    from onnxprune.runtime import resolve_ep
-
     try:
         used = resolve_ep(ep)
     except Exception:  # noqa: BLE001 - no runtime, or CUDA asked for and missing: the CPU's block
@@ -66,22 +69,8 @@ def auto_round_to(ep: str = "auto", flags: frozenset[str] | None = None) -> tupl
     return nchwc_block(flags)
 
 
-def parse_round_to(value: str) -> int | str:
-    """argparse type of ``--round-to``: a positive integer or ``auto``."""
-    import argparse
-
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{value}'") from None
-
-
 def describe() -> dict:
     """The machine, for benchmark reports."""
-    import sys
-
     info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),
             "os": f"{platform.system()} {platform.release()}", "python": sys.version.split()[0],
             "simd": ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
@@ -104,8 +93,6 @@ def describe() -> dict:
         info["providers"] = ", ".join(ort.get_available_providers())
     except ImportError:
         info["onnxruntime"] = "not installed"
-    import onnx
-
     info["onnx"] = onnx.__version__
     return info
 

@@ -1,114 +1,20 @@
-"""Importance and planning: which units of which group to keep. A plan is pure data (JSON)."""
+"""Plans: which units of which group to keep. A plan is pure data (JSON), replayable and reviewable."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from onnxprune.coupling import CouplingGraph, Group
-from onnxprune.errors import UserError
-
-IMPORTANCES = ("l1", "l2", "bn", "random")
-_MAGNITUDE_ROLES = ("producer", "consumer", "scale", "param")
-
-
-# ----------------------------------------------------------------------------------------------
-# importance
-
-
-def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: int = 0) -> np.ndarray:
-    """One score per unit of ``group`` (higher = more important), normalized to mean 1."""
-    n = group.size
-    if kind == "random":
-        rng = np.random.default_rng(seed + group.id)
-        return _normalize(rng.random(n))
-    if kind not in IMPORTANCES:
-        raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCES)})")
-    roles = ("scale",) if kind == "bn" else _MAGNITUDE_ROLES
-    slots = [s for s in group.slots if s.role in roles]
-    if kind == "bn" and not slots:
-        slots = [s for s in group.slots if s.role in _MAGNITUDE_ROLES]
-        kind = "l2"
-    total = np.zeros(n)
-    count = np.zeros(n)
-    seen: set[tuple[str, int]] = set()
-    for s in slots:
-        if (s.const, s.axis) in seen:
-            continue
-        seen.add((s.const, s.axis))
-        w = cg.consts.get(s.const)
-        if w is None or not np.issubdtype(w.dtype, np.floating):
-            continue
-        w = w.astype(np.float32, copy=False)
-        others = tuple(a for a in range(w.ndim) if a != s.axis)
-        if kind in ("l1", "bn"):
-            per = np.abs(w).sum(axis=others).astype(np.float64)
-        else:  # sum of squares over every other axis, without moving the axis (no copy)
-            idx = list(range(w.ndim))
-            per = np.einsum(w, idx, w, idx, [s.axis], optimize=False).astype(np.float64)
-        units = cg.unit_index(group, s.space)
-        total += np.bincount(units, weights=per, minlength=n)
-        count += np.bincount(units, minlength=n) > 0
-    score = total / np.maximum(count, 1)
-    if kind == "l2":
-        score = np.sqrt(score)
-    return _normalize(score)
-
-
-def _normalize(score: np.ndarray) -> np.ndarray:
-    m = float(np.mean(score)) if score.size else 0.0
-    return score / m if m > 0 else score
-
-
-# ----------------------------------------------------------------------------------------------
-# plan
-
-
-@dataclass
-class PlanOptions:
-    ratio: float = 0.5
-    layer_ratios: list[tuple[str, float]] = field(default_factory=list)
-    ignore: list[str] = field(default_factory=list)
-    round_to: int | str = 1  # "auto": resolved by validate() (the CLI resolves it for its --ep first)
-    global_: bool = False
-    max_ratio: float = 0.9
-    importance: str = "l2"
-    allow_approximate: bool = False
-    seed: int = 0
-    head_ratio: float | None = None  # whole attention heads (analysis in "heads" mode)
-    head_dim_ratio: float | None = None  # head-dimension positions (analysis in "dim" mode)
-
-    @property
-    def head_mode(self) -> str:
-        return "heads" if self.head_ratio is not None else "dim"
-
-    def validate(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.head_ratio is not None and self.head_dim_ratio is not None:
-            raise UserError("use one of --head-ratio / --head-dim-ratio per run (prune twice to combine)")
-        for name, r in (("--head-ratio", self.head_ratio), ("--head-dim-ratio", self.head_dim_ratio)):
-            if r is not None and not 0.0 <= r < 1.0:
-                raise UserError(f"{name} must be in [0, 1), got {r}")
-        for rx, r in self.layer_ratios:
-            if not 0.0 <= r < 1.0:
-                raise UserError(f"--layer-ratio {rx}={r}: ratio must be in [0, 1)")
-        if not 0.0 < self.max_ratio < 1.0:
-            raise UserError(f"--max-ratio must be in (0, 1), got {self.max_ratio}")
-        if self.round_to == "auto":
-            from onnxprune.hw import auto_round_to
-
-            self.round_to = auto_round_to("auto")[0]
-        if not isinstance(self.round_to, int):
-            raise UserError(f"--round-to must be an integer or 'auto', got {self.round_to!r}")
-        if self.round_to < 1:
-            raise UserError(f"--round-to must be >= 1, got {self.round_to}")
-        if self.importance not in IMPORTANCES:
-            raise UserError(f"unknown importance '{self.importance}' (one of {', '.join(IMPORTANCES)})")
+from onnxprune.analysis.analyze import Analysis, barrier_summary
+from onnxprune.analysis.contract import Role
+from onnxprune.analysis.coupling import CouplingGraph, Group
+from onnxprune.errors import NothingToPrune, UserError
+from onnxprune.planning.importance import group_importance
+from onnxprune.planning.options import PlanOptions, options_json
 
 
 @dataclass
@@ -195,7 +101,7 @@ class Plan:
 def _anchor(cg: CouplingGraph, g: Group) -> int:
     """The space that names a group in a plan file: a producer weight's output axis if any."""
     for s in g.slots:
-        if s.role == "producer":
+        if s.role == Role.PRODUCER:
             return s.space
     return g.spaces[0]
 
@@ -256,7 +162,7 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
             n_remove = int(math.floor(g.size * ratio))
             keep_n = _round_keep(g.size, g.size - n_remove, opts.round_to)
             groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
-    return Plan(groups, frozen, _options_json(opts))
+    return Plan(groups, frozen, options_json(opts))
 
 
 def _top(score: np.ndarray, keep_n: int) -> np.ndarray:
@@ -320,8 +226,14 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> di
     return out
 
 
-def _options_json(opts: PlanOptions) -> dict:
-    return {"ratio": opts.ratio, "layer_ratios": [list(x) for x in opts.layer_ratios], "ignore": opts.ignore,
-            "round_to": opts.round_to, "global": opts.global_, "max_ratio": opts.max_ratio,
-            "importance": opts.importance, "allow_approximate": opts.allow_approximate, "seed": opts.seed,
-            "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio}
+
+def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None) -> Plan:
+    """The plan for ``an``: loaded from ``plan_json`` (checked against the model) or made from
+    ``opts``; NothingToPrune when every group is frozen."""
+    if plan_json is not None:
+        return Plan.from_json(plan_json, an.cg)
+    plan = make_plan(an.cg, opts)
+    if not plan.groups:
+        lines = barrier_summary(an.cg)
+        raise NothingToPrune("nothing to prune: every group is frozen: " + "; ".join(lines))
+    return plan

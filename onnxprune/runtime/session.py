@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from onnxprune.errors import UserError
+from onnxprune.ir.io import LARGE_BYTES, approx_bytes, has_external, model_bytes
+from onnxprune.ir.tensors import all_tensors, is_external, tensor_value
 
 log = logging.getLogger(__name__)
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+EPS = ("auto", "cpu", "cuda")
 
 
 def require_ort():
@@ -72,23 +78,11 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
     return sess, used
 
 
+
 def _runnable(model: onnx.ModelProto):
     """(bytes or path, temp dir) for onnxruntime. Weights kept in external files (absolute paths
     after loading) are inlined for models under ~1.8 GB, else the model is written to a temporary
     directory with its data files linked beside it (onnxruntime wants relative locations)."""
-    import tempfile
-    from pathlib import Path
-
-    from onnxprune.model import (
-        LARGE_BYTES,
-        _all_tensors,
-        approx_bytes,
-        has_external,
-        is_external,
-        model_bytes,
-        tensor_value,
-    )
-
     if not has_external(model):
         if approx_bytes(model) > LARGE_BYTES:
             raise UserError("model too large to run from memory")
@@ -96,16 +90,14 @@ def _runnable(model: onnx.ModelProto):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     if model_bytes(model) <= LARGE_BYTES:
-        from onnx import numpy_helper
-
-        for t in _all_tensors(copy):
+        for t in all_tensors(copy):
             if is_external(t):
                 value = tensor_value(t)
                 t.CopyFrom(numpy_helper.from_array(value, t.name))
         return copy.SerializeToString(), None
     tmp = tempfile.TemporaryDirectory(prefix="onnxprune-run-")
     links: dict[str, str] = {}
-    for t in _all_tensors(copy):
+    for t in all_tensors(copy):
         if not is_external(t):
             continue
         for e in t.external_data:
@@ -118,3 +110,4 @@ def _runnable(model: onnx.ModelProto):
     path = Path(tmp.name) / "model.onnx"
     path.write_bytes(copy.SerializeToString())
     return str(path), tmp
+

@@ -1,6 +1,5 @@
 """Apply a plan in one pass: slice every constant once, let handlers fix attributes and shape
-constants, refresh value_info. Validates the whole plan before the first mutation, and checks the
-shapes of the result against the shapes the plan predicts."""
+constants, refresh value_info. Validates the whole plan before the first mutation."""
 
 from __future__ import annotations
 
@@ -11,11 +10,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune import registry
-from onnxprune.coupling import CouplingGraph
+from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.errors import RewriteError
-from onnxprune.model import ConstantTable, constant_node_value, tensor_value, used_names
-from onnxprune.plan import Plan
+from onnxprune.ir.attrs import get_attr
+from onnxprune.ir.graph import drop_dead_nodes, drop_unused, producers
+from onnxprune.ir.tensors import ConstantTable, constant_node_value, set_tensor, tensor_value
+from onnxprune.planning.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RewriteContext:
         self._kept = kept
         self.opset = cg.opset
         self._consts = ConstantTable.of(model.graph)
-        self._producer = {o: n for n in model.graph.node for o in n.output if o}
+        self._producer = producers(model.graph)
         self._new_shapes: dict[str, tuple[int, ...]] = {}
         by_tensor = defaultdict(dict)
         for (t, ax), k in kept.items():
@@ -119,7 +119,7 @@ class RewriteContext:
         return new
 
     def attr(self, node: onnx.NodeProto, name: str):
-        return registry.get_attr(node, name, self.opset)
+        return get_attr(node, name, self.opset)
 
     def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
         self.remove_attr(node, name)
@@ -164,14 +164,14 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
     for node in list(new.graph.node):
         if not any(t in changed for t in list(node.input) + list(node.output)):
             continue
-        handler = registry.lookup(node.domain or "", node.op_type, cg.opset)
+        handler = cg.registry.for_node(node, cg.opset)
         if handler is not None:
             handler.rewrite(node, rw)
     keep_vi = [vi for vi in new.graph.value_info if vi.name not in changed]
     del new.graph.value_info[:]
     new.graph.value_info.extend(keep_vi)
-    _drop_dead_nodes(new)
-    _drop_unused_initializers(new)
+    drop_dead_nodes(new)
+    drop_unused(new)
     return new
 
 
@@ -215,7 +215,7 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             # one take per axis, the one that drops most first (each take copies whole blocks)
             for ax, k in sorted(axes.items(), key=lambda a: len(a[1]) / arr.shape[a[0]]):
                 arr = np.take(arr, k, axis=ax)
-            _set_tensor(init, np.ascontiguousarray(arr))
+            set_tensor(init, np.ascontiguousarray(arr))
     for node in model.graph.node:
         if node.op_type != "Constant" or not node.output or node.output[0] not in by_tensor:
             continue
@@ -224,71 +224,3 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             arr = np.take(arr, k, axis=ax)
         del node.attribute[:]
         node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(arr))))
-
-
-def _set_tensor(t: onnx.TensorProto, arr: np.ndarray) -> None:
-    """Replace a tensor's value in place (raw_data), keeping its name and type."""
-    if arr.dtype == object or t.data_type in (onnx.TensorProto.STRING,):
-        t.CopyFrom(numpy_helper.from_array(arr, t.name))
-        return
-    for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
-                "external_data"):
-        t.ClearField(fld)
-    t.data_location = onnx.TensorProto.DEFAULT
-    del t.dims[:]
-    t.dims.extend(arr.shape)
-    t.raw_data = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), copy=False).tobytes()
-
-
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Remove nodes none of whose outputs is used (shape computations replaced by constants)."""
-    g = model.graph
-    while True:
-        used = used_names(g)
-        keep = [n for n in g.node if any(o in used for o in n.output if o)]
-        if len(keep) == len(g.node):
-            return
-        del g.node[:]
-        g.node.extend(keep)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = used_names(model.graph)
-    keep = [i for i in model.graph.initializer if i.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-
-
-def expected_shapes(cg: CouplingGraph, plan: Plan) -> dict[str, tuple[int, ...]]:
-    kept = kept_map(cg, plan)
-    out = {}
-    for (t, ax), k in kept.items():
-        shape = list(out.get(t, cg.shapes.get(t)))
-        shape[ax] = len(k)
-        out[t] = tuple(shape)
-    return out
-
-
-def check_shapes(pruned: onnx.ModelProto, cg: CouplingGraph, plan: Plan, new_shapes) -> None:
-    """Every static axis of every tensor must have the size the plan predicts."""
-    expected = expected_shapes(cg, plan)
-    bad = []
-    for t, old in cg.shapes.concrete.items():
-        got = new_shapes.get(t)
-        if got is None:
-            continue
-        want = expected.get(t, old)
-        if len(got) != len(want):
-            bad.append((t, want, got))
-            continue
-        for ax, (w, gv) in enumerate(zip(want, got, strict=True)):
-            if cg.shapes.is_dynamic(t, ax) or new_shapes.is_dynamic(t, ax):
-                continue
-            if w != gv:
-                bad.append((t, want, got))
-                break
-    if bad:
-        t, want, got = bad[0]
-        raise RewriteError(f"rewrite refused: tensor '{t}' would have shape {list(got)}, plan predicts "
-                           f"{list(want)} ({len(bad)} tensors differ)")

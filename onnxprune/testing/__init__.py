@@ -1,10 +1,14 @@
-"""Helpers to build small test graphs from ONNX text (used by the tests and the property tests)."""
+"""Graph builders and checks for tests (nothing in the package imports this): small models from
+ONNX text, prune-and-verify, synthetic large models (``synth``) and re-encodings (``variants``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from onnxprune import pipeline
+from onnxprune.planning.options import PlanOptions
 
 
 def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = ()) -> onnx.ModelProto:
@@ -40,8 +44,5 @@ def prune_and_verify(model: onnx.ModelProto, ratio: float = 0.5, *, input_shapes
 
     Returns the pipeline ``Result`` (``.pruned``, ``.plan``, ``.verification``, ``.before``/``.after``).
     """
-    from onnxprune import pipeline
-    from onnxprune.plan import PlanOptions
-
     return pipeline.run(model, PlanOptions(ratio=ratio, **plan_kwargs), input_shapes=input_shapes,
                         verify=True, ep=ep, tol=tol)

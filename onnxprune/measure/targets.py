@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from onnxprune.analysis.analyze import Analysis
 from onnxprune.errors import UserError
+from onnxprune.measure.latency import Runner, measure_runners
+from onnxprune.measure.stats import model_stats
+from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.plan import build_plan
+from onnxprune.rewrite.check import apply_plan
+from onnxprune.runtime.inputs import make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +83,11 @@ class TargetResult:
                 f"({got}; {len(self.evaluations)} ratios evaluated)")
 
 
-def prune_at(an, opts, ratio: float):
+def prune_at(an: Analysis, opts: PlanOptions, ratio: float):
     """Plan and rewrite at ``ratio`` (everything else from ``opts``): (pruned, shapes, plan)."""
-    from onnxprune import pipeline
-
     o = dataclasses.replace(opts, ratio=float(ratio))
-    plan = pipeline.build_plan(an, o)
-    pruned, shapes = pipeline.apply_plan(an, plan)
+    plan = build_plan(an, o)
+    pruned, shapes = apply_plan(an, plan)
     return pruned, shapes, plan
 
 
@@ -96,8 +101,6 @@ class RatioSearch:
     def __init__(self, an, opts, *, target_macs: float | None = None, target_latency: float | None = None,
                  ep: str = "auto", threads: int | None = None, batch: int = 1, input_shapes=None,
                  warmup: int = 3, repeat: int = 20, progress=None):
-        from onnxprune.stats import model_stats
-
         if target_macs is None and target_latency is None:
             raise UserError("no target given (--target-macs or --target-latency)")
         for name, f in (("--target-macs", target_macs), ("--target-latency", target_latency)):
@@ -109,7 +112,7 @@ class RatioSearch:
         self.input_shapes = input_shapes
         self.warmup, self.repeat = warmup, repeat
         self.progress = progress
-        self.base = model_stats(an.model, an.shapes)
+        self.base = model_stats(an.model, an.shapes, registry=an.registry)
         self.cache: dict[float, Evaluation] = {}
         self.by_signature: dict[tuple, Evaluation] = {}
         self._original_runner = None
@@ -117,11 +120,8 @@ class RatioSearch:
 
     # -- evaluation -----------------------------------------------------------------------------
     def _runner_for_original(self):
-        from onnxprune import model as io
-        from onnxprune.bench import Runner
-
         if self._original_runner is None:
-            self._feeds = io.make_inputs(self.an.model, self._batch_shapes(), batch=self.batch)
+            self._feeds = make_inputs(self.an.model, self._batch_shapes(), batch=self.batch)
             self._original_runner = Runner(self.an.model, self._feeds, self.ep, self.threads)
         return self._original_runner
 
@@ -129,8 +129,6 @@ class RatioSearch:
         return dict(self.input_shapes or {})
 
     def evaluate(self, ratio: float) -> Evaluation:
-        from onnxprune.stats import model_stats
-
         key = round(float(ratio), 6)
         if key in self.cache:
             return self.cache[key]
@@ -145,7 +143,7 @@ class RatioSearch:
                 ev = dataclasses.replace(known, ratio=key)
                 self.cache[key] = ev
                 return ev
-            st = model_stats(pruned, shapes)
+            st = model_stats(pruned, shapes, registry=self.an.registry)
             macs, params = st.macs, st.params
         ev = Evaluation(key, macs, params, macs / self.base.macs if self.base.macs else 1.0, sig)
         if self.target_latency is not None and (self.target_macs is None or self._macs_ok(ev)):
@@ -157,8 +155,6 @@ class RatioSearch:
         return ev
 
     def _measure(self, ev: Evaluation, pruned: onnx.ModelProto) -> None:
-        from onnxprune.bench import Runner, measure_runners
-
         orig = self._runner_for_original()
         other = Runner(pruned, self._feeds, self.ep, self.threads)
         lo, lp = measure_runners([orig, other], self.warmup, self.repeat)
@@ -200,52 +196,3 @@ class RatioSearch:
     def _result(self, ev: Evaluation) -> TargetResult:
         return TargetResult(ev.ratio, self.target_macs, self.target_latency, ev, list(self.cache.values()),
                             self.ep if self.target_latency is not None else None, int(self.opts.round_to))
-
-
-# ----------------------------------------------------------------------------------------------
-# the prune command's side: options, and the search before pruning
-
-
-def add_target_args(parser) -> None:
-    g = parser.add_argument_group("targets (search the uniform --ratio)")
-    g.add_argument("--target-macs", type=float, default=None, metavar="F",
-                   help="prune until MACs <= F x original (bisection over the ratio)")
-    g.add_argument("--target-latency", type=float, default=None, metavar="F",
-                   help="prune until measured latency <= F x original on --ep (interleaved runs)")
-    g.add_argument("--threads", type=int, default=None, help="onnxruntime threads for --target-latency")
-    g.add_argument("--batch", type=int, default=1, help="batch for --target-latency (default 1)")
-
-
-def before_prune(args, opts, console) -> dict:
-    """Runs before ``prune`` plans: says what ``--round-to auto`` resolved to and, with a target,
-    searches the ratio and sets ``opts.ratio``. Returns what goes into the report."""
-    extra: dict = {}
-    why = getattr(args, "round_to_auto", None)
-    if why:
-        console.print(f"--round-to auto: {opts.round_to} ({why})")
-        extra["round_to"] = {"requested": "auto", "resolved": opts.round_to, "why": why}
-    tm, tl = getattr(args, "target_macs", None), getattr(args, "target_latency", None)
-    if tm is None and tl is None:
-        return extra
-    if getattr(args, "load_plan", None):
-        raise UserError("--target-macs/--target-latency search a plan; they cannot be used with --load-plan")
-    from onnxprune import pipeline
-    from onnxprune.cli import _parse_shapes
-    from onnxprune.runtime import resolve_ep
-
-    ep = resolve_ep(args.ep) if tl is not None else args.ep
-    shapes = _parse_shapes(args.input_shape)
-    with console.status("searching the ratio for the target...", spinner="dots") as status:
-        an = pipeline.analyze_model(args.model, shapes)
-
-        def progress(ev: Evaluation) -> None:
-            lat = f", latency {ev.latency_ratio:.3f}x" if ev.latency_ratio is not None else ""
-            status.update(f"searching the ratio: {ev.ratio:.4f} -> MACs {ev.mac_ratio:.3f}x{lat}")
-
-        search = RatioSearch(an, opts, target_macs=tm, target_latency=tl, ep=ep, threads=args.threads,
-                             batch=args.batch, input_shapes=shapes, progress=progress)
-        res = search.search()
-    opts.ratio = res.ratio
-    console.print(res.summary())
-    extra["target"] = res.to_json()
-    return extra

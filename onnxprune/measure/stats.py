@@ -60,8 +60,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune import registry
-from onnxprune.model import ConstantTable, Shapes, default_opset, model_bytes
+from onnxprune.analysis.contract import Handler, Registry, norm_domain
+from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.handlers import REGISTRY
+from onnxprune.ir.attrs import attr as _attr
+from onnxprune.ir.graph import default_opset, input_feeds_spec
+from onnxprune.ir.io import load, model_bytes
+from onnxprune.ir.tensors import ConstantTable
+from onnxprune.runtime.inputs import make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +92,6 @@ class ModelStats:
 
 # ----------------------------------------------------------------------------------------------
 # MAC formulas for ops without a handler that counts them (a registered handler's macs() wins)
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _rnn_macs(node, shape_of: ShapeOf, const_of: ConstOf) -> int:
@@ -151,14 +150,13 @@ FALLBACK_MACS: dict[tuple[str, str], Callable[..., int]] = {
 }
 
 
-def node_macs(node: onnx.NodeProto, opset: int, shape_of: ShapeOf, const_of: ConstOf) -> int:
+def node_macs(node: onnx.NodeProto, opset: int, shape_of: ShapeOf, const_of: ConstOf,
+              registry: Registry = REGISTRY) -> int:
     """MACs of one node: the handler's ``macs()`` where a handler overrides it, else the formulas
     above, else 0."""
-    import onnxprune.handlers  # noqa: F401  (registers the handlers)
-
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    domain = norm_domain(node.domain)
     h = registry.lookup(domain, node.op_type, opset)
-    if h is not None and type(h).macs is not registry.Handler.macs:
+    if h is not None and type(h).macs is not Handler.macs:
         return int(h.macs(node, shape_of, const_of) or 0)
     fn = FALLBACK_MACS.get((domain, node.op_type))
     return int(fn(node, shape_of, const_of)) if fn is not None else 0
@@ -318,8 +316,7 @@ def _gemm_products(node, shape_of: ShapeOf) -> int:
 
 
 def _input_names(model: onnx.ModelProto) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    return [vi.name for vi in model.graph.input if vi.name not in inits]
+    return [vi.name for vi in input_feeds_spec(model)]
 
 
 @contextlib.contextmanager
@@ -350,8 +347,6 @@ def real_shapes(model: onnx.ModelProto, shapes: Shapes, needed: set[str] | None 
     (``--input-shape x=8x3x224x224``, a sequence of 128): there the graph's inputs are pinned to
     their concrete sizes for one more shape inference (and, for what it leaves unknown, an
     onnxruntime run on the tensors in ``needed``)."""
-    from onnxprune import model as io
-
     pinned: dict[str, tuple[int, ...]] = {}
     for name in _input_names(model):
         s = shapes.get(name)
@@ -361,7 +356,7 @@ def real_shapes(model: onnx.ModelProto, shapes: Shapes, needed: set[str] | None 
         return shapes.get
     try:
         with _pinned_inputs(model, pinned):
-            real = io.infer_shapes(model, pinned, needed=needed)
+            real = infer_shapes(model, pinned, needed=needed)
     except Exception as exc:  # noqa: BLE001 - fall back to the analysis shapes
         log.debug("shapes at the real input sizes failed: %s", exc)
         return shapes.get
@@ -382,20 +377,19 @@ def count_params(consts: ConstantTable) -> int:
                if np.issubdtype(consts.dtype(n), np.floating))
 
 
-def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None) -> ModelStats:
+def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
+                registry: Registry = REGISTRY) -> ModelStats:
     """Op counts, parameters and MACs of ``model`` at the concrete shapes of ``shapes``."""
-    import onnxprune.handlers  # noqa: F401
-
     ops = Counter(n.op_type for n in model.graph.node if n.op_type != "Constant")
     consts = consts if consts is not None else ConstantTable.of(model.graph)
     opset = default_opset(model) or 0
-    counted = [n for n in model.graph.node if _counts_macs(n, opset)]
-    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset)
+    counted = [n for n in model.graph.node if _counts_macs(n, opset, registry)]
+    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset, registry)
               for t in list(n.input) + list(n.output) if t}
     shape_of = real_shapes(model, shapes, needed)
     by_op: Counter = Counter()
     for node in counted:
-        m = node_macs(node, opset, shape_of, consts.get)
+        m = node_macs(node, opset, shape_of, consts.get, registry)
         if m:
             by_op[node.op_type] += m
     return ModelStats(nodes=sum(ops.values()), ops=ops, params=count_params(consts), macs=int(sum(by_op.values())),
@@ -403,28 +397,27 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | 
                       tp_ops=tp_ops(model.graph, shape_of, consts.get, consts.__contains__))
 
 
-def _counts_macs(node: onnx.NodeProto, opset: int) -> bool:
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+def _counts_macs(node: onnx.NodeProto, opset: int, registry: Registry = REGISTRY) -> bool:
+    domain = norm_domain(node.domain)
     if (domain, node.op_type) in FALLBACK_MACS:
         return True
     h = registry.lookup(domain, node.op_type, opset)
-    return h is not None and type(h).macs is not registry.Handler.macs
+    return h is not None and type(h).macs is not Handler.macs
 
 
-def stats_at(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ModelStats:
+def stats_at(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             registry: Registry = REGISTRY) -> ModelStats:
     """Stats of a model file or proto at the given input shapes (no pruning analysis needed)."""
-    from onnxprune import model as io
-
     if not isinstance(model, onnx.ModelProto):
-        model = io.load(model)
+        model = load(model)
     opset = default_opset(model) or 0
-    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset)
+    needed = {t for n in model.graph.node if n.op_type in TP_SHAPE_OPS or _counts_macs(n, opset, registry)
               for t in list(n.input) + list(n.output) if t}
-    feeds = io.make_inputs(model, input_shapes)  # the concrete input sizes (generated where not given)
+    feeds = make_inputs(model, input_shapes)  # the concrete input sizes (generated where not given)
     pinned = {k: tuple(v.shape) for k, v in feeds.items()}
     with _pinned_inputs(model, pinned):
-        shapes = io.infer_shapes(model, pinned, needed=needed)
-        return model_stats(model, shapes)
+        shapes = infer_shapes(model, pinned, needed=needed)
+        return model_stats(model, shapes, registry=registry)
 
 
 def human(n: float, unit: str = "") -> str:

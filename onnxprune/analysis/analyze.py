@@ -1,0 +1,58 @@
+"""One analysis of a model: load (or check) it, run the normalization passes, infer shapes and
+build the coupling graph. Every later stage (plan, rewrite, verify, measure) takes an Analysis."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxprune.analysis.contract import Registry
+from onnxprune.analysis.coupling import CouplingGraph, analyze
+from onnxprune.analysis.passes import normalize
+from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.ir.io import check_opset, load
+from onnxprune.ir.tensors import ConstantTable
+
+
+@dataclass
+class Analysis:
+    model: onnx.ModelProto  # normalized original
+    shapes: Shapes
+    cg: CouplingGraph
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seconds: float = 0.0
+    changes: tuple[str, ...] = ()  # what the normalization passes changed
+
+    @property
+    def registry(self) -> Registry:
+        return self.cg.registry
+
+
+def analyze_model(model: onnx.ModelProto | str, registry: Registry,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None, head_mode: str = "dim",
+                  owned: bool | None = None) -> Analysis:
+    """``owned``: the caller hands the ModelProto over (it may be normalized in place); a path is
+    always loaded and owned here."""
+    t0 = time.perf_counter()
+    owned = (not isinstance(model, onnx.ModelProto)) or bool(owned)
+    if not isinstance(model, onnx.ModelProto):
+        model = load(model)
+    else:
+        check_opset(model)
+    res = normalize(model, inplace=owned, input_shapes=input_shapes)
+    model = res.model
+    shapes = infer_shapes(model, input_shapes)
+    consts = ConstantTable.of(model.graph)
+    cg = analyze(model, shapes, registry, consts, head_mode=head_mode)
+    return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0, res.changes)
+
+
+def barrier_summary(cg: CouplingGraph, limit: int = 8) -> list[str]:
+    """The most common reasons groups are frozen, with counts."""
+    reasons: dict[str, int] = {}
+    for g in cg.groups:
+        if g.frozen:
+            reasons[g.frozen[0]] = reasons.get(g.frozen[0], 0) + 1
+    return [f"{r} ({n} group{'s' if n > 1 else ''})" for r, n in sorted(reasons.items(), key=lambda x: -x[1])][:limit]

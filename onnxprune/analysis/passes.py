@@ -1,0 +1,188 @@
+"""Function-preserving passes run before analysis. Each returns a :class:`PassResult`: the model
+and one line per change (shown with ``-v`` and kept in ``--report``).
+
+- ``inline_functions``: inline local ONNX functions;
+- ``name_nodes``: give every node a unique name (plans and reports refer to nodes by name);
+- ``fold_identity_constants``: ``Identity(constant)`` becomes a constant of its own (the legacy
+  exporter deduplicates equal initializers behind Identity nodes, which would couple unrelated layers
+  whose biases are zero);
+- ``untie_constants``: a small constant used by several nodes gets one copy per use, so each use is
+  sliced for its own need. Large constants used by several nodes (real weight tying) stay tied;
+- ``fold_static_shapes``: shape computations whose value does not depend on dynamic input sizes
+  become constants (Reshape targets, Slice bounds, head counts), so handlers can read and rewrite
+  them; those that depend on dynamic sizes stay computed.
+
+Every pass but ``inline_functions`` works in place on the model it is given; :func:`normalize`
+copies first unless the caller owns the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.ir import graph as gr
+from onnxprune.ir.tensors import ConstantTable
+from onnxprune.runtime.probe import probe_static_values
+
+log = logging.getLogger(__name__)
+
+UNTIE_MAX_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class PassResult:
+    model: onnx.ModelProto
+    changes: tuple[str, ...] = ()  # one line per change, for -v and --report
+
+
+Pass = Callable[[onnx.ModelProto], PassResult]
+
+
+def inline_functions(model: onnx.ModelProto) -> PassResult:
+    if not len(model.functions):
+        return PassResult(model)
+    names = [f"{f.domain}::{f.name}" if f.domain else f.name for f in model.functions]
+    return PassResult(gr.inline_functions(model), tuple(f"inlined local function {n}" for n in names))
+
+
+def name_nodes(model: onnx.ModelProto) -> PassResult:
+    used = {n.name for n in model.graph.node if n.name}
+    changes = []
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = gr.fresh_name(f"{node.op_type}_{i}", used)
+            changes.append(f"named node {i} ({node.op_type}) '{node.name}'")
+    if len(changes) > 3:
+        changes = [f"named {len(changes)} unnamed nodes ({changes[0]}, ...)"]
+    return PassResult(model, tuple(changes))
+
+
+def fold_identity_constants(model: onnx.ModelProto) -> PassResult:
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    changes = []
+    for _ in range(8):
+        consts = ConstantTable.of(g)
+        keep_nodes = []
+        for node in g.node:
+            if (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in consts
+                    and node.output[0] not in outputs):
+                g.initializer.append(numpy_helper.from_array(consts.get(node.input[0]), node.output[0]))
+                changes.append(f"folded Identity '{node.name}' of constant '{node.input[0]}'")
+                continue
+            keep_nodes.append(node)
+        if len(keep_nodes) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    gr.drop_unused(model)
+    return PassResult(model, tuple(changes))
+
+
+def untie_constants(model: onnx.ModelProto) -> PassResult:
+    g = model.graph
+    consts = ConstantTable.of(g)
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in g.node:
+        for i, t in enumerate(node.input):
+            if t in consts:
+                uses[t].append((node, i))
+    names = gr.all_names(g)
+    changes = []
+    for name, lst in uses.items():
+        if len(lst) < 2:
+            continue
+        if int(np.prod(consts.shape(name), dtype=np.int64)) > UNTIE_MAX_ELEMENTS:
+            continue
+        value = consts.get(name)
+        for k, (node, i) in enumerate(lst[1:], start=1):
+            new = gr.fresh_name(f"{name}__use{k}", names)
+            g.initializer.append(numpy_helper.from_array(np.array(value, copy=True), new))
+            node.input[i] = new
+        changes.append(f"untied constant '{name}' ({len(lst)} uses)")
+    gr.drop_unused(model)
+    return PassResult(model, tuple(changes))
+
+
+# ops whose output is not a function of their inputs' values (random) or that we never fold
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"}
+
+
+def shape_derived(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed only from constants and the *shapes* (not values) of activations."""
+    g = model.graph
+    derived = set(ConstantTable.of(g).names())
+    out: set[str] = set()
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NONDETERMINISTIC or gr.has_subgraph(node):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            ok = True
+        elif node.op_type == "Constant":
+            ok = False
+        else:
+            ok = bool(node.input) and all((not t) or t in derived for t in node.input)
+        if ok:
+            for o in node.output:
+                if o:
+                    derived.add(o)
+                    out.add(o)
+    return out
+
+
+def fold_static_shapes(model: onnx.ModelProto, overrides=None) -> PassResult:
+    """Replace shape computations whose value does not depend on dynamic input sizes by constants.
+    The function is unchanged for every input."""
+    derived = shape_derived(model)
+    if not derived:
+        return PassResult(model)
+    g = model.graph
+    values = probe_static_values(model, sorted(derived), overrides)
+    # fold the largest static sub-expressions: static tensors read by a node whose result is not static
+    frontier = {t for n in g.node if not all(o in values for o in n.output if o) for t in n.input if t in values}
+    values = {t: v for t, v in values.items() if t in frontier}
+    if not values:
+        return PassResult(model)
+    names = gr.all_names(g)
+    new_names: dict[str, str] = {}
+    for t, v in values.items():
+        name = gr.fresh_name(f"{t}__static", names)
+        new_names[t] = name
+        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    for n in g.node:
+        for i, t in enumerate(n.input):
+            if t in new_names:
+                n.input[i] = new_names[t]
+    before = len(g.node)
+    gr.drop_dead_nodes(model)
+    gr.drop_unused(model)
+    return PassResult(model, tuple([f"folded static shape value '{t}' = {np.asarray(v).tolist()}"
+                                    for t, v in sorted(values.items())][:50]
+                                   + [f"removed {before - len(g.node)} shape-computation nodes"]))
+
+
+def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None) -> PassResult:
+    """Every pass in order; ``inplace=True`` reuses ``model`` (for a model the caller just loaded)."""
+    res = inline_functions(model)
+    out = res.model
+    if not inplace and out is model:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    changes = list(res.changes)
+    for p in (name_nodes, fold_identity_constants, untie_constants):
+        r = p(out)
+        out = r.model
+        changes += [f"{p.__name__}: {c}" for c in r.changes]
+    r = fold_static_shapes(out, input_shapes)
+    changes += [f"fold_static_shapes: {c}" for c in r.changes]
+    for c in changes:
+        log.info("%s", c)
+    return PassResult(r.model, tuple(changes))

@@ -1,0 +1,54 @@
+"""What the commands print: the summary table, verification lines, the coverage line."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from onnxprune.measure.stats import delta, human
+
+
+def print_stats_table(console, before, after, latency=None, title="onnxprune") -> None:
+
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("Original", justify="right")
+    t.add_column("Pruned", justify="right")
+    t.add_column("Δ", justify="right")
+    t.add_row("nodes", str(before.nodes), str(after.nodes), delta(before.nodes, after.nodes))
+    for op in sorted(set(before.ops) | set(after.ops), key=lambda o: -before.ops.get(o, 0))[:6]:
+        b, a = before.ops.get(op, 0), after.ops.get(op, 0)
+        t.add_row(f"  {op}", str(b), str(a), delta(b, a))
+    t.add_row("parameters", human(before.params), human(after.params), delta(before.params, after.params))
+    t.add_row("MACs", human(before.macs), human(after.macs), delta(before.macs, after.macs))
+    t.add_row("size", human(before.size_bytes, "B"), human(after.size_bytes, "B"),
+              delta(before.size_bytes, after.size_bytes))
+    if latency is not None:
+        lo, lp = latency
+        t.add_row(f"latency median ({lo.ep}, batch {lo.batch})", f"{lo.median_ms:.2f} ms", f"{lp.median_ms:.2f} ms",
+                  delta(lo.median_ms, lp.median_ms))
+        t.add_row("latency p90", f"{lo.p90_ms:.2f} ms", f"{lp.p90_ms:.2f} ms", delta(lo.p90_ms, lp.p90_ms))
+        t.add_row("speedup", "", f"{lo.median_ms / lp.median_ms:.2f}x", "")
+    console.print(t)
+
+def print_verification(console, v) -> None:
+    scope = "pruned vs masked original" if v.exact else "EXACT GROUPS ONLY: pruned-by-exact-groups vs masked original"
+    console.print(f"verification on {v.ep.upper()} ({scope}, tolerance {v.tol:g}):")
+    for o in v.outputs:
+        status = "PASSED" if o.passed else "FAILED"
+        console.print(f"  {o.name} {list(o.shape)}: rel. error {o.rel_error:.3e} (min passing tol "
+                      f"{o.rel_error:.1e}) {status}; fidelity vs original {o.fidelity:.3e}")
+    if v.note:
+        console.print(f"  note: {v.note}")
+    if not v.exact:
+        worst = max((o.fidelity for o in v.outputs), default=0.0)
+        console.print(f"  APPROXIMATE: the pruned model changes the function (fidelity rel. error {worst:.3e}); "
+                      "it is not exact")
+
+def print_coverage(console, cg) -> None:
+    prunable, total = cg.coverage()
+    pct = 100.0 * prunable / total if total else 0.0
+    console.print(f"coverage: {prunable}/{total} channels prunable ({pct:.1f}%), "
+                  f"{sum(g.prunable for g in cg.groups)}/{len(cg.groups)} groups")
+    if cg.unknown_ops:
+        console.print("unknown ops (barriers): " + ", ".join(f"{k} x{len(v)}" for k, v in cg.unknown_ops.items()))
+

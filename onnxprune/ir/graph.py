@@ -1,0 +1,170 @@
+"""The graph index: opsets, graph inputs, value-info dims, subgraph references, dead-code removal
+and the weightless copy used for shape inference."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import inliner
+
+from onnxprune.ir.tensors import is_external, tensor_nbytes
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def input_feeds_spec(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def value_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    t = vi.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_refs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scopes."""
+    refs: set[str] = set()
+    for g in subgraphs(node):
+        defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            for t in n.input:
+                if t and t not in defined:
+                    refs.add(t)
+            for r in outer_refs(n):
+                if r not in defined:
+                    refs.add(r)
+            defined.update(o for o in n.output if o)
+    return refs
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` (subgraph outer references included) or output."""
+    used = {o.name for o in graph.output}
+    for n in graph.node:
+        used.update(t for t in n.input if t)
+        used.update(outer_refs(n))
+    return used
+
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (in graph order)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            if t:
+                out.setdefault(t, []).append(n)
+    return out
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its local functions inlined (``model`` itself when it has none)."""
+    if len(model.functions):
+        model = inliner.inline_local_functions(model)
+    return model
+
+
+def drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (shape computations replaced by constants)."""
+    g = model.graph
+    while True:
+        used = used_names(g)
+        keep = [n for n in g.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(keep)
+
+
+
+def drop_unused(model: onnx.ModelProto) -> list[str]:
+    """Remove initializers and Constant nodes nobody reads; returns the names removed."""
+    g = model.graph
+    used = used_names(g)
+    removed = [i.name for i in g.initializer if i.name not in used]
+    if removed:
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    nodes = [n for n in g.node if not (n.op_type == "Constant" and n.output[0] not in used)]
+    if len(nodes) != len(g.node):
+        removed += [n.output[0] for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
+        del g.node[:]
+        g.node.extend(nodes)
+    return removed
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name a new tensor must not take: initializers, node outputs, graph inputs."""
+    return ({i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+            | {i.name for i in graph.input})
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base`` made unique against ``taken`` (which receives it)."""
+    name = base
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers keep name, type and dims but no data (shape
+    inference reads only their types; data propagation needs only the small ones)."""
+    out = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(f):
+            setattr(out, f, getattr(model, f))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g, g2 = model.graph, out.graph
+    g2.name = g.name
+    g2.node.extend(g.node)
+    g2.input.extend(g.input)
+    g2.output.extend(g.output)
+    g2.value_info.extend(g.value_info)
+    for t in g.initializer:
+        if is_external(t) or tensor_nbytes(t) > keep_bytes:
+            light = g2.initializer.add()
+            light.name, light.data_type = t.name, t.data_type
+            light.dims.extend(t.dims)
+        else:
+            g2.initializer.append(t)
+    return out
+
