@@ -46,6 +46,16 @@ def write_json(name: str, data: dict) -> Path:
     return p
 
 
+def publish(name: str, lines: list[str], data: dict, write: bool = True) -> int:
+    """Print a benchmark's section; with ``write``, put it in RESULTS.md and its data in results/NAME.json.
+    Returns 0 (the script's exit code)."""
+    print("\n".join(lines))
+    if write:
+        write_section(name, lines)
+        write_json(name, data)
+    return 0
+
+
 def machine_line(extra: str = "") -> str:
     from onnxprune.runtime.machine import describe_markdown
 

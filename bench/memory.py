@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_line, md_table, write_json, write_section
+from _common import machine_line, md_table, publish
 from onnxprune.models import zoo
 
 # Runs a module (or code with -c) and reports the process's own high-water mark (VmHWM) at exit. The
@@ -93,11 +93,7 @@ def main(argv=None) -> int:
     lines += md_table(["case", "peak RSS MiB", "above baseline MiB", "above baseline / model size", "wall s", "exit"],
                       rows)
     lines.append("")
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("memory", lines)
-        write_json("memory", data)
-    return 0
+    return publish("memory", lines, data, write=not args.no_write)
 
 
 if __name__ == "__main__":

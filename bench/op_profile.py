@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 import onnxruntime as ort
-from _common import machine_line, md_table, write_json, write_section
+from _common import machine_line, md_table, publish
 from onnxprune.models import zoo
 
 from onnxprune import pipeline
@@ -102,11 +102,7 @@ def main(argv=None) -> int:
             lines += md_table(["op type", "original ms", "pruned ms", "speedup", "share orig / pruned"], rows)
             lines.append("")
             print(f"batch {b}: " + ", ".join(f"{k} {po.get(k, 0):.2f}->{pp.get(k, 0):.2f}" for k in ops), file=sys.stderr)
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("op_profile", lines)
-        write_json("op_profile", data)
-    return 0
+    return publish("op_profile", lines, data, write=not args.no_write)
 
 
 if __name__ == "__main__":

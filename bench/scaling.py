@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 import onnx
-from _common import machine_line, md_table, write_json, write_section
+from _common import machine_line, md_table, publish
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import pipeline
@@ -222,11 +222,7 @@ def main(argv=None) -> int:
                        "plan+rewrite growth"], accept)
     lines.append("")
     lines += prof_lines
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("scaling", lines)
-        write_json("scaling", results)
-    return 0
+    return publish("scaling", lines, results, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import datetime as _dt
 import sys
 import time
 
-from _common import machine_line, md_table, write_json, write_section
+from _common import machine_line, md_table, publish
 from onnxprune.models import zoo
 
 from onnxprune import pipeline
@@ -141,11 +141,7 @@ def main(argv=None) -> int:
                   "smaller model relatively more; it is shown for transparency, the acceptance uses the "
                   "steady-state (block) measurement."]
         lines.append("")
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("speed", lines)
-        write_json("speed", data)
-    return 0
+    return publish("speed", lines, data, write=not args.no_write)
 
 
 if __name__ == "__main__":
