@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.analysis.contract import Handler, register
+from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, RewriteCtx, register
 
 
 def _norm(axis: int, r: int) -> int:
@@ -15,8 +15,9 @@ def _norm(axis: int, r: int) -> int:
 @register
 class Concat(Handler):
     op_types = ("Concat",)
+    shape_arith = True
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         y = node.output[0]
         ys = ctx.shape(y)
         if ys is None:
@@ -41,10 +42,14 @@ class Concat(Handler):
 
 
 @register
-class Split(Handler):
-    op_types = ("Split",)
+class Split1(Handler):
+    """Split; the sizes are the ``split`` attribute (opset 1-12)."""
 
-    def analyze(self, node, ctx):
+    op_types = ("Split",)
+    moves_values = True
+    carries_tensor = True
+
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x = node.input[0]
         xs = ctx.shape(x)
         if xs is None:
@@ -69,18 +74,27 @@ class Split(Handler):
                     ctx.identity(x, ax, y, ax)
             off += s[axis]
 
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         x = node.input[0]
         r = len(rw.old_shape(x))
         axis = _norm(int(rw.attr(node, "axis") or 0), r)
         old = [rw.old_shape(y)[axis] for y in node.output]
         new = [rw.new_shape(y)[axis] for y in node.output]
-        if old == new:
-            return
-        sizes = np.array(new, dtype=np.int64)
-        if rw.opset < 13:
-            rw.set_attr(node, "split", [int(v) for v in sizes])
-            return
+        if old != new:
+            self._set_sizes(node, rw, np.array(new, dtype=np.int64))
+
+    def _set_sizes(self, node: Node, rw: RewriteCtx, sizes: np.ndarray) -> None:
+        rw.set_attr(node, "split", [int(v) for v in sizes])
+
+
+@register
+class Split13(Split1):
+    """The sizes are input 1 (opset 13; ``num_outputs`` instead of sizes is opset 18)."""
+
+    since = 13
+    shape_sinks = frozenset({1})
+
+    def _set_sizes(self, node: Node, rw: RewriteCtx, sizes: np.ndarray) -> None:
         rw.remove_attr(node, "num_outputs")
         if len(node.input) > 1 and node.input[1]:
             rw.set_input_const(node, 1, sizes)
@@ -92,8 +106,13 @@ class Split(Handler):
 class Slice(Handler):
     op_types = ("Slice",)
     since = 10
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
+    shape_arith = True
+    shape_sinks = frozenset({1, 2, 3, 4})
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         xs, ys = ctx.shape(x), ctx.shape(y)
         if xs is None or ys is None:
@@ -135,7 +154,7 @@ class Slice(Handler):
             elif ctx.has_space(x, ax):
                 ctx.cover(y, ax)  # a single index out of a channel axis: not carried
 
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         x, y = node.input[0], node.output[0]
         if rw.old_shape(x) == rw.new_shape(x):
             return

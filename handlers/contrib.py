@@ -15,6 +15,8 @@ Every other contrib op (SkipLayerNormalization, BiasSoftmax, FusedMatMul, NhwcCo
 has no handler, so it stays a barrier that freezes every tensor it touches.
 
 The registry is keyed by domain; the analysis looks contrib ops up at opset 1 (``since = 1``).
+Torch-Pruning's count (``tp_ops``) sees the fused Gelu as nn.GELU (1 per output element) and no
+other contrib op: FusedConv and FusedGemm count nothing there (their MACs are Conv's and Gemm's).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from onnxprune.handlers.conv import Conv
 from onnxprune.handlers.elementwise import broadcast_links
 from onnxprune.handlers.gemm import Gemm
 
-from onnxprune.analysis.contract import Handler, register
+from onnxprune.analysis.contract import AnalysisCtx, ConstOf, CountGraph, Handler, Node, ShapeOf, register
 
 DOMAIN = "com.microsoft"
 
@@ -36,12 +38,15 @@ class FusedConv(Conv):
     domain = DOMAIN
     since = 1
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         super().analyze(node, ctx)
         z = node.input[3] if len(node.input) > 3 else ""
         if z:
             # Y = act(conv(X, W) + B + Z): Z is added elementwise, like the other operand of an Add
             broadcast_links(node, ctx, [z])
+
+    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
+        return 0
 
 
 @register
@@ -52,14 +57,25 @@ class FusedGemm(Gemm):
     domain = DOMAIN
     since = 1
 
+    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
+        return 0
+
 
 @register
 class ContribElementwise(Handler):
-    """Per-element activations: Gelu, QuickGelu (one input), FastGelu, BiasGelu (input, bias)."""
+    """Per-element activations: QuickGelu (one input), FastGelu, BiasGelu (input, bias)."""
 
-    op_types = ("Gelu", "QuickGelu", "FastGelu", "BiasGelu")
+    op_types = ("QuickGelu", "FastGelu", "BiasGelu")
     domain = DOMAIN
     since = 1
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         broadcast_links(node, ctx, node.input[:2])
+
+
+@register
+class ContribGelu(ContribElementwise):
+    """Gelu (one input): the fused nn.GELU, which Torch-Pruning counts 1 per output element."""
+
+    op_types = ("Gelu",)
+    tp_per_output = 1

@@ -1,9 +1,11 @@
 """Normalizations. BatchNormalization and InstanceNormalization are per channel (exact);
-LayerNormalization over a channel axis mixes channels without weights (approximate)."""
+LayerNormalization over a channel axis mixes channels without weights (approximate), and so do
+Softmax and LogSoftmax over theirs. GroupNormalization is not followed (a barrier); its handler
+only declares Torch-Pruning's count. Torch-Pruning counts every normalization 2 per input element."""
 
 from __future__ import annotations
 
-from onnxprune.analysis.contract import Handler, register
+from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, Role, register
 
 
 @register
@@ -12,9 +14,11 @@ class ChannelNormalization(Handler):
     parameter per channel of axis 1, every axis carried."""
 
     op_types = ("BatchNormalization", "InstanceNormalization")
-    ROLES = {"BatchNormalization": ("scale", "param", "stat", "stat"), "InstanceNormalization": ("scale", "param")}
+    ROLES = {"BatchNormalization": (Role.SCALE, Role.PARAM, Role.STAT, Role.STAT),
+             "InstanceNormalization": (Role.SCALE, Role.PARAM)}
+    tp_per_input = 2
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         r = ctx.rank(x)
         if r is None:
@@ -31,11 +35,23 @@ class ChannelNormalization(Handler):
 
 
 @register
+class LayerNormalization1(Handler):
+    """LayerNormalization below opset 17 is onnxruntime's contrib op in the default domain (its
+    optimizer writes it at any opset): not followed (a barrier, as an unknown op), but counted by
+    Torch-Pruning like the standard one."""
+
+    op_types = ("LayerNormalization",)
+    follows_channels = False
+    tp_per_input = 2
+
+
+@register
 class LayerNormalization(Handler):
     op_types = ("LayerNormalization",)
     since = 17
+    tp_per_input = 2
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         r = ctx.rank(x)
         if r is None:
@@ -46,7 +62,7 @@ class LayerNormalization(Handler):
             ctx.identity(x, ax, y, ax)
             if ax >= axis:
                 ctx.approximate(x, ax, f"LayerNormalization '{node.name}' normalizes over the channels")
-        for t, role in zip(node.input[1:3], ("scale", "param"), strict=False):
+        for t, role in zip(node.input[1:3], (Role.SCALE, Role.PARAM), strict=False):
             if t:
                 s = ctx.shape(t) or ()
                 for j in range(len(s)):
@@ -59,10 +75,23 @@ class LayerNormalization(Handler):
 
 
 @register
-class Softmax(Handler):
+class GroupNormalization(Handler):
+    """Not followed (a barrier): declares Torch-Pruning's count only."""
+
+    op_types = ("GroupNormalization",)
+    since = 18
+    follows_channels = False
+    tp_per_input = 2
+
+
+@register
+class Softmax1(Handler):
+    """Softmax and LogSoftmax below opset 13: the input is coerced to 2-D at ``axis``, so every
+    axis from ``axis`` on is mixed."""
+
     op_types = ("Softmax", "LogSoftmax")
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         r = ctx.rank(x)
         if r is None:
@@ -72,9 +101,18 @@ class Softmax(Handler):
         axis = axis + r if axis < 0 else axis
         for ax in range(r):
             ctx.identity(x, ax, y, ax)
-        if ctx.opset < 13:
-            mixed = range(axis, r)
-        else:
-            mixed = [axis]
-        for ax in mixed:
+        for ax in self.mixed_axes(axis, r):
             ctx.approximate(x, ax, f"{node.op_type} '{node.name}' mixes the channels of axis {ax}")
+
+    def mixed_axes(self, axis: int, rank: int) -> list[int]:
+        return list(range(axis, rank))
+
+
+@register
+class Softmax13(Softmax1):
+    """Opset 13: one axis is mixed."""
+
+    since = 13
+
+    def mixed_axes(self, axis: int, rank: int) -> list[int]:
+        return [axis]

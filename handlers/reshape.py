@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.analysis.contract import Handler, register
+from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, RewriteCtx, register
 from onnxprune.errors import Barrier
 
 
@@ -57,7 +57,7 @@ def factor_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int
     return blocks
 
 
-def analyze_reshape(node, ctx, x: str, y: str) -> None:
+def analyze_reshape(node: Node, ctx: AnalysisCtx, x: str, y: str) -> None:
     xs, ys = ctx.shape(x), ctx.shape(y)
     if xs is None or ys is None:
         return
@@ -88,7 +88,7 @@ def _atoms(sizes: list[int]) -> list[int]:
     return out
 
 
-def _regroup(node, ctx, x: str, ii: list[int], y: str, jj: list[int]) -> None:
+def _regroup(node: Node, ctx: AnalysisCtx, x: str, ii: list[int], y: str, jj: list[int]) -> None:
     """Several axes on both sides (``[2048, 64] -> [512, 256]``): refine both into common atoms
     (here 512 x 4 x 64); an axis that is a run of atoms inside an axis of the other side is followed
     like a merge factor, the others keep their size."""
@@ -137,19 +137,19 @@ def _regroup(node, ctx, x: str, ii: list[int], y: str, jj: list[int]) -> None:
                 ctx.freeze(t, ax, f"Reshape '{node.name}': axis {ax} is split across other axes")
 
 
-def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[int]) -> None:
+def _defer_factor(node: Node, ctx: AnalysisCtx, single: str, s_axis: int, multi: str, m_axes: list[int]) -> None:
     shape = ctx.shape(multi)
     sizes = [shape[a] for a in m_axes]
     strides = [int(np.prod(sizes[k + 1:], dtype=np.int64)) for k in range(len(sizes))]
 
-    def decide(ctx) -> None:
+    def decide(ctx: AnalysisCtx) -> None:
         cands = [k for k, a in enumerate(m_axes) if ctx.has_space(multi, a)]
         free = [k for k in cands if not ctx.class_frozen(multi, m_axes[k])]
         pool = free or cands
         if not pool or not ctx.has_space(single, s_axis):
             ctx.freeze(single, s_axis, f"Reshape '{node.name}': no factor to follow")
             return
-        want = "heads" if ctx.cg.head_mode == "heads" else "dim"
+        want = "heads" if ctx.head_mode == "heads" else "dim"
         preferred = [k for k in pool if want in ctx.class_kind(multi, m_axes[k])]
         if preferred:
             pool = preferred
@@ -163,7 +163,7 @@ def _defer_factor(node, ctx, single: str, s_axis: int, multi: str, m_axes: list[
     ctx.defer(decide)
 
 
-def _target_sources(rw, node, shape_input_index: int):
+def _target_sources(rw: RewriteCtx, node: Node, shape_input_index: int):
     """For each entry of a Reshape/Expand target: (node, input index, position) of a constant, or None."""
     t = node.input[shape_input_index]
     owner, idx = node, shape_input_index
@@ -196,7 +196,7 @@ def _target_sources(rw, node, shape_input_index: int):
     return out
 
 
-def rewrite_target(rw, node, shape_input_index: int, new_entry) -> None:
+def rewrite_target(rw: RewriteCtx, node: Node, shape_input_index: int, new_entry) -> None:
     """Rewrite the constant entries of a shape input whose output axis changed."""
     y = node.output[0]
     old, new = rw.old_shape(y), rw.new_shape(y)
@@ -222,12 +222,16 @@ def rewrite_target(rw, node, shape_input_index: int, new_entry) -> None:
 @register
 class Reshape(Handler):
     op_types = ("Reshape",)
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
+    shape_sinks = frozenset({1})
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         ctx.cover(node.input[1])
         analyze_reshape(node, ctx, node.input[0], node.output[0])
 
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         y = node.output[0]
         if rw.old_shape(y) == rw.new_shape(y):
             return
@@ -247,25 +251,20 @@ class Reshape(Handler):
         rewrite_target(rw, node, 1, entry)
 
 
-def _rebuilt_target(rw, node) -> np.ndarray | None:
+def _rebuilt_target(rw: RewriteCtx, node: Node) -> np.ndarray | None:
     """A constant target for a Reshape whose computed target hides a changed channel count:
     static axes get their new size, a dynamic axis copied from the same input axis gets 0, and at
     most one other dynamic axis gets -1."""
     if int(rw.attr(node, "allowzero") or 0):
         return None
     x, y = node.input[0], node.output[0]
-    shapes = rw.cg.shapes
-    new_y, xs = rw.new_shape(y), shapes.get(x)
     target = []
     free = 0
-    for i, n in enumerate(new_y):
-        if not shapes.is_dynamic(y, i):
+    for i, n in enumerate(rw.new_shape(y)):
+        if not rw.is_dynamic(y, i):
             target.append(int(n))
             continue
-        c2x, c2y = shapes.concrete2.get(x), shapes.concrete2.get(y)
-        same = (xs is not None and i < len(xs) and shapes.is_dynamic(x, i) and xs[i] == shapes.get(y)[i]
-                and c2x is not None and c2y is not None and i < len(c2x) and c2x[i] == c2y[i])
-        if same:
+        if rw.same_dynamic_size(x, i, y, i):
             target.append(0)
         else:
             target.append(-1)
@@ -278,49 +277,79 @@ def _rebuilt_target(rw, node) -> np.ndarray | None:
 @register
 class Flatten(Handler):
     op_types = ("Flatten",)
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         analyze_reshape(node, ctx, node.input[0], node.output[0])
+
+
+def transpose_perm(node: Node, ctx: AnalysisCtx, rank: int) -> list[int]:
+    """Output axis i of a Transpose is input axis perm[i] (default: the axes reversed)."""
+    perm = ctx.attr("perm", node)
+    return list(perm) if perm else list(range(rank))[::-1]
 
 
 @register
 class Transpose(Handler):
     op_types = ("Transpose",)
+    shows_constant = True
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         r = ctx.rank(x)
         if r is None:
             return
-        perm = ctx.attr("perm")
-        perm = list(perm) if perm else list(range(r))[::-1]
-        for i, p in enumerate(perm):
+        for i, p in enumerate(transpose_perm(node, ctx, r)):
             ctx.identity(x, p, y, i)
 
+    def view_axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
+        r = ctx.rank(node.input[0])
+        return None if r is None else transpose_perm(node, ctx, r)
 
-def _axes(node, ctx, attr_until: int = 13):
-    if ctx.opset < attr_until:
+
+class _SqueezeAxes(Handler):
+    """Squeeze and Unsqueeze: ``axes`` is an attribute below opset 13."""
+
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
+    shape_arith = True
+
+    def axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
         a = ctx.attr("axes")
         return None if a is None else [int(v) for v in a]
-    if len(node.input) > 1 and node.input[1]:
-        ctx.cover(node.input[1])
-        v = ctx.value(node.input[1])
-        if v is None:
-            raise Barrier("axes are not constant")
-        return [int(a) for a in v.reshape(-1)]
-    return None
+
+
+class _AxesInput:
+    """Mixin, opset 13: ``axes`` is input 1 (constant, or the node is a barrier)."""
+
+    shape_sinks = frozenset({1})
+
+    def axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
+        if len(node.input) > 1 and node.input[1]:
+            ctx.cover(node.input[1])
+            v = ctx.value(node.input[1])
+            if v is None:
+                raise Barrier("axes are not constant")
+            return [int(a) for a in v.reshape(-1)]
+        return None
 
 
 @register
-class Squeeze(Handler):
+class Squeeze1(_SqueezeAxes):
     op_types = ("Squeeze",)
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         xs = ctx.shape(x)
         if xs is None:
             return
-        axes = _axes(node, ctx)
+        axes = self.axes(node, ctx)
         r = len(xs)
         if axes is None:
             axes = [a for a in range(r) if xs[a] == 1]
@@ -331,17 +360,27 @@ class Squeeze(Handler):
 
 
 @register
-class Unsqueeze(Handler):
+class Squeeze13(_AxesInput, Squeeze1):
+    since = 13
+
+
+@register
+class Unsqueeze1(_SqueezeAxes):
     op_types = ("Unsqueeze",)
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         ys = ctx.shape(y)
         if ys is None:
             return
-        axes = _axes(node, ctx) or []
+        axes = self.axes(node, ctx) or []
         r = len(ys)
         axes = {a + r if a < 0 else a for a in axes}
         kept = [a for a in range(r) if a not in axes]
         for i, a in enumerate(kept):
             ctx.identity(x, i, y, a)
+
+
+@register
+class Unsqueeze13(_AxesInput, Unsqueeze1):
+    since = 13

@@ -30,41 +30,51 @@ changes. Any other computed state is linked to the unit; a state that is a graph
 stays frozen (graph inputs/outputs are).
 
 MACs per op: seq * batch * dirs * G * hidden * (input + hidden) = seq * batch * (|W| + |R|), the W and
-R matrix products of every step, all gates and directions (the definition in onnxprune/stats.py).
+R matrix products of every step, all gates and directions (the definition in onnxprune/measure/stats.py).
 Elementwise work (bias adds, peephole products, activations, the state update) is not counted.
+Torch-Pruning's count adds the biases and its per-step gate arithmetic (``tp_gate_ops`` per hidden
+unit and direction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.contract import Handler, register
+from onnxprune.analysis.contract import (
+    AnalysisCtx,
+    ConstOf,
+    CountGraph,
+    Handler,
+    Node,
+    RewriteCtx,
+    Role,
+    ShapeOf,
+    numel,
+    register,
+)
 from onnxprune.errors import Barrier
+from onnxprune.ir.attrs import attr
 
 # activation names of the ONNX spec (every one is elementwise, hence per unit)
 ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
                "HardSigmoid", "Elu", "Softsign", "Softplus")
 DIRECTIONS = ("forward", "reverse", "bidirectional")
-# ops that only move or broadcast values: a zero tensor stays zero through them (data input 0)
-_ZERO_PRESERVING = ("Slice", "Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Transpose",
-                    "Tile", "Gather", "Flatten", "CastLike")
 
 
-def _is_computed_zero(name: str, producer: Callable[[str], onnx.NodeProto | None],
-                      const: Callable[[str], np.ndarray | None]) -> bool:
-    """Whether ``name`` is a computed (non-constant) tensor that is provably all zeros."""
-    if not name or const(name) is not None:
+def _is_computed_zero(name: str, ctx: AnalysisCtx | RewriteCtx) -> bool:
+    """Whether ``name`` is a computed (non-constant) tensor that is provably all zeros: a
+    ConstantOfShape of zero, then ops that keep zeros (``keeps_zeros``: data input 0)."""
+    if not name or ctx.const(name) is not None:
         return False
     cur = name
     for _ in range(16):
-        v = const(cur)
+        v = ctx.const(cur)
         if v is not None:
             return bool(np.issubdtype(v.dtype, np.number) and not np.any(v))
-        p = producer(cur)
+        p = ctx.producer(cur)
         if p is None or p.domain not in ("", "ai.onnx"):
             return False
         if p.op_type == "ConstantOfShape":
@@ -72,27 +82,21 @@ def _is_computed_zero(name: str, producer: Callable[[str], onnx.NodeProto | None
                 if a.name == "value":
                     return not np.any(numpy_helper.to_array(a.t))
             return True  # default value: float 0
-        if p.op_type in _ZERO_PRESERVING and p.input:
+        if ctx.handler_of(p).keeps_zeros and p.input:
             cur = p.input[0]
             continue
         return False
     return False
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 class _Recurrent(Handler):
-    gates: int = 1
-    state_inputs: tuple[int, ...] = (5,)  # initial_h (, initial_c)
-    peephole: int | None = None  # input index of P
+    gates: ClassVar[int] = 1
+    state_inputs: ClassVar[tuple[int, ...]] = (5,)  # initial_h (, initial_c)
+    peephole: ClassVar[int | None] = None  # input index of P
+    tp_gate_ops: ClassVar[int] = 1  # Torch-Pruning's elementwise gate arithmetic per step, x hidden size
 
     # -- analysis ---------------------------------------------------------------------------------
-    def _check_attrs(self, node, ctx) -> None:
+    def _check_attrs(self, node: Node, ctx: AnalysisCtx) -> None:
         layout = int(ctx.attr("layout") or 0)
         if layout != 0:
             raise Barrier(f"layout={layout} (batch-first) is not supported: onnxruntime cannot run it, "
@@ -108,7 +112,7 @@ class _Recurrent(Handler):
             if a not in ACTIVATIONS:
                 raise Barrier(f"activation '{a}' is not an ONNX RNN activation")
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         self._check_attrs(node, ctx)
         ins = list(node.input) + [""] * (8 - len(node.input))
         x, w, r, b = ins[0], ins[1], ins[2], ins[3]
@@ -128,10 +132,10 @@ class _Recurrent(Handler):
 
         # the hidden unit: anchored on R's column axis
         gh = np.arange(G * hidden)
-        ctx.slot(r, 2, "consumer")
-        ctx.slot(r, 1, "producer")
+        ctx.slot(r, 2, Role.CONSUMER)
+        ctx.slot(r, 1, Role.PRODUCER)
         ctx.link(r, 1, gh, r, 2, gh % hidden)
-        ctx.slot(w, 1, "producer")
+        ctx.slot(w, 1, Role.PRODUCER)
         ctx.link(w, 1, gh, r, 2, gh % hidden)
         ctx.freeze(w, 0, dir_reason)
         ctx.freeze(r, 0, dir_reason)
@@ -140,7 +144,7 @@ class _Recurrent(Handler):
             if bs is None or len(bs) != 2 or bs[0] != dirs or bs[1] != 2 * G * hidden:
                 raise Barrier(f"B has shape {bs}, expected [{dirs}, {2 * G * hidden}]")
             e = np.arange(2 * G * hidden)
-            ctx.slot(b, 1, "param")
+            ctx.slot(b, 1, Role.PARAM)
             ctx.link(b, 1, e, r, 2, e % hidden)
             ctx.freeze(b, 0, dir_reason)
         p = ins[self.peephole] if self.peephole is not None else ""
@@ -149,12 +153,12 @@ class _Recurrent(Handler):
             if ps is None or len(ps) != 2 or ps[0] != dirs or ps[1] != 3 * hidden:
                 raise Barrier(f"P has shape {ps}, expected [{dirs}, {3 * hidden}]")
             e = np.arange(3 * hidden)
-            ctx.slot(p, 1, "param")
+            ctx.slot(p, 1, Role.PARAM)
             ctx.link(p, 1, e, r, 2, e % hidden)
             ctx.freeze(p, 0, dir_reason)
 
         # input features: an ordinary consumer slot
-        ctx.slot(w, 2, "consumer")
+        ctx.slot(w, 2, Role.CONSUMER)
         ctx.identity(x, 2, w, 2)
 
         # outputs
@@ -175,18 +179,18 @@ class _Recurrent(Handler):
             s = ins[idx]
             if not s:
                 continue
-            if _is_computed_zero(s, ctx.cg.producer_of.get, ctx.const):
+            if _is_computed_zero(s, ctx):
                 ctx.cover(s)  # equal to an omitted state: dropped by the rewrite
                 continue
             if ctx.const_source(s) is not None:
-                ctx.slot(s, 2, "param")
+                ctx.slot(s, 2, Role.PARAM)
             ctx.identity(s, 2, r, 2)
             ctx.identity(s, 1, x, 1)
             ctx.freeze(s, 0, dir_reason)
         ctx.cover(seq_lens)
 
     # -- rewrite ----------------------------------------------------------------------------------
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         r = node.input[2]
         old_h = int(rw.old_shape(r)[2])
         new_h = int(rw.new_shape(r)[2])
@@ -199,17 +203,30 @@ class _Recurrent(Handler):
                 continue
             shape = rw.new_shape(s)
             unsliced = shape is None or len(shape) != 3 or int(shape[2]) != new_h
-            if unsliced and _is_computed_zero(s, rw.producer, rw.const):
+            if unsliced and _is_computed_zero(s, rw):
                 node.input[idx] = ""  # an all-zero state is the omitted state
 
     # -- cost -------------------------------------------------------------------------------------
-    def macs(self, node, shape_of, const_of):
+    def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         xs, ws, rs = shape_of(node.input[0]), shape_of(node.input[1]), shape_of(node.input[2])
         if xs is None or ws is None or rs is None or len(xs) != 3:
             return 0
-        layout = int(_attr(node, "layout", 0) or 0)
+        layout = int(attr(node, "layout", 0) or 0)
         seq, batch = (xs[0], xs[1]) if layout == 0 else (xs[1], xs[0])
         return int(seq) * int(batch) * int(np.prod(ws, dtype=np.int64) + np.prod(rs, dtype=np.int64))
+
+    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
+        """Every step: the W and R products, the bias, and ``tp_gate_ops`` per hidden unit and direction."""
+        xs = shape_of(node.input[0])
+        if xs is None or len(xs) != 3:
+            return 0
+        seq, batch = (xs[1], xs[0]) if int(attr(node, "layout", 0) or 0) == 1 else (xs[0], xs[1])
+        ws = shape_of(node.input[1])
+        dirs = int(ws[0]) if ws else 1
+        bias = numel(shape_of(node.input[3])) if len(node.input) > 3 and node.input[3] else 0
+        hidden = int(attr(node, "hidden_size", 0) or 0)
+        return int(seq) * int(batch) * (numel(ws) + numel(shape_of(node.input[2])) + bias
+                                        + dirs * self.tp_gate_ops * hidden)
 
 
 @register
@@ -218,6 +235,7 @@ class LSTM(_Recurrent):
     gates = 4
     state_inputs = (5, 6)
     peephole = 7
+    tp_gate_ops = 10
 
 
 @register
@@ -225,6 +243,7 @@ class GRU(_Recurrent):
     op_types = ("GRU",)
     gates = 3
     state_inputs = (5,)
+    tp_gate_ops = 7
 
 
 @register
@@ -232,3 +251,4 @@ class RNN(_Recurrent):
     op_types = ("RNN",)
     gates = 1
     state_inputs = (5,)
+    tp_gate_ops = 1

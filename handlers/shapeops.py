@@ -8,15 +8,16 @@ import numpy as np
 import onnx
 from onnxprune.handlers.reshape import rewrite_target
 
-from onnxprune.analysis.contract import Handler, register
-from onnxprune.ir.attrs import get_attr
+from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, RewriteCtx, Role, register
 
 
 @register
-class Shape(Handler):
+class Shape1(Handler):
+    """Shape (every axis, below opset 15) and Size."""
+
     op_types = ("Shape", "Size")
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         """Sizes that reach run-time arithmetic must not change: the axes this node's value reads
         (through Gather/Slice with constant indices, else all of them) are frozen; the others are
         carried passively. Static shape computations were already folded into constants."""
@@ -32,16 +33,18 @@ class Shape(Handler):
             if ctx.has_space(x, ax):
                 ctx.freeze(x, ax, f"{node.op_type} '{node.name}' reads the size of axis {ax} at run time")
 
-    @staticmethod
-    def _read_axes(node, ctx, r: int) -> set[int]:
-        start = int(ctx.attr("start") or 0) if ctx.opset >= 15 else 0
-        end = ctx.attr("end") if ctx.opset >= 15 else None
+    def _range(self, ctx: AnalysisCtx) -> tuple[int, int | None]:
+        """(start, end) of the axes whose sizes the value holds (end None: to the last)."""
+        return 0, None
+
+    def _read_axes(self, node: Node, ctx: AnalysisCtx, r: int) -> set[int]:
+        start, end = self._range(ctx)
         start = start + r if start < 0 else start
         end = r if end is None else (int(end) + r if int(end) < 0 else int(end))
         axes = list(range(max(0, start), min(r, end)))
         read: set[int] = set()
-        for c in ctx.cg.consumers_of.get(node.output[0], []):
-            if c.op_type == "Gather" and int(registry_attr(c, "axis", ctx) or 0) == 0:
+        for c in ctx.consumers(node.output[0]):
+            if c.op_type == "Gather" and int(ctx.attr("axis", c) or 0) == 0:
                 idx = ctx.value(c.input[1])
                 if idx is not None:
                     read.update(axes[int(i)] for i in np.asarray(idx).reshape(-1) if -len(axes) <= int(i) < len(axes))
@@ -59,55 +62,87 @@ class Shape(Handler):
         return read
 
 
-# integer arithmetic on shape vectors, and the inputs through which a value only sets a shape
-_SHAPE_ARITH = {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Mul", "Add", "Sub", "Div", "Mod",
-                "Neg", "Abs", "Max", "Min", "Identity", "ReduceProd", "ReduceSum", "Sum", "Floor", "Ceil"}
-_SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Resize", 3),
-                ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Range", 0), ("Range", 1), ("Range", 2),
-                ("Split", 1), ("Pad", 1), ("Unsqueeze", 1), ("Squeeze", 1), ("OneHot", 1)}
+@register
+class Shape15(Shape1):
+    """Shape with ``start`` and ``end`` (opset 15): the value holds the sizes of those axes only."""
+
+    op_types = ("Shape",)
+    since = 15
+
+    def _range(self, ctx: AnalysisCtx) -> tuple[int, int | None]:
+        end = ctx.attr("end")
+        return int(ctx.attr("start") or 0), None if end is None else int(end)
 
 
-def _only_shapes(ctx, t: str, depth: int = 0) -> bool:
-    """True if value ``t`` (derived from a Shape) only ever sets shapes or indexes, never data."""
+def _only_shapes(ctx: AnalysisCtx, t: str, depth: int = 0) -> bool:
+    """True if value ``t`` (derived from a Shape) only ever sets shapes or indexes, never data: it
+    reaches only ``shape_sinks`` inputs, through integer ``shape_arith`` ops."""
     if depth > 32:
         return False
-    if any(o.name == t for o in ctx.cg.model.graph.output):
+    if ctx.is_graph_output(t):
         return False
-    for c in ctx.cg.consumers_of.get(t, []):
+    for c in ctx.consumers(t):
         idxs = [i for i, n in enumerate(c.input) if n == t]
-        if all((c.op_type, i) in _SHAPE_SINKS for i in idxs):
+        h = ctx.handler_of(c)
+        if all(i in h.shape_sinks for i in idxs):
             continue
-        if c.op_type in _SHAPE_ARITH and all(_is_int(ctx, o) for o in c.output if o):
+        if h.shape_arith and all(_is_int(ctx, o) for o in c.output if o):
             if all(_only_shapes(ctx, o, depth + 1) for o in c.output if o):
                 continue
         return False
     return True
 
 
-def _is_int(ctx, t: str) -> bool:
-    et = ctx.cg.elem_types.get(t)
-    return et in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-
-
-def registry_attr(node, name, ctx):
-    return get_attr(node, name, ctx.opset)
+def _is_int(ctx: AnalysisCtx, t: str) -> bool:
+    return ctx.elem_type(t) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 @register
 class ConstantOfShape(Handler):
-    op_types = ("ConstantOfShape", "Range", "NonZero")
+    """A tensor made from a shape (input 0); the output is not carried (its channel spaces stay
+    frozen)."""
 
-    def analyze(self, node, ctx):
+    op_types = ("ConstantOfShape",)
+    shape_sinks = frozenset({0})
+
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         for t in node.input:
             ctx.cover(t)
-        # outputs are not carried: any channel space there stays frozen
+
+
+@register
+class Range(ConstantOfShape):
+    """start, limit, delta: scalars that only set the output's length and values."""
+
+    op_types = ("Range",)
+    shape_sinks = frozenset({0, 1, 2})
+
+
+@register
+class NonZero(ConstantOfShape):
+    op_types = ("NonZero",)
+    shape_sinks = frozenset()
+
+
+@register
+class OneHot(Handler):
+    """Not followed (a barrier); ``depth`` (input 1) only sets the output's size."""
+
+    op_types = ("OneHot",)
+    since = 9
+    follows_channels = False
+    shape_sinks = frozenset({1})
 
 
 @register
 class Gather(Handler):
     op_types = ("Gather",)
+    moves_values = True
+    keeps_zeros = True
+    carries_tensor = True
+    shape_arith = True
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         data, idx, y = node.input[0], node.input[1], node.output[0]
         ds, is_, ys = ctx.shape(data), ctx.shape(idx), ctx.shape(y)
         if ds is None or is_ is None or ys is None:
@@ -125,7 +160,7 @@ class Gather(Handler):
         if ctx.const_source(data) is not None:
             for ax in range(r):
                 if ax != axis and ctx.has_space(data, ax):
-                    ctx.slot(data, ax, "param")
+                    ctx.slot(data, ax, Role.PARAM)
         # the gathered axis is carried only for constant, distinct indices along one index axis
         # (a channel subset or permutation): output element j is data element indices[j], and the
         # rewrite renumbers the indices; anything else leaves the axis frozen
@@ -135,7 +170,7 @@ class Gather(Handler):
             if ctx.has_space(y, axis + k):
                 ctx.link(y, axis + k, np.arange(len(values)), data, axis, values)
 
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         data, idx = node.input[0], node.input[1]
         r = len(rw.old_shape(data))
         axis = int(rw.attr(node, "axis") or 0)
@@ -170,8 +205,11 @@ def _selection(indices, n: int):
 @register
 class Expand(Handler):
     op_types = ("Expand",)
+    moves_values = True
+    keeps_zeros = True
+    shape_sinks = frozenset({1})
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         xs, ys = ctx.shape(x), ctx.shape(y)
         if xs is None or ys is None:
@@ -184,7 +222,7 @@ class Expand(Handler):
             else:
                 ctx.cover(x, j)
 
-    def rewrite(self, node, rw):
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         # an entry that broadcast a channel axis becomes 1: the input's own size then wins
         rewrite_target(rw, node, 1, lambda pos, cur, n: 1 if cur != 1 else None)
 
@@ -192,8 +230,10 @@ class Expand(Handler):
 @register
 class Tile(Handler):
     op_types = ("Tile",)
+    keeps_zeros = True
+    shape_sinks = frozenset({1})
 
-    def analyze(self, node, ctx):
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         xs = ctx.shape(x)
         reps = ctx.value(node.input[1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +20,7 @@ import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from onnxprune.analysis.contract import Registry, Role
+from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, Registry, Role
 from onnxprune.analysis.shapes import Shapes
 from onnxprune.errors import Barrier
 from onnxprune.ir.attrs import get_attr
@@ -29,7 +29,6 @@ from onnxprune.ir.tensors import ConstantTable
 
 log = logging.getLogger(__name__)
 
-ROLES = tuple(r.value for r in Role)
 # frozen-reason priorities: lower is shown first
 _PRIO = {"unknown": 0, "ignore": 1, "io": 2, "rule": 3, "carry": 4}
 
@@ -207,20 +206,25 @@ class CouplingGraph:
 
 
 class AnalysisContext:
-    """What a handler sees while analysing one node."""
+    """What a handler sees while analysing one node (the :class:`AnalysisCtx` Protocol)."""
 
     def __init__(self, cg: CouplingGraph):
         self.cg = cg
         self.node: onnx.NodeProto | None = None
         self.covered: set[SpaceKey] = set()
-        self.deferred: list[tuple[onnx.NodeProto, Callable[[AnalysisContext], None]]] = []
+        self.deferred: list[tuple[onnx.NodeProto, Callable[[AnalysisCtx], None]]] = []
         self._phase2 = False
         self._uf: list[int] = []
+        self._graph_outputs = {o.name for o in cg.model.graph.output}
 
     # -- queries -------------------------------------------------------------------------------
     @property
     def opset(self) -> int:
         return self.cg.opset
+
+    @property
+    def head_mode(self) -> str:
+        return self.cg.head_mode
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.cg.shapes.get(name) if name else None
@@ -232,8 +236,24 @@ class AnalysisContext:
     def is_dynamic(self, name: str, axis: int) -> bool:
         return self.cg.shapes.is_dynamic(name, axis)
 
+    def producer(self, name: str) -> Node | None:
+        return self.cg.producer_of.get(name)
+
+    def consumers(self, name: str) -> Sequence[Node]:
+        return self.cg.consumers_of.get(name, ())
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self._graph_outputs
+
+    def elem_type(self, name: str) -> int | None:
+        return self.cg.elem_types.get(name)
+
+    def handler_of(self, node: Node) -> Handler:
+        return self.cg.registry.facts_of(node, self.opset)
+
     def const(self, name: str) -> np.ndarray | None:
-        """Value of a constant, looking through Identity, Cast and Transpose chains."""
+        """Value of a constant, seen through the ops that show one (``shows_constant``: Identity,
+        Cast, Transpose)."""
         src = self.const_source(name)
         if src is None:
             return None
@@ -247,10 +267,10 @@ class AnalysisContext:
         """A constant (static shape computations were folded into constants before analysis)."""
         return self.const(name)
 
-    def const_source(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
+    def const_source(self, name: str) -> tuple[str, tuple[int, ...]] | None:
         """(constant name, axis map from this tensor's axes to the constant's) or None.
 
-        Follows Identity, Cast and Transpose of constants.
+        Follows the ops whose handler ``shows_constant`` (Identity, Cast, Transpose), at most 16.
         """
         perm: list[int] | None = None
         cur = name
@@ -258,27 +278,22 @@ class AnalysisContext:
             if cur in self.cg.consts:
                 rank = len(self.cg.consts.shape(cur))
                 return cur, tuple(perm) if perm is not None else tuple(range(rank))
-            prod = self.cg.producer_of.get(cur)
-            if prod is None or prod.domain not in ("", "ai.onnx"):
+            prod = self.producer(cur)
+            if prod is None:
                 return None
-            if prod.op_type in ("Identity", "Cast"):
-                cur = prod.input[0]
-                continue
-            if prod.op_type == "Transpose":
-                r = self.rank(prod.input[0])
-                p = get_attr(prod, "perm", self.opset)
-                if r is None:
-                    return None
-                p = list(p) if p else list(range(r))[::-1]
-                # output axis i is input axis p[i]
-                perm = p if perm is None else [p[perm_i] for perm_i in perm]
-                cur = prod.input[0]
-                continue
-            return None
+            h = self.handler_of(prod)
+            if not h.shows_constant:
+                return None
+            p = h.view_axes(prod, self)
+            if p is None:
+                return None
+            # output axis i is input axis p[i]
+            perm = p if perm is None else [p[perm_i] for perm_i in perm]
+            cur = prod.input[0]
         return None
 
-    def attr(self, name: str):
-        return get_attr(self.node, name, self.opset)
+    def attr(self, name: str, node: Node | None = None):
+        return get_attr(self.node if node is None else node, name, self.opset)
 
     def has_space(self, tensor: str, axis: int) -> bool:
         return self.cg.space(tensor, axis) is not None
@@ -339,11 +354,11 @@ class AnalysisContext:
         sid = self.cg.space(tensor, axis)
         if sid is None:
             return
-        if role == "producer":
+        if role == Role.PRODUCER:
             self.cg.producer_nodes[sid].add(self.node.name)
         src = self.const_source(tensor)
         if src is None:
-            if role == "consumer":
+            if role == Role.CONSUMER:
                 self.approximate(tensor, axis, f"{self._where()}: contracts channels with a computed "
                                                f"(non-constant) operand")
             return
@@ -356,7 +371,7 @@ class AnalysisContext:
             # the chain of Identity/Cast/Transpose links them through its own handlers
             pass
         self.cg.slots.append(Slot(cname, caxis, role, self.node.name, csid))
-        if role == "producer":
+        if role == Role.PRODUCER:
             self.cg.producer_nodes[csid].add(self.node.name)
 
     def approximate(self, tensor: str, axis: int, reason: str) -> None:
@@ -394,7 +409,7 @@ class AnalysisContext:
             return set()
         return self._kinds_by_root.get(self._find(sid), set())
 
-    def defer(self, fn: Callable[[AnalysisContext], None]) -> None:
+    def defer(self, fn: Callable[[AnalysisCtx], None]) -> None:
         """Run ``fn`` after every node was analysed once (``class_frozen`` is then meaningful)."""
         self.deferred.append((self.node, fn))
 
@@ -501,7 +516,7 @@ def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
     for t in sorted(refs):
         ctx.freeze(t, None, f"{ctx._where()}: read inside its subgraph", kind="unknown")
     tensors.extend(sorted(refs))
-    if handler is None:
+    if handler is None or not handler.follows_channels:  # facts-only handlers are barriers too
         op = f"{domain}::{node.op_type}" if domain not in ("", "ai.onnx") else node.op_type
         cg.unknown_ops[op].append(node.name)
         for t in tensors:

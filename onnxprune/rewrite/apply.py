@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.contract import Handler, Node
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.errors import RewriteError
 from onnxprune.ir.attrs import get_attr
@@ -49,7 +50,7 @@ def validate(cg: CouplingGraph, plan: Plan) -> None:
 
 
 class RewriteContext:
-    """What a handler sees while fixing one node."""
+    """What a handler sees while fixing one node (the ``contract.RewriteCtx`` Protocol)."""
 
     def __init__(self, model: onnx.ModelProto, cg: CouplingGraph, kept: dict[tuple[str, int], np.ndarray]):
         self.model = model
@@ -83,6 +84,24 @@ class RewriteContext:
     def kept(self, t: str, axis: int) -> np.ndarray:
         k = self._kept.get((t, axis))
         return np.arange(self.cg.shapes.get(t)[axis]) if k is None else k
+
+    def is_dynamic(self, t: str, axis: int) -> bool:
+        return self.cg.shapes.is_dynamic(t, axis)
+
+    def same_dynamic_size(self, a: str, axis_a: int, b: str, axis_b: int) -> bool:
+        """Whether dynamic axis ``axis_a`` of ``a`` and axis ``axis_b`` of ``b`` had the same size at
+        both probe sizes (``b``'s axis is a copy of ``a``'s)."""
+        shapes = self.cg.shapes
+        sa, sb = shapes.get(a), shapes.get(b)
+        c2a, c2b = shapes.concrete2.get(a), shapes.concrete2.get(b)
+        return (sa is not None and sb is not None and axis_a < len(sa) and axis_b < len(sb)
+                and shapes.is_dynamic(a, axis_a) and sa[axis_a] == sb[axis_b]
+                and c2a is not None and c2b is not None and axis_a < len(c2a) and axis_b < len(c2b)
+                and c2a[axis_a] == c2b[axis_b])
+
+    def handler_of(self, node: Node) -> Handler:
+        """The handler of ``node``, for its declared facts (``contract.UNKNOWN`` if none)."""
+        return self.cg.registry.facts_of(node, self.opset)
 
     def const(self, name: str) -> np.ndarray | None:
         return self._consts.get(name)
