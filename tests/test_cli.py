@@ -1,12 +1,15 @@
 """Tests of the ``onnxprune`` command line: exit codes, one-line errors, nothing written on failure,
-the prune -> verify -> replay round trip, planted dead channels, groups/inspect/bench/demo.
+the prune -> verify -> replay round trip, planted dead channels, groups/inspect/bench/demo, and the
+argument groups every option belongs to (cli/args.py).
 
-Exit codes (onnxprune/cli.py): 0 ok, 1 verification failed, 2 user error, 3 nothing to prune,
+Exit codes (onnxprune/cli/__init__.py): 0 ok, 1 verification failed, 2 user error, 3 nothing to prune,
 4 refused rewrite. User errors are exactly one line on stderr starting with ``onnxprune: error:``.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,10 +21,17 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+import onnxprune.analysis.analyze
 import onnxprune.cli
 import onnxprune.measure.verify
-from onnxprune.errors import NothingToPrune
+import onnxprune.pipeline
+from onnxprune.cli import COMMANDS
+from onnxprune.cli.args import ArgGroup
+from onnxprune.errors import NothingToPrune, UserError
+from onnxprune.planning.importance import IMPORTANCES
+from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.session import cuda_available
+from onnxprune.testing import from_text
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -136,6 +146,8 @@ BAD_ARGS = {
     "unknown_flag": (["--no-such-flag"], True),
     "bad_importance_choice": (["--importance", "l3"], False),
     "round_to_zero": (["--round-to", "0"], False),
+    "abbreviated_option": (["--rati", "0.5"], False),  # no abbreviations: a new option could change their meaning
+    "tol_nan": (["--tol", "nan"], False),
 }
 
 
@@ -542,3 +554,133 @@ def test_bench_cuda_unavailable(run_cli, small_onnx):
 
 def test_bench_repeat_zero(run_main, small_onnx):
     assert_user_error(run_main("bench", small_onnx, "--ep", "cpu", "--repeat", "0"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. argument groups: every option declared once, parsed once, shared by the commands that take it
+
+
+def _subparsers() -> dict:
+    parser = onnxprune.cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_belongs_to_exactly_one_argument_group():
+    owner: dict[str, type] = {}
+    for cmd in COMMANDS:
+        assert cmd.GROUPS and all(isinstance(g, ArgGroup) for g in cmd.GROUPS), cmd.__name__
+        for g in cmd.GROUPS:
+            for opt in g.options():
+                assert owner.setdefault(opt, type(g)) is type(g), f"{opt}: {owner[opt].__name__} and {type(g).__name__}"
+    subs = _subparsers()
+    for cmd in COMMANDS:
+        name = cmd.__name__.rsplit("cmd_", 1)[1]
+        declared = {o for a in subs[name]._actions for o in a.option_strings} - {"-h", "--help"}
+        from_groups = set().union(*(g.options() for g in cmd.GROUPS))
+        assert declared == from_groups, f"{name}: options outside its groups: {declared - from_groups}"
+
+
+def test_commands_agree_about_every_shared_option():
+    seen: dict[str, tuple] = {}
+    for name, sp in _subparsers().items():
+        for a in sp._actions:
+            for opt in a.option_strings:
+                # the default may differ per command (bench times longer than sweep), nothing else
+                key = (type(a).__name__, a.type, tuple(a.choices) if a.choices else None, a.nargs, a.dest)
+                assert seen.setdefault(opt, key) == key, f"{opt} differs in {name}"
+
+
+def test_importance_choices_come_from_the_criteria():
+    for name in ("prune", "sweep", "demo"):
+        action = next(a for a in _subparsers()[name]._actions if "--importance" in a.option_strings)
+        assert sorted(action.choices) == sorted(IMPORTANCES)
+
+
+def test_plan_options_are_typed_and_frozen():
+    opts = PlanOptions(ratio=0.3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.ratio = 0.5
+    with pytest.raises(UserError, match="auto_round_to"):
+        PlanOptions(round_to="auto").validate()  # the library takes an int; the CLI resolves 'auto'
+
+
+@pytest.mark.parametrize("extra", [["--batch", "0"], ["--threads", "-3"], ["--warmup", "0"], ["--repeat", "x"],
+                                   ["--target-latency", "0"], ["--target-macs", "nan"], ["--tol", "-1"]],
+                         ids=["batch_0", "threads_-3", "warmup_0", "repeat_x", "latency_0", "macs_nan", "tol_-1"])
+def test_prune_timing_and_target_options_are_validated(run_cli, run_main, small_onnx, out_dir, extra):
+    snap = Snapshot(small_onnx, small_onnx.parent, out_dir)
+    run = run_cli if extra[0] == "--batch" else run_main
+    msg = assert_user_error(run("prune", small_onnx, "-o", out_dir / "o.onnx", "--target-latency", "0.9", *extra))
+    assert extra[0] in msg
+    snap.assert_unchanged()
+    assert _listing(out_dir) == []
+
+
+@pytest.mark.parametrize("cmd", ["bench", "sweep"])
+@pytest.mark.parametrize("extra", [["--batch", "0"], ["--threads", "-3"]], ids=["batch_0", "threads_-3"])
+def test_bench_and_sweep_share_the_timing_checks(run_main, small_onnx, out_dir, cmd, extra):
+    snap = Snapshot(small_onnx, small_onnx.parent, out_dir)
+    msg = assert_user_error(run_main(cmd, small_onnx, "--ep", "cpu", "--report", out_dir / "r.json", *extra))
+    assert extra[0] in msg
+    snap.assert_unchanged()
+
+
+def test_sweep_report_never_overwrites_the_model(run_main, small_onnx):
+    snap = Snapshot(small_onnx, small_onnx.parent)
+    assert_user_error(run_main("sweep", small_onnx, "--ep", "cpu", "--report", small_onnx))
+    snap.assert_unchanged()
+
+
+def test_report_and_plan_may_not_be_one_file(run_main, small_onnx, out_dir):
+    snap = Snapshot(small_onnx, small_onnx.parent, out_dir)
+    msg = assert_user_error(run_main("prune", small_onnx, "-o", out_dir / "o.onnx", "--report", out_dir / "x.json",
+                                     "--save-plan", out_dir / "x.json"))
+    assert "--save-plan" in msg
+    snap.assert_unchanged()
+
+
+def test_report_plan_and_model_files_have_the_same_mode(run_main, small_onnx, out_dir):
+    r = run_main("prune", small_onnx, "-o", out_dir / "o.onnx", "--report", out_dir / "r.json",
+                 "--save-plan", out_dir / "p.json")
+    assert r.returncode == 0, r.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: (out_dir / f).stat().st_mode & 0o777 for f in ("o.onnx", "r.json", "p.json")}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_target_macs_analyses_the_model_once(monkeypatch, small_onnx, out_dir, capsys):
+    calls = []
+
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            calls.append(args[0] if args else kwargs.get("model"))
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(onnxprune.pipeline, "_analyze", counting(onnxprune.pipeline._analyze))
+    monkeypatch.setattr(onnxprune.analysis.analyze, "analyze_model",
+                        counting(onnxprune.analysis.analyze.analyze_model))
+    rc = onnxprune.cli.main(["prune", str(small_onnx), "-o", str(out_dir / "o.onnx"), "--target-macs", "0.6",
+                             "--report", str(out_dir / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert len(calls) == 1, calls
+    report = json.loads((out_dir / "r.json").read_text())
+    assert report["stats"]["pruned"]["macs"] <= 0.6 * report["stats"]["original"]["macs"]
+    assert report["plan"]["options"]["ratio"] == report["target"]["ratio"]
+
+
+def test_verbose_prune_lists_the_normalization_changes(run_main, tmp_path, out_dir):
+    # an Identity in front of a weight is folded by normalization; -v says so
+    p = tmp_path / "id.onnx"
+    onnx.save(from_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,8,8] x) => (float[1,4,8,8] y)
+    <float[8,3,3,3] w1, float[4,8,1,1] w2>
+    { wi = Identity(w1)  c = Conv<pads=[1,1,1,1]>(x, wi)  r = Relu(c)  y = Conv(r, w2) }"""), str(p))
+    r = run_main("-v", "prune", p, "-o", out_dir / "o.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "normalization:" in r.stdout
+    quiet = run_main("prune", p, "-o", out_dir / "o2.onnx")
+    assert quiet.returncode == 0 and "normalization:" not in quiet.stdout

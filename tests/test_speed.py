@@ -184,7 +184,7 @@ def test_bench_cuda_runs_on_cuda(run_cli, resnet18_onnx):
 
 
 def test_parse_ratios():
-    from onnxprune.cli.cmd_sweep import parse_ratios
+    from onnxprune.cli.common import parse_ratios
     from onnxprune.errors import UserError
 
     assert parse_ratios("0,0.1,...,0.9") == pytest.approx([i / 10 for i in range(10)])
@@ -261,3 +261,19 @@ def test_target_latency_search_uses_cached_measurements(monkeypatch):
     assert len(sigs) == len(set(sigs))  # equal plans share one measurement
     # the chosen ratio is the smallest evaluated one meeting the target
     assert all(e.latency_ratio is None or e.latency_ratio > 0.6 or e.ratio >= res.ratio for e in s.cache.values())
+
+
+def test_sweep_takes_prunes_plan_and_timing_groups(run_main, tmp_path):
+    """sweep parses --round-to auto, --importance and the timing options with prune's groups."""
+    p = tmp_path / "odd.onnx"
+    onnx.save(from_text(ODD_CNN), str(p))
+    rep = tmp_path / "sweep.json"
+    r = run_main("sweep", p, "--ratios", "0,0.5", "--ep", "cpu", "--threads", "1", "--warmup", "1", "--repeat", "2",
+                 "--round-to", "auto", "--importance", "l1", "--report", rep)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(rep.read_text())
+    assert data["round_to"] == hw.auto_round_to("cpu")[0] and data["importance"] == "l1"
+    assert f"--round-to auto: {data['round_to']}" in r.stdout
+    for bad in (["--round-to", "0"], ["--importance", "l3"], ["--ratio", "0.5"], ["--repeat", "0"]):
+        r = run_main("sweep", p, "--ep", "cpu", *bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)

@@ -1,8 +1,9 @@
 """Command line: inspect, groups, prune, verify, bench, sweep, demo (one module per command).
 
-User errors are one line on stderr with exit code 2 and no output file; verification failure exits
-1; nothing to prune exits 3; a refused rewrite exits 4. The last line of prune/verify/demo says
-PASSED or FAILED. Exceptions are mapped to exit codes here, in one place.
+Options belong to argument groups (``cli/args.py``); each command module lists the groups it takes
+in ``GROUPS``. User errors are one line on stderr with exit code 2 and no output file; verification
+failure exits 1; nothing to prune exits 3; a refused rewrite exits 4. The last line of
+prune/verify/demo says PASSED or FAILED. Exceptions are mapped to exit codes here, in one place.
 """
 
 from __future__ import annotations
@@ -13,29 +14,28 @@ import sys
 import warnings
 
 from onnxprune.cli import cmd_bench, cmd_demo, cmd_groups, cmd_inspect, cmd_prune, cmd_sweep, cmd_verify
-from onnxprune.cli.common import Parser, ep_args, model_args, plan_args
+from onnxprune.cli.args import VerbosityArgs
+from onnxprune.cli.common import Parser
 from onnxprune.errors import OnnxPruneError
+
+COMMANDS = (cmd_inspect, cmd_groups, cmd_prune, cmd_verify, cmd_bench, cmd_sweep, cmd_demo)
+VERBOSITY = VerbosityArgs()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="onnxprune", description="Structural pruning of ONNX models, verified with onnxruntime.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    VERBOSITY.install(p)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    m, e, pl = model_args(), ep_args(), plan_args()
-    cmd_inspect.add(sub, [m])
-    cmd_groups.add(sub, [m])
-    cmd_prune.add(sub, [m, e, pl])
-    cmd_verify.add(sub, [m, e])
-    cmd_bench.add(sub, [m])
-    cmd_sweep.add(sub, [m])
-    cmd_demo.add(sub, [])
+    for cmd in COMMANDS:
+        cmd.add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if VERBOSITY.parse(args) else logging.WARNING,
+                        format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore")
     try:
         return args.fn(args)

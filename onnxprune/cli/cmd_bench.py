@@ -3,64 +3,60 @@
 from __future__ import annotations
 
 from onnxprune.analysis.shapes import infer_shapes
-from onnxprune.cli.common import (
-    add_timing_args,
-    check_writable,
-    console,
-    parse_arrays,
-    parse_shapes,
-    positive_int,
-)
+from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, RoundsArgs, TimingArgs, install
+from onnxprune.cli.common import console
 from onnxprune.ir.io import load, write_json
 from onnxprune.measure.latency import Runner, batch_of, measure_runners, round_ratio_spread, speedup
 from onnxprune.measure.stats import human, model_stats
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import resolve_ep
 
+INPUTS = ModelInputArgs()
+EXECUTION = ExecutionArgs(tolerance=False)
+TIMING = TimingArgs(warmup=5, repeat=30)
+ROUNDS = RoundsArgs()
+REPORT = ReportArgs()
+GROUPS = (INPUTS, EXECUTION, TIMING, ROUNDS, REPORT)
 
-def add(sub, parents) -> None:
-    s = sub.add_parser("bench", parents=parents, help="onnxruntime latency, interleaved")
+
+def add(sub) -> None:
+    s = sub.add_parser("bench", help="onnxruntime latency, interleaved")
     s.add_argument("model")
     s.add_argument("pruned", nargs="?")
-    add_timing_args(s, warmup=5, repeat=30)
-    s.add_argument("--min-seconds", type=float, default=0.0, help="keep measuring at least this long")
-    s.add_argument("--block", type=positive_int, default=3,
-                   help="runs per model per round, the first of each block not recorded (default 3; "
-                        "1: strict alternation, each run after the other model's)")
-    s.add_argument("--report", metavar="FILE.json")
+    install(s, GROUPS)
     s.set_defaults(fn=run)
 
 
 def run(args) -> int:
     """``onnxprune bench MODEL [PRUNED]``: latency (and MACs) of one model or of a pair."""
     c = console()
-    ep = resolve_ep(args.ep)  # fails loudly (exit 2, one line) when CUDA is asked for and missing
-    shapes = parse_shapes(args.input_shape)
-    check_writable(args.report, "--report", tuple(p for p in (args.model, args.pruned) if p))
+    ep = resolve_ep(EXECUTION.parse(args).ep)  # fails loudly (exit 2, one line) when CUDA is asked for and missing
+    timing, rounds = TIMING.parse(args), ROUNDS.parse(args)
     paths = [args.model] + ([args.pruned] if args.pruned else [])
+    inputs = INPUTS.parse(args)
+    report_path = REPORT.parse(args, protect=tuple(paths))
     models = [load(p) for p in paths]
-    feeds = make_inputs(models[0], shapes, batch=args.batch, arrays=parse_arrays(args.input))
+    feeds = make_inputs(models[0], inputs.shapes, batch=timing.batch, arrays=inputs.arrays)
     in_shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-    if args.batch != 1 and batch_of(feeds) != args.batch:
-        c.print(f"note: the inputs have a static batch of {batch_of(feeds)}; --batch {args.batch} "
-                      f"does not apply (give shapes with --input-shape)")
+    if timing.batch != 1 and batch_of(feeds) != timing.batch:
+        c.print(f"note: the inputs have a static batch of {batch_of(feeds)}; --batch {timing.batch} "
+                f"does not apply (give shapes with --input-shape)")
     stats = []
     for m in models:
         sh = infer_shapes(m, in_shapes)
         stats.append(model_stats(m, sh))
     with c.status("measuring (interleaved runs)...", spinner="dots"):
-        runners = [Runner(m, feeds, ep, args.threads) for m in models]
-        lats = measure_runners(runners, args.warmup, args.repeat, args.min_seconds,
-                               block=args.block)
+        runners = [Runner(m, feeds, ep, timing.threads) for m in models]
+        lats = measure_runners(runners, timing.warmup, timing.repeat, rounds.min_seconds, block=rounds.block)
     prov = lats[0].providers
     c.print(f"execution provider: {lats[0].ep.upper()} ({', '.join(prov)}"
-                  f"{'; IO binding' if lats[0].ep == 'cuda' else ''}), threads "
-                  f"{args.threads or 'default'}, batch {lats[0].batch}")
+            f"{'; IO binding' if lats[0].ep == 'cuda' else ''}), threads "
+            f"{timing.threads or 'default'}, batch {lats[0].batch}")
     for name, lat, st in zip(paths, lats, stats, strict=True):
         c.print(f"  {name}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, "
-                      f"{lat.throughput:.1f} samples/s (batch {lat.batch}, {lat.runs} runs); "
-                      f"{human(st.macs)} MACs, {human(st.params)} parameters")
-    report = {"ep": lats[0].ep, "providers": prov, "threads": args.threads, "batch": lats[0].batch,
+                f"{lat.throughput:.1f} samples/s (batch {lat.batch}, {lat.runs} runs); "
+                f"{human(st.macs)} MACs, {human(st.params)} parameters")
+    report = {"ep": lats[0].ep, "providers": prov, "threads": timing.threads, "batch": lats[0].batch,
               "latency": [lat.to_json() for lat in lats],
               "stats": [{"model": p, "macs": s.macs, "params": s.params} for p, s in zip(paths, stats, strict=True)]}
     if len(lats) == 2:
@@ -68,9 +64,9 @@ def run(args) -> int:
         lo, hi = round_ratio_spread(lats[0], lats[1])
         mac_ratio = stats[0].macs / stats[1].macs if stats[1].macs else float("nan")
         c.print(f"  speedup: {sp:.2f}x (ratio of medians, interleaved runs; per-round IQR {lo:.2f}-{hi:.2f}x)"
-                      f"; MACs {human(stats[0].macs)} -> {human(stats[1].macs)}: {mac_ratio:.2f}x fewer"
-                      f" (speedup / MAC ratio {sp / mac_ratio:.2f})")
+                f"; MACs {human(stats[0].macs)} -> {human(stats[1].macs)}: {mac_ratio:.2f}x fewer"
+                f" (speedup / MAC ratio {sp / mac_ratio:.2f})")
         report.update({"speedup": sp, "speedup_iqr": [lo, hi], "mac_ratio": mac_ratio})
-    if args.report:
-        write_json(args.report, report)
+    if report_path:
+        write_json(report_path, report)
     return 0

@@ -6,40 +6,48 @@ import tempfile
 from pathlib import Path
 
 from onnxprune import pipeline
+from onnxprune.cli.args import DemoArgs, ExecutionArgs, OutputArgs, PlanArgs, install
 from onnxprune.cli.common import console
-from onnxprune.cli.render import print_coverage, print_stats_table, print_verification
+from onnxprune.cli.render import print_coverage, print_round_to, print_stats_table, print_verification
 from onnxprune.errors import UserError
 from onnxprune.ir.io import save_atomic
 from onnxprune.measure.latency import measure
-from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.inputs import make_inputs
 
+DEMO = DemoArgs()
+PLAN = PlanArgs()
+EXECUTION = ExecutionArgs()
+OUTPUT = OutputArgs(required=False)
+GROUPS = (DEMO, PLAN, EXECUTION, OUTPUT)
 
-def add(sub, parents) -> None:
+
+def add(sub) -> None:
     s = sub.add_parser("demo", help="build ResNet-18, prune 50%%, verify, benchmark, print the table")
-    s.add_argument("--arch", default="resnet18")
-    s.add_argument("--ratio", type=float, default=0.5)
-    s.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("-o", "--output")
+    install(s, GROUPS)
     s.set_defaults(fn=run)
 
 
 def run(args) -> int:
+    arch, ex = DEMO.parse(args), EXECUTION.parse(args)
+    req = PLAN.parse(args, ep=ex.ep)
+    opts = req.options
+    output = OUTPUT.parse(args)
     try:
         from onnxprune.models import zoo  # the zoo extra: torch and torchvision
     except ImportError as exc:
         raise UserError(f"the demo needs torch and torchvision: pip install 'onnxprune[zoo]' ({exc})") from None
     c = console()
-    with c.status(f"building and exporting torchvision {args.arch} (random weights, calibrated BatchNorm)..."):
-        path = zoo.export(args.arch, "legacy")
+    print_round_to(c, req)
+    with c.status(f"building and exporting torchvision {arch} (random weights, calibrated BatchNorm)..."):
+        path = zoo.export(arch, "legacy")
     c.print(f"model: {path}")
-    with c.status(f"pruning {args.ratio:.0%} of every group and verifying..."):
-        res = pipeline.run(str(path), PlanOptions(ratio=args.ratio), verify=True, ep=args.ep)
-    out = Path(args.output) if args.output else Path(tempfile.gettempdir()) / f"{args.arch}_pruned.onnx"
+    with c.status(f"pruning {opts.ratio:.0%} of every group and verifying..."):
+        res = pipeline.run(str(path), opts, verify=True, ep=ex.ep, tol=ex.tol)
+    out = Path(output) if output else Path(tempfile.gettempdir()) / f"{arch}_pruned.onnx"
     feeds = make_inputs(res.analysis.model)
     with c.status("benchmarking (interleaved runs)..."):
-        lat = measure([res.analysis.model, res.pruned], feeds, args.ep, warmup=3, repeat=20)
-    print_stats_table(c, res.before, res.after, latency=lat, title=f"onnxprune demo: {args.arch}, ratio {args.ratio}")
+        lat = measure([res.analysis.model, res.pruned], feeds, ex.ep, warmup=3, repeat=20)
+    print_stats_table(c, res.before, res.after, latency=lat, title=f"onnxprune demo: {arch}, ratio {opts.ratio}")
     print_coverage(c, res.analysis.cg)
     print_verification(c, res.verification)
     if not res.verification.passed:

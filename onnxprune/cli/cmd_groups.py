@@ -5,22 +5,27 @@ from __future__ import annotations
 import json
 
 from onnxprune.api import DependencyGraph
-from onnxprune.cli.common import console, parse_shapes
+from onnxprune.cli.args import JsonArgs, ModelInputArgs, install
+from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage
 from onnxprune.ir.io import json_default
 
+INPUTS = ModelInputArgs(values=False)
+JSON = JsonArgs()
+GROUPS = (INPUTS, JSON)
 
-def add(sub, parents) -> None:
-    s = sub.add_parser("groups", parents=parents, help="every group with its members (like group.details())")
+
+def add(sub) -> None:
+    s = sub.add_parser("groups", help="every group with its members (like group.details())")
     s.add_argument("model")
-    s.add_argument("--json", action="store_true")
+    install(s, GROUPS)
     s.set_defaults(fn=run)
 
 
 def run(args) -> int:
-    dg = DependencyGraph(args.model, parse_shapes(args.input_shape))
+    dg = DependencyGraph(args.model, INPUTS.parse(args).shapes)
     groups = dg.groups
-    if args.json:
+    if JSON.parse(args):
         print(json.dumps({"groups": [g.to_json() for g in groups]}, indent=1, default=json_default))
         return 0
     c = console()

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import json
 
-from onnxprune.cli.common import console, parse_shapes
+from onnxprune.cli.args import JsonArgs, ModelInputArgs, install
+from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage
 from onnxprune.ir.io import json_default
 from onnxprune.measure.stats import human, model_stats
 from onnxprune.pipeline import analyze_model
 
+INPUTS = ModelInputArgs(values=False)
+JSON = JsonArgs()
+GROUPS = (INPUTS, JSON)
 
-def add(sub, parents) -> None:
-    s = sub.add_parser("inspect", parents=parents, help="summary: ops, parameters, MACs, coverage")
+
+def add(sub) -> None:
+    s = sub.add_parser("inspect", help="summary: ops, parameters, MACs, coverage")
     s.add_argument("model")
-    s.add_argument("--json", action="store_true")
+    install(s, GROUPS)
     s.set_defaults(fn=run)
 
 
 def run(args) -> int:
-    an = analyze_model(args.model, parse_shapes(args.input_shape))
+    an = analyze_model(args.model, INPUTS.parse(args).shapes)
     st = model_stats(an.model, an.shapes, registry=an.registry)
     report = {"model": args.model, "opset": an.cg.opset, "stats": st.to_json(),
               "groups": len(an.cg.groups), "prunable_groups": sum(g.prunable for g in an.cg.groups),
               "coverage": dict(zip(("prunable_channels", "channels"), an.cg.coverage(), strict=True)),
               "unknown_ops": {k: len(v) for k, v in an.cg.unknown_ops.items()}}
-    if args.json:
+    if JSON.parse(args):
         print(json.dumps(report, indent=1, default=json_default))
         return 0
     c = console()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from onnxprune.cli.common import check_writable, console, load_plan_file, parse_arrays, parse_shapes
+from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, VerifyPlanArgs, install
+from onnxprune.cli.common import console
 from onnxprune.cli.render import print_verification
 from onnxprune.ir.io import load, write_json
 from onnxprune.measure.verify import verify_plan
@@ -11,28 +12,34 @@ from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import build_plan
 from onnxprune.runtime.inputs import make_inputs
 
+PLAN = VerifyPlanArgs()
+INPUTS = ModelInputArgs()
+EXECUTION = ExecutionArgs()
+REPORT = ReportArgs()
+GROUPS = (PLAN, INPUTS, EXECUTION, REPORT)
 
-def add(sub, parents) -> None:
-    s = sub.add_parser("verify", parents=parents, help="verify a pruned model against its original and plan")
+
+def add(sub) -> None:
+    s = sub.add_parser("verify", help="verify a pruned model against its original and plan")
     s.add_argument("original")
     s.add_argument("pruned")
-    s.add_argument("--plan", required=True)
-    s.add_argument("--report", metavar="FILE.json")
+    install(s, GROUPS)
     s.set_defaults(fn=run)
 
 
 def run(args) -> int:
-    check_writable(args.report, "--report", (args.original, args.pruned))
-    plan_json = load_plan_file(args.plan)
-    shapes = parse_shapes(args.input_shape)
-    an = analyze_model(args.original, shapes, head_mode=head_mode_for(PlanOptions(), plan_json))
+    report = REPORT.parse(args, protect=(args.original, args.pruned))
+    plan_json = PLAN.parse(args)
+    inputs = INPUTS.parse(args)
+    ex = EXECUTION.parse(args)
+    an = analyze_model(args.original, inputs.shapes, head_mode=head_mode_for(PlanOptions(), plan_json))
     plan = build_plan(an, PlanOptions(), plan_json)
     pruned = load(args.pruned)
-    feeds = make_inputs(an.model, shapes, arrays=parse_arrays(args.input))
-    v = verify_plan(an, plan, pruned, feeds, args.ep, args.tol)
+    feeds = make_inputs(an.model, inputs.shapes, arrays=inputs.arrays)
+    v = verify_plan(an, plan, pruned, feeds, ex.ep, ex.tol)
     c = console()
     print_verification(c, v)
-    if args.report:
-        write_json(args.report, {"verification": v.to_json()})
+    if report:
+        write_json(report, {"verification": v.to_json()})
     c.print("PASSED" if v.passed else "FAILED")
     return 0 if v.passed else 1

@@ -1,10 +1,15 @@
-"""What every command shares: the parser, argument groups and their parsing, output-path checks,
-the console."""
+"""What every command shares below the argument groups: the parser, the console, the parsers of
+option values (argparse ``type=`` functions and NAME=VALUE lists), output-path checks, plan files.
+
+The argument groups in ``cli/args.py`` are the only users of the value parsers: an option is parsed
+in one place, and nothing below ``cli/`` sees its text.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -14,21 +19,15 @@ import numpy as np
 from rich.console import Console
 
 from onnxprune.errors import UserError
-from onnxprune.planning.options import PlanOptions
-from onnxprune.runtime.machine import auto_round_to
-
-
-def parse_round_to(value: str) -> int | str:
-    """argparse type of ``--round-to``: a positive integer or ``auto``."""
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{value}'") from None
 
 
 class Parser(argparse.ArgumentParser):
+    """One-line errors (exit 2); no abbreviated options (``sweep --ratio`` is not ``--ratios``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2
         sys.stderr.write(f"onnxprune: error: {message}\n")
         raise SystemExit(2)
@@ -39,55 +38,7 @@ def console():
 
 
 # ----------------------------------------------------------------------------------------------
-# shared argument groups
-
-
-def model_args() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("model inputs")
-    g.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                   help="shape of a graph input (repeatable); dynamic dims otherwise: batch 1, "
-                        "spatial 224, others 16")
-    g.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                   help="value of a graph input from a .npy file (repeatable)")
-    return p
-
-
-def ep_args() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("execution")
-    g.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="onnxruntime execution provider (auto: CUDA when available)")
-    g.add_argument("--tol", type=float, default=1e-4, help="relative-error tolerance (default 1e-4)")
-    return p
-
-
-def plan_args() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("plan")
-    g.add_argument("--ratio", type=float, default=None,
-                   help="fraction of units removed per channel group (default 0.5; 0 when a head option is given). "
-                        "Attention heads and head dimensions are only pruned by --head-ratio/--head-dim-ratio")
-    g.add_argument("--head-ratio", type=float, default=None,
-                   help="remove floor(H*R) whole heads of every attention block (never all)")
-    g.add_argument("--head-dim-ratio", type=float, default=None,
-                   help="remove the same head-dimension positions from q/k (and v/out) of every head")
-    g.add_argument("--layer-ratio", action="append", default=[], metavar="REGEX=R",
-                   help="ratio R for groups whose producing node matches REGEX (repeatable, first wins)")
-    g.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="freeze groups touching a node matching REGEX (repeatable)")
-    g.add_argument("--round-to", type=parse_round_to, default=1,
-                   help="keep unit counts multiples of N (default 1); auto: the execution provider's channel "
-                        "block (16 on AVX-512 CPUs, 8 on AVX2 and CUDA)")
-    g.add_argument("--global", dest="global_", action="store_true", help="rank units across groups")
-    g.add_argument("--max-ratio", type=float, default=0.9, help="per-group ceiling with --global (default 0.9)")
-    g.add_argument("--importance", default="l2", choices=["l1", "l2", "bn", "random"])
-    g.add_argument("--allow-approximate", action="store_true",
-                   help="also prune groups mixed by LayerNorm/Softmax/reductions (changes the function)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-plan", metavar="FILE")
-    g.add_argument("--load-plan", metavar="FILE")
-    return p
+# argparse types: a bad value is one argparse line naming the option
 
 
 def positive_int(text: str) -> int:
@@ -100,13 +51,45 @@ def positive_int(text: str) -> int:
     return v
 
 
-def add_timing_args(parser, warmup: int, repeat: int) -> None:
-    """Execution provider and measurement options shared by bench and sweep (all validated)."""
-    parser.add_argument("--ep", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--warmup", type=positive_int, default=warmup)
-    parser.add_argument("--repeat", type=positive_int, default=repeat)
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v:g}")
+    return v
+
+
+def parse_round_to(value: str) -> int | str:
+    """argparse type of ``--round-to``: a positive integer or ``auto`` (resolved by ``PlanArgs``)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{value}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# option values that become UserErrors (one line, exit 2)
 
 
 def _split_items(items: list[str], flag: str, form: str, parse):
@@ -158,6 +141,53 @@ def parse_layer_ratios(items: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+def parse_ratios(text: str) -> list[float]:
+    """``--ratios``: ``0,0.25,0.5`` or an arithmetic progression written ``first,second,...,last``."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        if "..." in items:
+            i = items.index("...")
+            if i < 2 or i != len(items) - 2:
+                raise ValueError
+            head = [float(x) for x in items[:i]]
+            last = float(items[-1])
+            step = head[-1] - head[-2]
+            if step <= 0:
+                raise ValueError
+            n = int(math.floor((last - head[0]) / step + 1e-9))
+            vals = [round(head[0] + k * step, 10) for k in range(n + 1)]
+            if abs(vals[-1] - last) > 1e-9:
+                vals.append(last)
+        else:
+            vals = [float(x) for x in items]
+    except ValueError:
+        raise UserError(f"--ratios {text}: expected numbers separated by commas, or 'a,b,...,z'") from None
+    if not vals:
+        raise UserError("--ratios: no ratio given")
+    for v in vals:
+        if not 0.0 <= v < 1.0:
+            raise UserError(f"--ratios: every ratio must be in [0, 1), got {v}")
+    return sorted(set(vals))
+
+
+def load_plan_file(path: str | None) -> dict | None:
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"no such plan file: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"plan file {path} is a directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"plan file {path} is not JSON") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# output paths: checked before any work, so a bad path costs nothing and writes nothing
+
+
 def _probe_dir(parent: Path, what: str) -> None:
     """The directory must really take a file (os.access lies for root on /proc and /sys)."""
     if not parent.is_dir():
@@ -171,10 +201,10 @@ def _probe_dir(parent: Path, what: str) -> None:
 
 
 def _same_file(a: str | Path, b: str | Path) -> bool:
-    pa, pb = Path(a), Path(b)
+    """Whether ``a`` and ``b`` name one file (symlinks, ``..``, hard links), existing or not."""
     try:
-        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve() or (
-            not pb.exists() and pa.exists() and pa.resolve() == pb.resolve())
+        pa, pb = Path(a).resolve(), Path(b).resolve()
+        return pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb))
     except OSError:
         return False
 
@@ -188,7 +218,7 @@ def check_output(inp: str, out: str) -> None:
     _probe_dir(po.parent if str(po.parent) else Path("."), "output")
 
 
-def check_writable(path: str | None, what: str, protected: tuple[str, ...] = ()) -> None:
+def check_writable(path: str | None, what: str, protected: tuple[str | None, ...] = ()) -> None:
     if not path:
         return
     for other in protected:
@@ -198,35 +228,3 @@ def check_writable(path: str | None, what: str, protected: tuple[str, ...] = ())
     if p.exists() and p.is_dir():
         raise UserError(f"{what} {path} is a directory")
     _probe_dir(p.parent if str(p.parent) else Path("."), what)
-
-
-def resolve_round_to(args) -> int:
-    """``--round-to auto`` resolved for this run's --ep and CPU (the reason kept for the report)."""
-    if args.round_to != "auto":
-        return args.round_to
-    value, args.round_to_auto = auto_round_to(getattr(args, "ep", "auto"))
-    return value
-
-
-
-def plan_options(args):
-    ratio = args.ratio
-    if ratio is None:
-        ratio = 0.0 if (args.head_ratio is not None or args.head_dim_ratio is not None) else 0.5
-    return PlanOptions(ratio=ratio, layer_ratios=parse_layer_ratios(args.layer_ratio), ignore=args.ignore,
-                       head_ratio=args.head_ratio, head_dim_ratio=args.head_dim_ratio,
-                       round_to=resolve_round_to(args), global_=args.global_, max_ratio=args.max_ratio,
-                       importance=args.importance, allow_approximate=args.allow_approximate, seed=args.seed)
-
-
-
-def load_plan_file(path: str | None) -> dict | None:
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"no such plan file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"plan file {path} is not JSON") from None

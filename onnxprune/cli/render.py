@@ -52,3 +52,9 @@ def print_coverage(console, cg) -> None:
     if cg.unknown_ops:
         console.print("unknown ops (barriers): " + ", ".join(f"{k} x{len(v)}" for k, v in cg.unknown_ops.items()))
 
+
+
+def print_round_to(console, req) -> None:
+    """What ``--round-to auto`` resolved to, and why (nothing when a number was given)."""
+    if req.round_to_why is not None:
+        console.print(f"--round-to auto: {req.options.round_to} ({req.round_to_why})")

@@ -1,4 +1,9 @@
-"""Plan options: what the user asked for, validated once."""
+"""Plan options: what the user asked for, as typed values, validated once.
+
+Frozen: a run that needs other options makes new ones (``dataclasses.replace(opts, ratio=r)``).
+Nothing here reads option text: the command line turns ``--round-to auto`` into a number first
+(``onnxprune.runtime.machine.auto_round_to``, which the Python API may call too).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,14 @@ from dataclasses import dataclass, field
 
 from onnxprune.errors import UserError
 from onnxprune.planning.importance import IMPORTANCES
-from onnxprune.runtime.machine import auto_round_to
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanOptions:
     ratio: float = 0.5
     layer_ratios: list[tuple[str, float]] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
-    round_to: int | str = 1  # "auto": resolved by validate() (the CLI resolves it for its --ep first)
+    round_to: int = 1  # keep unit counts multiples of this (auto_round_to(ep)[0]: the machine's channel block)
     global_: bool = False
     max_ratio: float = 0.9
     importance: str = "l2"
@@ -40,15 +44,13 @@ class PlanOptions:
                 raise UserError(f"--layer-ratio {rx}={r}: ratio must be in [0, 1)")
         if not 0.0 < self.max_ratio < 1.0:
             raise UserError(f"--max-ratio must be in (0, 1), got {self.max_ratio}")
-        if self.round_to == "auto":
-            self.round_to = auto_round_to("auto")[0]
-        if not isinstance(self.round_to, int):
-            raise UserError(f"--round-to must be an integer or 'auto', got {self.round_to!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
+            raise UserError(f"--round-to must be an integer, got {self.round_to!r} "
+                            "(for the machine's channel block: onnxprune.runtime.machine.auto_round_to(ep)[0])")
         if self.round_to < 1:
             raise UserError(f"--round-to must be >= 1, got {self.round_to}")
         if self.importance not in IMPORTANCES:
             raise UserError(f"unknown importance '{self.importance}' (one of {', '.join(IMPORTANCES)})")
-
 
 
 def options_json(opts: PlanOptions) -> dict:
