@@ -24,11 +24,11 @@ import pytest
 
 from onnxprune.analysis.shapes import infer_shapes
 from onnxprune.measure.stats import model_stats, stats_at
-from onnxprune.testing import from_text
+from onnxprune.testing import graphs
 
 
 def _macs(text: str, input_shapes=None) -> int:
-    m = from_text(text)
+    m = graphs.from_text(text)
     return stats_at(m, input_shapes).macs
 
 
@@ -136,7 +136,7 @@ def test_symbolic_dims_take_the_real_input_shape():
       y = MatMul (x, w)
     }
     """
-    m = from_text(text)
+    m = graphs.from_text(text)
     assert stats_at(m, {"x": (2, 128, 64)}).macs == 2 * 128 * 64 * 32
     # the generated default for a dynamic non-batch dim is 16, the batch 1
     assert stats_at(m).macs == 1 * 16 * 64 * 32
@@ -156,7 +156,7 @@ def test_inspect_uses_input_shape(tmp_path, run_main):
     }
     """
     p = tmp_path / "m.onnx"
-    onnx.save(from_text(text), str(p))
+    onnx.save(graphs.from_text(text), str(p))
     r = run_main("inspect", p, "--json", "--input-shape", "x=3x50x64")
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)["stats"]
@@ -310,14 +310,14 @@ def test_tp_ops_conventions_on_a_small_graph():
       y = Gemm <transB=1> (f, wf, bf)
     }
     """
-    st = stats_at(from_text(text))
+    st = stats_at(graphs.from_text(text))
     e = 8 * 8 * 8  # elements of every 8x8x8 activation
     conv = e * 4 * 9 + e  # products + a bias add per output element
     assert st.macs == e * 4 * 9 + 5 * 8
     # BN 2 per element, Relu and Clip(0, 6) 1 per element; Sigmoid and the Add not counted (as TP);
     # pools 1 per input element; Gemm products + its bias once (nn.Linear's convention)
     assert st.tp_ops == conv + 2 * e + e + e + e + 8 * 4 * 4 + 5 * 8 + 5
-    assert stats_at(from_text(text)).to_json()["tp_ops"] == st.tp_ops
+    assert stats_at(graphs.from_text(text)).to_json()["tp_ops"] == st.tp_ops
 
 
 def test_tp_ops_attention_as_multihead_attention():
@@ -344,7 +344,7 @@ def test_tp_ops_attention_as_multihead_attention():
       y = Add (y0, bo)
     }
     """
-    st = stats_at(from_text(text))
+    st = stats_at(graphs.from_text(text))
     L, E = 10, 16
     products = 4 * L * E * E + 2 * L * L * E
     assert st.macs == products

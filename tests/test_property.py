@@ -55,10 +55,11 @@ from onnxprune.measure import verify as measure_verify
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import GroupPlan, Plan
 from onnxprune.rewrite import check as rewrite_check
+from onnxprune.testing import checks
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
-TOL = 1e-4
+TOL = checks.TOL
 
 # ------------------------------------------------------------------------------------------------
 # layer ops: the drawn data
@@ -462,14 +463,6 @@ def _event(text: str) -> None:
         event(text)
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})
-
-
 def _statistics(spec: Model, res) -> None:
     """Events for ``--hypothesis-show-statistics``: what the examples exercise."""
     _event(f"layers: {min(len(spec.layers), 4)}{'+' if len(spec.layers) >= 4 else ''}")
@@ -526,7 +519,7 @@ def check(spec: Model, opts: PlanOptions):
     if res.plan.pruned():
         assert res.after.params < res.before.params
     # the batch axis is still dynamic
-    (y2,) = _run(res.pruned, np.ones((2, spec.cin, spec.hw, spec.hw), np.float32))
+    (y2,) = checks.run(res.pruned, {"x": np.ones((2, spec.cin, spec.hw, spec.hw), np.float32)}, threads=1)
     assert y2.shape == (2, *built.out_shape[1:]) and np.isfinite(y2).all()
     return res
 

@@ -21,8 +21,8 @@ from onnxprune.models import zoo  # noqa: E402
 
 from onnxprune import pipeline  # noqa: E402
 from onnxprune.ir.tensors import ConstantTable  # noqa: E402
-from onnxprune.measure.verify import masked_original, rel_error  # noqa: E402
 from onnxprune.planning.options import PlanOptions  # noqa: E402
+from onnxprune.testing import checks  # noqa: E402
 
 EXPORTERS = ("legacy", "dynamo")
 # the small encoder of the fast tests: 2 layers, 4 heads of 16, MLP 128
@@ -39,42 +39,16 @@ SHAPES = ((1, 7), (4, 16), (1, 16), (4, 7))  # (batch, seq)
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def ort_run(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
-
-
 def token_feeds(vocab: int) -> list[dict[str, np.ndarray]]:
     return [T.example_tokens(b, s, vocab, seed=10 + b + s) for b, s in SHAPES]
 
 
 def check_pruned(res, feeds_list: list[dict[str, np.ndarray]], tol: float = 1e-4) -> None:
-    """Verification passed and exact; full checker; the pruned model runs on every feed with the original's
-    output shapes and equals the masked original there; MACs dropped. Prints one FIGURES line (-s)."""
+    """``checks.assert_matches_masked`` (verification passed and exact; full checker; the pruned model
+    runs on every feed with the original's output shapes and equals the masked original there; MACs
+    dropped). Prints one FIGURES line (-s)."""
+    errors = checks.assert_matches_masked(res, feeds_list, tol)
     v = res.verification
-    assert v is not None and v.passed and v.exact, v.to_json()
-    for o in v.outputs:
-        assert o.rel_error < tol, (o.name, o.rel_error)
-    js = res.to_json()["verification"]
-    assert js["passed"] is True and js["exact"] is True
-    onnx.checker.check_model(res.pruned, full_check=True)
-    masked = masked_original(res.analysis.model, res.analysis.cg, res.plan)
-    errors = []
-    for feeds in feeds_list:
-        outs_o = ort_run(res.analysis.model, feeds)
-        outs_m = ort_run(masked, feeds)
-        outs_p = ort_run(res.pruned, feeds)
-        for o, m, p in zip(outs_o, outs_m, outs_p, strict=True):
-            assert p.shape == o.shape, (p.shape, o.shape, {k: x.shape for k, x in feeds.items()})
-            assert np.isfinite(p).all()
-            assert rel_error(p, m) < tol, ({k: x.shape for k, x in feeds.items()}, rel_error(p, m))
-            errors.append((tuple(next(iter(feeds.values())).shape), rel_error(p, m)))
-    assert res.after.macs < res.before.macs
-    assert res.after.params < res.before.params
     print(f"\nFIGURES verify rel_error {max(o.rel_error for o in v.outputs):.2e} fidelity "
           f"{max(o.fidelity for o in v.outputs):.3e} | MACs {res.before.macs} -> {res.after.macs} "
           f"({100 * (res.after.macs / res.before.macs - 1):+.1f}%) | params {res.before.params} -> "
@@ -148,11 +122,11 @@ def test_bert_export_is_dynamic_and_matches_torch(bert_onnx, bert_model):
         assert [d.HasField("dim_value") for d in dims] == [False, False], (exporter, vi.name, dims)
     assert zoo.load_meta(path)["dynamic_batch"] is True
     for feeds in token_feeds(CFG["vocab"])[:2]:
-        (y,) = ort_run(m, feeds)
+        (y,) = checks.run(m, feeds)
         with torch.no_grad():
             ref = bert_model(*(torch.from_numpy(feeds[n]) for n in T.BERT_INPUTS)).numpy()
         assert y.shape == ref.shape
-        assert rel_error(y, ref) < 1e-5
+        assert checks.rel_err(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -247,8 +221,8 @@ def test_planted_dead_mlp_units_are_removed(tmp_path, exporter):
         removed = np.setdiff1d(np.arange(g["units"]), g["keep"])
         np.testing.assert_array_equal(removed, idx)
     for f in [feeds, *token_feeds(CFG["vocab"])[:2]]:
-        (p,), (o,) = ort_run(res.pruned, f), ort_run(str(path), f)
-        assert rel_error(p, o) < 1e-5
+        (p,), (o,) = checks.run(res.pruned, f), checks.run(str(path), f)
+        assert checks.rel_err(p, o) < 1e-5
 
 
 @pytest.mark.parametrize("exporter", PLANT_EXPORTERS)
@@ -268,8 +242,8 @@ def test_planted_dead_heads_are_removed(tmp_path, exporter):
         kept_heads = np.unique(np.asarray(g["keep"]) // HEAD_DIM)
         assert sorted(set(range(CFG["heads"])) - set(kept_heads.tolist())) == heads
     for f in [feeds, *token_feeds(CFG["vocab"])[:2]]:
-        (p,), (o,) = ort_run(res.pruned, f), ort_run(str(path), f)
-        assert rel_error(p, o) < 1e-5
+        (p,), (o,) = checks.run(res.pruned, f), checks.run(str(path), f)
+        assert checks.rel_err(p, o) < 1e-5
 
 
 def test_stream_width_is_approximate(tf_cache, tmp_path, run_main):
@@ -294,7 +268,7 @@ def test_stream_width_is_approximate(tf_cache, tmp_path, run_main):
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
     for feeds in token_feeds(CFG["vocab"])[:2]:
-        (p,), (o,) = ort_run(pruned, feeds), ort_run(str(path), feeds)
+        (p,), (o,) = checks.run(pruned, feeds), checks.run(str(path), feeds)
         assert p.shape == o.shape and np.isfinite(p).all()
 
 
@@ -328,7 +302,7 @@ def test_vision_stream_width_is_approximate():
     assert any(gp.approximate and gp.removed for gp in res.plan.pruned())
     onnx.checker.check_model(res.pruned, full_check=True)
     x = {"input": np.random.default_rng(1).standard_normal((4, 3, 224, 224)).astype(np.float32)}
-    (p,), (o,) = ort_run(res.pruned, x), ort_run(res.analysis.model, x)
+    (p,), (o,) = checks.run(res.pruned, x), checks.run(res.analysis.model, x)
     assert p.shape == o.shape and np.isfinite(p).all()
     print(f"\nFIGURES stream fidelity {max(o['fidelity_rel_error'] for o in js['outputs']):.3e} | MACs "
           f"{res.before.macs} -> {res.after.macs} ({100 * (res.after.macs / res.before.macs - 1):+.1f}%)")
@@ -411,5 +385,5 @@ def test_minilm_planted_dead_heads(minilm_dir, tmp_path):
         (g,) = [v for k, v in groups.items() if k.startswith(f"layers.{i}.attention")]
         kept = set((np.asarray(g["keep"]) // 32).tolist())
         assert sorted(set(range(12)) - kept) == heads
-    (p,), (o,) = ort_run(res.pruned, feeds), ort_run(str(path), feeds)
-    assert rel_error(p, o) < 1e-5
+    (p,), (o,) = checks.run(res.pruned, feeds), checks.run(str(path), feeds)
+    assert checks.rel_err(p, o) < 1e-5

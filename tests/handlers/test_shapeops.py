@@ -1,0 +1,116 @@
+"""Shape and index ops (handlers/shapeops.py): Shape and Size values used in arithmetic,
+ConstantOfShape, Range and NonZero, Gather (spatial, or a channel subset followed and renumbered),
+Expand and Tile.
+
+Every graph routes a channel space through the op under test between a producer and a consumer
+weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
+satisfy (verification, full checker, another batch size, shapes, MACs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxprune.testing import checks, graphs
+from onnxprune.testing.graphs import H17, Case, prefixed_text, sandwich_case
+
+# (id, mid nodes, extra initializers, opset, positive initializers, output spatial size)
+SANDWICHES = [
+    # index / broadcast ops on spatial axes
+    sandwich_case("Tile", "m = Tile(h, r)", "int64[4] r = {1,1,2,2}", 17, (), 16),
+    sandwich_case("Expand", "p = GlobalAveragePool(h)\n  m = Expand(p, sh)", "int64[4] sh = {1,1,8,8}", 17, (), 8),
+    sandwich_case("Gather-spatial-Range", "ix = Range(st, lim, dl)\n  m0 = Gather<axis=2>(h, ix)\n  m = Gather<axis=3>(m0, ix)",
+     "int64 st = {0}, int64 lim = {8}, int64 dl = {2}", 17, (), 4),
+    sandwich_case("Gather-spatial-NonZero", "nz = NonZero(k)\n  ix = Squeeze(nz, zero)\n  m0 = Gather<axis=2>(h, ix)\n"
+                               "  m = Gather<axis=-1>(m0, ix)",
+     "bool[8] k = {1,0,1,1,0,0,1,0}, int64[1] zero = {0}", 17, (), 4),
+]
+
+
+@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
+def test_sandwich(case):
+    checks.assert_case_exact(case)
+
+
+# ----------------------------------------------------------------------------------------------
+# graphs written out in full: (id, text, expected initializer shapes after ratio 0.5, positive)
+
+CASES = [
+    Case("Expand-channel-entry", H17 + """
+g (float[N,3,8,8] x) => (float[N,4,8,8] y)
+<float[8,3,3,3] w1, float[4,8,3,3] w2, int64[4] sh = {1, 8, 8, 8}>
+{
+  h = Conv<pads=[1,1,1,1]>(x, w1)
+  p = GlobalAveragePool(h)
+  e = Expand(p, sh)
+  m = Mul(e, h)
+  y = Conv<pads=[1,1,1,1]>(m, w2)
+}""", {"w1": (4, 3, 3, 3), "w2": (4, 4, 3, 3)}),
+]
+
+
+BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
+
+
+@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
+def test_graph(case):
+    checks.assert_case_exact(case)
+
+
+# ----------------------------------------------------------------------------------------------
+# barriers: the group touching the op is frozen (weights untouched) with a reason naming it
+
+FROZEN_CASES = [
+    ("Tile-channels", prefixed_text("m = Tile(h, r)", "int64[4] r = {1,2,1,1}", cin2=16), ["Tile", "does not carry"]),
+    ("ConstantOfShape-of-Shape", prefixed_text("sh = Shape(h)\n  ones = ConstantOfShape<value=float[1] {1.0}>(sh)\n"
+                                               "  m = Mul(h, ones)"), ["ConstantOfShape", "does not carry axis 1"]),
+]
+
+
+@pytest.mark.parametrize("case", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
+def test_frozen_group(case):
+    _id, text, words = case
+    checks.assert_prefixed_frozen(graphs.build(text), words)
+
+
+# ----------------------------------------------------------------------------------------------
+# rewritten constants, regressions and Gather on the channel axis
+
+
+def test_expand_target_channel_entry_rewritten():
+    model = BY_ID["Expand-channel-entry"].model()
+    res = checks.prune_and_verify(model)
+    checks.assert_exact(res, model)
+    assert list(checks.const_input(res.pruned, "Expand", 1)) in ([1, 1, 8, 8], [1, 4, 8, 8])
+
+
+@pytest.mark.parametrize("mid", [
+    "sz = Size(h)\n  f = Cast<to=1>(sz)\n  m = Div(h, f)",
+    "sh = Shape(h)\n  p = ReduceProd<keepdims=0>(sh)\n  f = Cast<to=1>(p)\n  m = Div(h, f)",
+], ids=["Size", "Shape-ReduceProd"])
+def test_regression_shape_value_used_in_arithmetic(mid):
+    checks.assert_verifies(graphs.build(prefixed_text(mid)))
+
+
+@pytest.mark.parametrize("mid,extra", [
+    ("m = Gather<axis=1>(h, ix)", "int64[8] ix = {7, 6, 5, 4, 3, 2, 1, 0}"),
+    ("g2 = Gather<axis=1>(h, ix)\n  r = ReduceMean<axes=[1]>(g2)\n  m = Mul(h, r)", "int64[2] ix = {1, 5}"),
+], ids=["permutation", "two-channels"])
+def test_regression_gather_on_channel_axis(mid, extra):
+    checks.assert_verifies(graphs.build(prefixed_text(mid, extra)))
+
+
+@pytest.mark.parametrize("idx", ["{7, 6, 5, 4, 3, 2, 1, 0}", "{1, 5}", "{0, 2, 4, 6}"])
+def test_gather_channel_subset_is_followed_and_indices_renumbered(idx):
+    n = idx.count(",") + 1
+    model = graphs.build(H17 + f"""
+g (float[N,3,8,8] x) => (float[N,4,8,8] y)
+<float[8,3,3,3] w1, float[4,{n},3,3] w2, int64[{n}] ix = {idx}>
+{{ h = Conv<pads=[1,1,1,1]>(x, w1)  r = Relu(h)  m = Gather<axis=1>(r, ix)  y = Conv<pads=[1,1,1,1]>(m, w2) }}""")
+    res = checks.prune_and_verify(model)
+    assert res.verification.passed and res.verification.outputs[0].rel_error < checks.TOL
+    shapes = checks.shapes_of(res.pruned)
+    assert shapes["w1"][0] < 8
+    gather = next(nd for nd in res.pruned.graph.node if nd.op_type == "Gather")
+    new_idx = checks.inits(res.pruned)[gather.input[1]]
+    assert new_idx.max() < shapes["w1"][0] and len(np.unique(new_idx)) == len(new_idx)
