@@ -24,12 +24,6 @@ class NothingToPrune(OnnxPruneError):
     exit_code = 3
 
 
-class VerificationFailed(OnnxPruneError):
-    """The pruned model does not equal the masked original. Exit code 1."""
-
-    exit_code = 1
-
-
 class RewriteError(OnnxPruneError):
     """The rewrite produced shapes the plan did not predict: refused, nothing written. Exit code 4."""
 

@@ -15,6 +15,7 @@ import pytest
 
 from onnxprune.cli.common import parse_round_to
 from onnxprune.runtime import machine as hw
+from onnxprune.runtime.session import cuda_available
 from onnxprune.testing import from_text
 
 # conv stack with channel counts that are not multiples of 8 or 16 after halving
@@ -35,11 +36,7 @@ odd (float[1,3,16,16] x) => (float[1,10] y)
 
 
 def _cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return cuda_available()
 
 
 # ------------------------------------------------------------------------------------------------

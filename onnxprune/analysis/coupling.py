@@ -309,13 +309,17 @@ class AnalysisContext:
         else:
             self.covered.add((tensor, _norm_axis(axis, self.rank(tensor))))
 
-    def identity(self, ta: str, aa: int, tb: str, ab: int) -> None:
-        """Element i of (ta, aa) is element i of (tb, ab)."""
+    def _covered_spaces(self, ta: str, aa: int, tb: str, ab: int) -> tuple[int | None, int | None]:
+        """Cover both axes; their space ids (None: dynamic or size 1)."""
         aa = _norm_axis(aa, self.rank(ta))
         ab = _norm_axis(ab, self.rank(tb))
         self.cover(ta, aa)
         self.cover(tb, ab)
-        sa, sb = self.cg.space(ta, aa), self.cg.space(tb, ab)
+        return self.cg.space(ta, aa), self.cg.space(tb, ab)
+
+    def identity(self, ta: str, aa: int, tb: str, ab: int) -> None:
+        """Element i of (ta, aa) is element i of (tb, ab)."""
+        sa, sb = self._covered_spaces(ta, aa, tb, ab)
         if sa is None or sb is None:
             if (sa is None) != (sb is None):
                 # a static axis meets a dynamic or size-1 one: cannot follow it
@@ -331,11 +335,7 @@ class AnalysisContext:
 
     def link(self, ta: str, aa: int, ia: np.ndarray, tb: str, ab: int, ib: np.ndarray) -> None:
         """Element ia[k] of (ta, aa) is coupled with element ib[k] of (tb, ab)."""
-        aa = _norm_axis(aa, self.rank(ta))
-        ab = _norm_axis(ab, self.rank(tb))
-        self.cover(ta, aa)
-        self.cover(tb, ab)
-        sa, sb = self.cg.space(ta, aa), self.cg.space(tb, ab)
+        sa, sb = self._covered_spaces(ta, aa, tb, ab)
         if sa is None or sb is None:
             for sid in (sa, sb):
                 if sid is not None:

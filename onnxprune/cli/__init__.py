@@ -1,7 +1,7 @@
 """Command line: inspect, groups, prune, verify, bench, sweep, demo (one module per command).
 
-Options belong to argument groups (``cli/args.py``); each command module lists the groups it takes
-in ``GROUPS``. User errors are one line on stderr with exit code 2 and no output file; verification
+A command module declares ``NAME``, ``HELP``, its ``POSITIONALS``, the argument groups it takes
+(``GROUPS``, from ``cli/args.py``) and ``run(args)``; the parser is built from them here. User errors are one line on stderr with exit code 2 and no output file; verification
 failure exits 1; nothing to prune exits 3; a refused rewrite exits 4. The last line of
 prune/verify/demo says PASSED or FAILED. Exceptions are mapped to exit codes here, in one place.
 """
@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from onnxprune.cli import cmd_bench, cmd_demo, cmd_groups, cmd_inspect, cmd_prune, cmd_sweep, cmd_verify
-from onnxprune.cli.args import VerbosityArgs
+from onnxprune.cli.args import VerbosityArgs, install
 from onnxprune.cli.common import Parser
 from onnxprune.errors import OnnxPruneError
 
@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     VERBOSITY.install(p)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     for cmd in COMMANDS:
-        cmd.add(sub)
+        s = sub.add_parser(cmd.NAME, help=cmd.HELP)
+        for name, kwargs in cmd.POSITIONALS:
+            s.add_argument(name, **kwargs)
+        install(s, cmd.GROUPS)
+        s.set_defaults(fn=cmd.run)
     return p
 
 

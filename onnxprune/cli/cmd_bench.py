@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from onnxprune.analysis.shapes import infer_shapes
-from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, RoundsArgs, TimingArgs, install
+from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, RoundsArgs, TimingArgs
 from onnxprune.cli.common import console
 from onnxprune.ir.io import load, write_json
 from onnxprune.measure.latency import Runner, batch_of, measure_runners, round_ratio_spread, speedup
@@ -19,12 +19,8 @@ REPORT = ReportArgs()
 GROUPS = (INPUTS, EXECUTION, TIMING, ROUNDS, REPORT)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("bench", help="onnxruntime latency, interleaved")
-    s.add_argument("model")
-    s.add_argument("pruned", nargs="?")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "bench", "onnxruntime latency, interleaved"
+POSITIONALS = (("model", {}), ("pruned", {"nargs": "?"}),)
 
 
 def run(args) -> int:

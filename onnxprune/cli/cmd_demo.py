@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from onnxprune import pipeline
-from onnxprune.cli.args import DemoArgs, ExecutionArgs, OutputArgs, PlanArgs, install
+from onnxprune.cli.args import DemoArgs, ExecutionArgs, OutputArgs, PlanArgs
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage, print_round_to, print_stats_table, print_verification
 from onnxprune.errors import UserError
@@ -21,10 +21,8 @@ OUTPUT = OutputArgs(required=False)
 GROUPS = (DEMO, PLAN, EXECUTION, OUTPUT)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("demo", help="build ResNet-18, prune 50%%, verify, benchmark, print the table")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "demo", "build ResNet-18, prune 50%%, verify, benchmark, print the table"
+POSITIONALS = ()
 
 
 def run(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from onnxprune.api import DependencyGraph
-from onnxprune.cli.args import JsonArgs, ModelInputArgs, install
+from onnxprune.cli.args import JsonArgs, ModelInputArgs
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage
 from onnxprune.ir.io import json_default
@@ -15,11 +15,8 @@ JSON = JsonArgs()
 GROUPS = (INPUTS, JSON)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("groups", help="every group with its members (like group.details())")
-    s.add_argument("model")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "groups", "every group with its members (like group.details())"
+POSITIONALS = (("model", {}),)
 
 
 def run(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from onnxprune.cli.args import JsonArgs, ModelInputArgs, install
+from onnxprune.cli.args import JsonArgs, ModelInputArgs
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage
 from onnxprune.ir.io import json_default
@@ -16,11 +16,8 @@ JSON = JsonArgs()
 GROUPS = (INPUTS, JSON)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("inspect", help="summary: ops, parameters, MACs, coverage")
-    s.add_argument("model")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "inspect", "summary: ops, parameters, MACs, coverage"
+POSITIONALS = (("model", {}),)
 
 
 def run(args) -> int:

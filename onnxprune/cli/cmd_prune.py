@@ -20,7 +20,6 @@ from onnxprune.cli.args import (
     TimingArgs,
     VerbosityArgs,
     VerifyArgs,
-    install,
 )
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_coverage, print_round_to, print_stats_table, print_verification
@@ -43,11 +42,8 @@ GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, 
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("prune", help="prune a model")
-    s.add_argument("model")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "prune", "prune a model"
+POSITIONALS = (("model", {}),)
 
 
 def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes,

@@ -15,7 +15,6 @@ from onnxprune.cli.args import (
     ReportArgs,
     SweepArgs,
     TimingArgs,
-    install,
 )
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_round_to
@@ -34,11 +33,8 @@ REPORT = ReportArgs()
 GROUPS = (SWEEP, INPUTS, EXECUTION, TIMING, PLAN, REPORT)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("sweep", help="MACs, parameters, latency and fidelity against the ratio")
-    s.add_argument("model")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "sweep", "MACs, parameters, latency and fidelity against the ratio"
+POSITIONALS = (("model", {}),)
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, VerifyPlanArgs, install
+from onnxprune.cli.args import ExecutionArgs, ModelInputArgs, ReportArgs, VerifyPlanArgs
 from onnxprune.cli.common import console
 from onnxprune.cli.render import print_verification
 from onnxprune.ir.io import load, write_json
@@ -19,12 +19,8 @@ REPORT = ReportArgs()
 GROUPS = (PLAN, INPUTS, EXECUTION, REPORT)
 
 
-def add(sub) -> None:
-    s = sub.add_parser("verify", help="verify a pruned model against its original and plan")
-    s.add_argument("original")
-    s.add_argument("pruned")
-    install(s, GROUPS)
-    s.set_defaults(fn=run)
+NAME, HELP = "verify", "verify a pruned model against its original and plan"
+POSITIONALS = (("original", {}), ("pruned", {}),)
 
 
 def run(args) -> int:

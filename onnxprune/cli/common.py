@@ -80,12 +80,10 @@ def parse_round_to(value: str) -> int | str:
     if str(value).strip().lower() == "auto":
         return "auto"
     try:
-        v = int(value)
+        int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{value}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return positive_int(value)
 
 
 # ----------------------------------------------------------------------------------------------

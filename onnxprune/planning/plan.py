@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -94,8 +93,6 @@ class Plan:
         frozen = {g.id: g.frozen for g in cg.groups if not g.prunable}
         return cls(groups, frozen, data.get("options", {}))
 
-    def dumps(self, cg: CouplingGraph) -> str:
-        return json.dumps(self.to_json(cg), indent=1)
 
 
 def _anchor(cg: CouplingGraph, g: Group) -> int:

@@ -16,7 +16,6 @@ from onnxprune.ir.tensors import all_tensors, is_external, tensor_value
 
 log = logging.getLogger(__name__)
 
-EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 EPS = ("auto", "cpu", "cuda")
 
 
