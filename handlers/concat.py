@@ -3,6 +3,8 @@ Split sizes and Slice bounds are rewritten from the kept counts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, RewriteCtx, register
@@ -12,33 +14,42 @@ def _norm(axis: int, r: int) -> int:
     return axis + r if axis < 0 else axis
 
 
+def link_parts(node: Node, ctx: AnalysisCtx, whole: str, parts: Sequence[str],
+               default_axis: int | None = None) -> bool:
+    """Concat and Split: ``parts`` lie one after the other along axis ``axis`` (the attribute, else
+    ``default_axis``) of ``whole``: a part's elements are linked at its offset where either side has a
+    space there, every other axis is the same. Stops at the first part of unknown shape; False where
+    the shape of ``whole`` is unknown (nothing covered)."""
+    ws = ctx.shape(whole)
+    if ws is None:
+        return False
+    r = len(ws)
+    a = ctx.attr("axis")
+    axis = _norm(int(default_axis if a is None else a), r)
+    off = 0
+    for t in parts:
+        s = ctx.shape(t)
+        if s is None:
+            return True
+        for ax in range(r):
+            if ax != axis:
+                ctx.identity(t, ax, whole, ax)
+            elif ctx.has_space(t, ax) or ctx.has_space(whole, ax):
+                i = np.arange(s[ax])
+                ctx.link(t, ax, i, whole, ax, off + i)
+            else:
+                ctx.cover(t, ax)
+        off += s[axis]
+    return True
+
+
 @register
 class Concat(Handler):
     op_types = ("Concat",)
     shape_arith = True
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        y = node.output[0]
-        ys = ctx.shape(y)
-        if ys is None:
-            return
-        r = len(ys)
-        axis = _norm(int(ctx.attr("axis")), r)
-        off = 0
-        for t in node.input:
-            s = ctx.shape(t)
-            if s is None:
-                return
-            for ax in range(r):
-                if ax == axis:
-                    if ctx.has_space(t, ax) or ctx.has_space(y, ax):
-                        i = np.arange(s[ax])
-                        ctx.link(t, ax, i, y, ax, off + i)
-                    else:
-                        ctx.cover(t, ax)
-                else:
-                    ctx.identity(t, ax, y, ax)
-            off += s[axis]
+        link_parts(node, ctx, node.output[0], node.input)  # ``axis`` is required
 
 
 @register
@@ -50,29 +61,9 @@ class Split1(Handler):
     carries_tensor = True
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x = node.input[0]
-        xs = ctx.shape(x)
-        if xs is None:
-            return
-        r = len(xs)
-        axis = _norm(int(ctx.attr("axis") or 0), r)
-        for t in node.input[1:]:
-            ctx.cover(t)
-        off = 0
-        for y in node.output:
-            s = ctx.shape(y)
-            if s is None:
-                return
-            for ax in range(r):
-                if ax == axis:
-                    i = np.arange(s[ax])
-                    if ctx.has_space(y, ax) or ctx.has_space(x, ax):
-                        ctx.link(y, ax, i, x, ax, off + i)
-                    else:
-                        ctx.cover(y, ax)
-                else:
-                    ctx.identity(x, ax, y, ax)
-            off += s[axis]
+        if link_parts(node, ctx, node.input[0], node.output, default_axis=0):
+            for t in node.input[1:]:
+                ctx.cover(t)  # the sizes
 
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         x = node.input[0]
@@ -126,11 +117,8 @@ class Slice(Handler):
         starts, ends, axes, steps = vals
         if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) \
                 or (len(node.input) > 4 and node.input[4] and steps is None):
-            for ax in range(r):
-                if xs[ax] == ys[ax]:
-                    # can't tell which axes are sliced: only carry axes of unchanged size with no bounds
-                    pass
-            return  # nothing covered: all spaces frozen by the coverage rule
+            # can't tell which axes are sliced: nothing covered, all spaces frozen by the coverage rule
+            return
         starts, ends = starts.reshape(-1), ends.reshape(-1)
         axes = list(range(len(starts))) if axes is None else [_norm(int(a), r) for a in axes.reshape(-1)]
         steps = np.ones(len(starts), dtype=np.int64) if steps is None else steps.reshape(-1)

@@ -7,6 +7,8 @@ Grouped: the same in-group positions are removed from every group (equal counts)
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from onnxprune.analysis.contract import (
@@ -23,126 +25,124 @@ from onnxprune.analysis.contract import (
 )
 
 
-def _group_blocks(n: int, g: int) -> tuple[np.ndarray, np.ndarray]:
-    """For a space of n = g*k elements: (element index, its position inside its group)."""
-    k = n // g
+def _by_position(ctx: AnalysisCtx, t: str, n: int, g: int, other: str, axis: int) -> None:
+    """Grouped convs: element i of the ``n = g*k`` channels of ``t`` (axis 1) is linked to element
+    ``i % k`` of (``other``, ``axis``), its position inside its group."""
     idx = np.arange(n)
-    return idx, idx % k
+    ctx.link(t, 1, idx, other, axis, idx % (n // g))
 
 
-def rewrite_group(node: Node, rw: RewriteCtx) -> None:
-    """Depthwise-like convs (one input channel per group) lose whole groups: ``group`` follows the
-    input channel count. Grouped convs keep their groups (same in-group positions removed)."""
-    g = int(rw.attr(node, "group") or 1)
-    x = node.input[0]
-    if g > 1 and rw.old_shape(x)[1] // g == 1:
-        rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+class _Convolution(Handler):
+    """What Conv and ConvTranspose share: the batch axis (``channels``), the bias (``bias``), the
+    depthwise-like link (``link_depthwise``), the ``group`` rewrite, MACs and Torch-Pruning's count.
+    Subclasses place the channels on the axes of W, whose layout differs."""
 
+    # MACs: |W[1:]| per element of this tensor (Conv: output 0, each output element; ConvTranspose:
+    # input 0, each input element is scattered over the kernel)
+    macs_per_element_of: ClassVar[str] = "output"
 
-def tp_conv(node: Node, shape_of: ShapeOf) -> int:
-    """Torch-Pruning count of Conv and ConvTranspose: ``N·prod(out spatial)·|W|``, plus a bias add
-    per output element."""
-    out, w = shape_of(node.output[0]), shape_of(node.input[1])
-    if out is None or w is None:
-        return 0
-    n = out[0] * numel(out[2:]) * numel(w)
-    if len(node.input) > 2 and node.input[2]:
-        n += numel(out)
-    return n
+    @staticmethod
+    def channels(node: Node, ctx: AnalysisCtx) -> tuple[str, str, str, int, int, int] | None:
+        """(x, w, y, group, input channels, output channels) once the batch axis passes through;
+        None where a shape is unknown (nothing covered)."""
+        x, w, y = node.input[0], node.input[1], node.output[0]
+        xs, ys = ctx.shape(x), ctx.shape(y)
+        if xs is None or ctx.shape(w) is None or ys is None:
+            return None
+        ctx.identity(x, 0, y, 0)
+        return x, w, y, int(ctx.attr("group") or 1), xs[1], ys[1]
+
+    @staticmethod
+    def bias(node: Node, ctx: AnalysisCtx) -> None:
+        """The optional bias (input 2) is a param slot of the output channels."""
+        b = node.input[2] if len(node.input) > 2 else ""
+        if b:
+            ctx.slot(b, 0, Role.PARAM)
+            ctx.identity(b, 0, node.output[0], 1)
+
+    @staticmethod
+    def link_depthwise(ctx: AnalysisCtx, x: str, y: str, g: int, cout: int) -> None:
+        """Depthwise-like (one input channel per group): input channel c owns outputs c*m .. c*m+m-1."""
+        m = cout // g
+        o = np.arange(cout)
+        ctx.link(y, 1, o, x, 1, o // m)
+
+    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
+        """Depthwise-like convs (one input channel per group) lose whole groups: ``group`` follows the
+        input channel count. Grouped convs keep their groups (same in-group positions removed)."""
+        g = int(rw.attr(node, "group") or 1)
+        x = node.input[0]
+        if g > 1 and rw.old_shape(x)[1] // g == 1:
+            rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+
+    def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
+        t = node.output[0] if self.macs_per_element_of == "output" else node.input[0]
+        ts, ws = shape_of(t), shape_of(node.input[1])
+        if ts is None or ws is None:
+            return 0
+        return int(np.prod(ts, dtype=np.int64) * np.prod(ws[1:], dtype=np.int64))
+
+    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
+        """Torch-Pruning's count: ``N·prod(out spatial)·|W|``, plus a bias add per output element."""
+        out, w = shape_of(node.output[0]), shape_of(node.input[1])
+        if out is None or w is None:
+            return 0
+        n = out[0] * numel(out[2:]) * numel(w)
+        if len(node.input) > 2 and node.input[2]:
+            n += numel(out)
+        return n
 
 
 @register
-class Conv(Handler):
+class Conv(_Convolution):
+    """W is [C_out, C_in/group, k...]."""
+
     op_types = ("Conv",)
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, w = node.input[0], node.input[1]
-        b = node.input[2] if len(node.input) > 2 else ""
-        y = node.output[0]
-        xs, ws, ys = ctx.shape(x), ctx.shape(w), ctx.shape(y)
-        if xs is None or ws is None or ys is None:
+        io = self.channels(node, ctx)
+        if io is None:
             return
-        g = int(ctx.attr("group") or 1)
-        cin, cout = xs[1], ys[1]
-        ctx.identity(x, 0, y, 0)
+        x, w, y, g, cin, cout = io
         ctx.slot(w, 0, Role.PRODUCER)
         ctx.identity(w, 0, y, 1)
-        if b:
-            ctx.slot(b, 0, Role.PARAM)
-            ctx.identity(b, 0, y, 1)
+        self.bias(node, ctx)
         if g == 1:
             ctx.slot(w, 1, Role.CONSUMER)
             ctx.identity(x, 1, w, 1)
         elif cin // g == 1:
-            # depthwise-like: input channel c owns outputs c*m .. c*m+m-1
-            m = cout // g
-            o = np.arange(cout)
-            ctx.link(y, 1, o, x, 1, o // m)
+            self.link_depthwise(ctx, x, y, g, cout)
         else:
             ctx.slot(w, 1, Role.CONSUMER)
-            idx, pos = _group_blocks(cin, g)
-            ctx.link(x, 1, idx, w, 1, pos)
-            oidx, opos = _group_blocks(cout, g)
-            ctx.link(y, 1, oidx, y, 1, opos)
+            _by_position(ctx, x, cin, g, w, 1)
+            _by_position(ctx, y, cout, g, y, 1)
 
-    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
-        rewrite_group(node, rw)
-
-    def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
-        ys, ws = shape_of(node.output[0]), shape_of(node.input[1])
-        if ys is None or ws is None:
-            return 0
-        return int(np.prod(ys, dtype=np.int64) * np.prod(ws[1:], dtype=np.int64))
-
-
-    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
-        return tp_conv(node, shape_of)
 
 @register
-class ConvTranspose(Handler):
+class ConvTranspose(_Convolution):
+    """W is [C_in, C_out/group, k...]."""
+
     op_types = ("ConvTranspose",)
+    macs_per_element_of = "input"
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, w = node.input[0], node.input[1]
-        b = node.input[2] if len(node.input) > 2 else ""
-        y = node.output[0]
-        xs, ws, ys = ctx.shape(x), ctx.shape(w), ctx.shape(y)
-        if xs is None or ws is None or ys is None:
+        io = self.channels(node, ctx)
+        if io is None:
             return
-        g = int(ctx.attr("group") or 1)
-        cin, cout = xs[1], ys[1]
-        ctx.identity(x, 0, y, 0)
+        x, w, y, g, cin, cout = io
         ctx.identity(x, 1, w, 0)
-        if b:
-            ctx.slot(b, 0, Role.PARAM)
-            ctx.identity(b, 0, y, 1)
+        self.bias(node, ctx)
         if g == 1:
             ctx.slot(w, 0, Role.CONSUMER)
             ctx.slot(w, 1, Role.PRODUCER)
             ctx.identity(w, 1, y, 1)
         elif cin // g == 1:
             ctx.slot(w, 0, Role.PRODUCER)
-            m = cout // g
-            o = np.arange(cout)
-            ctx.link(y, 1, o, x, 1, o // m)
+            self.link_depthwise(ctx, x, y, g, cout)
             # W axis 1 is the per-group output position: keep it whole
             ctx.freeze(w, 1, f"ConvTranspose '{node.name}': depthwise kernel axis")
         else:
             ctx.slot(w, 0, Role.CONSUMER)
             ctx.slot(w, 1, Role.PRODUCER)
-            idx, pos = _group_blocks(cin, g)
-            ctx.link(x, 1, idx, x, 1, pos)
-            oidx, opos = _group_blocks(cout, g)
-            ctx.link(y, 1, oidx, w, 1, opos)
-
-    def rewrite(self, node: Node, rw: RewriteCtx) -> None:
-        rewrite_group(node, rw)
-
-    def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
-        xs, ws = shape_of(node.input[0]), shape_of(node.input[1])
-        if xs is None or ws is None:
-            return 0
-        return int(np.prod(xs, dtype=np.int64) * np.prod(ws[1:], dtype=np.int64))
-
-    def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
-        return tp_conv(node, shape_of)
+            _by_position(ctx, x, cin, g, x, 1)
+            _by_position(ctx, y, cout, g, w, 1)

@@ -8,6 +8,25 @@ from __future__ import annotations
 from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, Role, register
 
 
+def _carry_all(node: Node, ctx: AnalysisCtx) -> int | None:
+    """Every axis of input 0 is the same axis of output 0; returns the rank (None: unknown, nothing
+    carried)."""
+    x, y = node.input[0], node.output[0]
+    r = ctx.rank(x)
+    if r is None:
+        return None
+    for ax in range(r):
+        ctx.identity(x, ax, y, ax)
+    return r
+
+
+def _axis(ctx: AnalysisCtx, rank: int) -> int:
+    """The ``axis`` attribute (its schema default, else -1), counted from the front."""
+    axis = ctx.attr("axis")
+    axis = int(axis if axis is not None else -1)
+    return axis + rank if axis < 0 else axis
+
+
 @register
 class ChannelNormalization(Handler):
     """BatchNormalization (scale, bias, mean, var) and InstanceNormalization (scale, bias): one
@@ -19,12 +38,9 @@ class ChannelNormalization(Handler):
     tp_per_input = 2
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, y = node.input[0], node.output[0]
-        r = ctx.rank(x)
-        if r is None:
+        if _carry_all(node, ctx) is None:
             return
-        for ax in range(r):
-            ctx.identity(x, ax, y, ax)
+        y = node.output[0]
         for t, role in zip(node.input[1:], self.ROLES[node.op_type], strict=False):
             if t:
                 ctx.slot(t, 0, role)
@@ -52,16 +68,13 @@ class LayerNormalization(Handler):
     tp_per_input = 2
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, y = node.input[0], node.output[0]
-        r = ctx.rank(x)
+        r = _carry_all(node, ctx)
         if r is None:
             return
-        axis = int(ctx.attr("axis") if ctx.attr("axis") is not None else -1)
-        axis = axis + r if axis < 0 else axis
-        for ax in range(r):
-            ctx.identity(x, ax, y, ax)
-            if ax >= axis:
-                ctx.approximate(x, ax, f"LayerNormalization '{node.name}' normalizes over the channels")
+        x, y = node.input[0], node.output[0]
+        axis = _axis(ctx, r)
+        for ax in range(max(axis, 0), r):
+            ctx.approximate(x, ax, f"LayerNormalization '{node.name}' normalizes over the channels")
         for t, role in zip(node.input[1:3], (Role.SCALE, Role.PARAM), strict=False):
             if t:
                 s = ctx.shape(t) or ()
@@ -92,16 +105,11 @@ class Softmax1(Handler):
     op_types = ("Softmax", "LogSoftmax")
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, y = node.input[0], node.output[0]
-        r = ctx.rank(x)
+        r = _carry_all(node, ctx)
         if r is None:
             return
-        axis = ctx.attr("axis")
-        axis = int(axis if axis is not None else -1)
-        axis = axis + r if axis < 0 else axis
-        for ax in range(r):
-            ctx.identity(x, ax, y, ax)
-        for ax in self.mixed_axes(axis, r):
+        x = node.input[0]
+        for ax in self.mixed_axes(_axis(ctx, r), r):
             ctx.approximate(x, ax, f"{node.op_type} '{node.name}' mixes the channels of axis {ax}")
 
     def mixed_axes(self, axis: int, rank: int) -> list[int]:

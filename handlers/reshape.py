@@ -11,6 +11,8 @@ where their entries are constants; computed entries stay computed (and the rewri
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, RewriteCtx, register
@@ -313,16 +315,40 @@ class Transpose(Handler):
 
 
 class _SqueezeAxes(Handler):
-    """Squeeze and Unsqueeze: ``axes`` is an attribute below opset 13."""
+    """Squeeze and Unsqueeze: the axes of the longer side (input of Squeeze, output of Unsqueeze)
+    that are not in ``axes`` are, in order, the axes of the shorter side. ``axes`` is an attribute
+    below opset 13."""
 
     moves_values = True
     keeps_zeros = True
     carries_tensor = True
     shape_arith = True
+    squeezes: ClassVar[bool] = True  # the input is the longer side
+
+    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
+        x, y = node.input[0], node.output[0]
+        shape = ctx.shape(x if self.squeezes else y)
+        if shape is None:
+            return
+        axes = self.axes(node, ctx)
+        r = len(shape)
+        if axes is None:
+            axes = self.default_axes(shape)
+        axes = {a + r if a < 0 else a for a in axes}
+        kept = [a for a in range(r) if a not in axes]
+        for i, a in enumerate(kept):
+            if self.squeezes:
+                ctx.identity(x, a, y, i)
+            else:
+                ctx.identity(x, i, y, a)
 
     def axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
         a = ctx.attr("axes")
         return None if a is None else [int(v) for v in a]
+
+    def default_axes(self, shape: tuple[int, ...]) -> list[int]:
+        """The axes when none are given: Squeeze removes every size-1 axis."""
+        return [a for a in range(len(shape)) if shape[a] == 1]
 
 
 class _AxesInput:
@@ -344,20 +370,6 @@ class _AxesInput:
 class Squeeze1(_SqueezeAxes):
     op_types = ("Squeeze",)
 
-    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, y = node.input[0], node.output[0]
-        xs = ctx.shape(x)
-        if xs is None:
-            return
-        axes = self.axes(node, ctx)
-        r = len(xs)
-        if axes is None:
-            axes = [a for a in range(r) if xs[a] == 1]
-        axes = {a + r if a < 0 else a for a in axes}
-        kept = [a for a in range(r) if a not in axes]
-        for i, a in enumerate(kept):
-            ctx.identity(x, a, y, i)
-
 
 @register
 class Squeeze13(_AxesInput, Squeeze1):
@@ -367,18 +379,10 @@ class Squeeze13(_AxesInput, Squeeze1):
 @register
 class Unsqueeze1(_SqueezeAxes):
     op_types = ("Unsqueeze",)
+    squeezes = False
 
-    def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
-        x, y = node.input[0], node.output[0]
-        ys = ctx.shape(y)
-        if ys is None:
-            return
-        axes = self.axes(node, ctx) or []
-        r = len(ys)
-        axes = {a + r if a < 0 else a for a in axes}
-        kept = [a for a in range(r) if a not in axes]
-        for i, a in enumerate(kept):
-            ctx.identity(x, i, y, a)
+    def default_axes(self, shape: tuple[int, ...]) -> list[int]:
+        return []
 
 
 @register

@@ -1,5 +1,6 @@
 """Checks for tests: prune and verify, run models with onnxruntime (through ``runtime.session``),
-compare outputs by relative error, and the assertions of an exact pruning result.
+compare outputs by relative error, the assertions of an exact pruning result, and the standard tests
+of a handler test module over its case lists (``CaseTests``).
 
 Terms:
 - *relative error* (``rel_err``): max |a - ref| / max |ref|, the measure verification uses; outputs are
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx
@@ -23,6 +26,10 @@ from onnxprune.measure.verify import compare, masked_original, rel_error
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import make_session
+from onnxprune.testing import graphs
+
+if TYPE_CHECKING:
+    import pytest
 
 TOL = 1e-4
 # options of the approximate cases: attention channels pruned at their own ratio
@@ -294,3 +301,89 @@ def run_cli(*args, cwd: str | os.PathLike | None = None, timeout: float = 120) -
     env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "onnxprune.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# the standard tests of a handler test module (tests/handlers/)
+
+
+def _ratio_params(module) -> tuple[list, list[str]]:
+    """``RATIO_CASES`` (case id, ratio, expected shapes) with each case id replaced by its case (of
+    ``CASES``, or of ``SANDWICHES`` as "sandwich-<id>")."""
+    by_id = graphs.index(getattr(module, "CASES", ()), getattr(module, "SANDWICHES", ()))
+    cases = module.RATIO_CASES
+    return [(by_id[c], r, e) for c, r, e in cases], [f"{c}-{r}" for c, r, _ in cases]
+
+
+def _listed(name: str, test_id: Callable[[Any], str]) -> Callable[[Any], tuple[list, list[str]]]:
+    def params(module) -> tuple[list, list[str]]:
+        cases = list(getattr(module, name))
+        return cases, [test_id(c) for c in cases]
+
+    return params
+
+
+class CaseTests:
+    """Base of the standard tests over the case lists of a handler test module. A test class of the
+    module (``class TestConv(checks.GraphCases, checks.RatioCases)``) derives from the mixins of the
+    lists the module has; pytest calls ``pytest_generate_tests`` on the class, which parametrizes each
+    test method with the module's list that its one argument stands for (``_PARAMS``):
+
+    - ``SANDWICHES`` and ``CASES``: ``graphs.Case``s (sandwiches, graphs written out in full), pruned at
+      their ratio and exact with their shapes (``assert_case_exact``);
+    - ``RATIO_CASES``: (case id, ratio, expected shapes), a case pruned at another ratio, exact;
+    - ``APPROX_CASES``: (id, text, shapes by default, shapes with allow_approximate, word in the frozen
+      reason), frozen by default and pruned only when allowed;
+    - ``FROZEN_CASES``: (id, prefixed text, words in the frozen reason[, ``--ignore`` patterns]).
+
+    Every graph routes a channel space through the op under test between a producer and a consumer
+    weight (``graphs``); ``assert_exact`` asserts what an exact result must satisfy (verification,
+    full checker, another batch size, shapes, MACs)."""
+
+    _PARAMS: ClassVar[dict[str, Callable[[Any], tuple[list, list[str]]]]] = {
+        "sandwich": _listed("SANDWICHES", lambda c: c.id),
+        "case": _listed("CASES", lambda c: c.id),
+        "ratio_case": _ratio_params,
+        "approx_case": _listed("APPROX_CASES", lambda c: c[0]),
+        "frozen_case": _listed("FROZEN_CASES", lambda c: c[0]),
+    }
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        for arg, params in self._PARAMS.items():
+            if arg in metafunc.fixturenames:
+                values, ids = params(metafunc.module)
+                metafunc.parametrize(arg, values, ids=ids)
+
+
+class SandwichCases(CaseTests):
+    def test_sandwich(self, sandwich: graphs.Case) -> None:
+        assert_case_exact(sandwich)
+
+
+class GraphCases(CaseTests):
+    def test_graph(self, case: graphs.Case) -> None:
+        assert_case_exact(case)
+
+
+class RatioCases(CaseTests):
+    def test_other_ratios(self, ratio_case: tuple[graphs.Case, float, dict]) -> None:
+        case, ratio, expect = ratio_case
+        model = case.model()
+        res = prune_and_verify(model, ratio)
+        assert_exact(res, model, expect)
+
+
+class ApproxCases(CaseTests):
+    def test_approximate_frozen_by_default(self, approx_case: tuple[str, str, dict, dict, str]) -> None:
+        _id, text, default, _allowed, word = approx_case
+        assert_approximate_frozen(graphs.build(text), default, word)
+
+    def test_approximate_pruned_when_allowed(self, approx_case: tuple[str, str, dict, dict, str]) -> None:
+        _id, text, _default, allowed, _word = approx_case
+        assert_approximate_allowed(graphs.build(text), allowed)
+
+
+class FrozenCases(CaseTests):
+    def test_frozen_group(self, frozen_case: tuple[Any, ...]) -> None:
+        _id, text, words, *ignore = frozen_case
+        assert_prefixed_frozen(graphs.build(text), words, *ignore)

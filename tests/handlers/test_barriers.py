@@ -1,9 +1,5 @@
 """What stops pruning, and says why: unknown ops (standard or custom domain), graph inputs and
-outputs, --ignore; verification is able to fail; pruning without verification.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+outputs, --ignore; verification is able to fail; pruning without verification."""
 
 from __future__ import annotations
 
@@ -25,16 +21,14 @@ from onnxprune.testing.graphs import H17, prefixed_text
 # barriers: the group touching the op is frozen (weights untouched) with a reason naming it
 
 FROZEN_CASES = [
-    # (id, text, words expected in one of the frozen group's reasons)
+    # (id, text, words expected in one of the frozen group's reasons[, --ignore patterns])
     ("unknown-standard-op-LRN", prefixed_text("m = LRN<size=3>(h)"), ["unknown op LRN"]),
-    ("ignored-by-option", prefixed_text("m = Relu(h)"), ["ignored by --ignore"]),
+    ("ignored-by-option", prefixed_text("m = Relu(h)"), ["ignored by --ignore"], ["^relu_3$"]),
 ]
 
 
-@pytest.mark.parametrize("case", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
-def test_frozen_group(case):
-    _id, text, words = case
-    checks.assert_prefixed_frozen(graphs.build(text), words, ignore=["^relu_3$"] if "ignore" in _id else None)
+class TestBarriers(checks.FrozenCases):
+    """The standard tests over ``FROZEN_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,9 @@
 """Blocks of real architectures that span handler families: residual adds of conv branches and of
-an identity skip, squeeze-and-excitation, the MobileNetV2 inverted residual.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+an identity skip, squeeze-and-excitation, the MobileNetV2 inverted residual."""
 
 from __future__ import annotations
 
-import pytest
-
-from onnxprune.testing import checks, graphs
+from onnxprune.testing import checks
 from onnxprune.testing.graphs import H17, Case
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +76,5 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
+class TestBlocks(checks.GraphCases):
+    """The standard tests over ``CASES`` (``checks.CaseTests``)."""

@@ -1,11 +1,7 @@
 """Concat, Split and Slice (handlers/concat.py): channel offsets through concatenations (of two
 convs, of one tensor twice, into a grouped conv, DenseNet chains), split sizes and slice bounds
 rewritten, concat and split on a spatial axis; a slice that does not carry the channel axis is
-a barrier.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+a barrier."""
 
 from __future__ import annotations
 
@@ -17,6 +13,35 @@ from onnxprune.testing.graphs import H17, Case, header, prefixed_text
 
 # ----------------------------------------------------------------------------------------------
 # graphs written out in full: (id, text, expected initializer shapes after ratio 0.5, positive)
+
+
+def split_halves(id: str, opset: int, split: str, extra: str = "") -> Case:
+    """The 8 channels of h split (``split``, into a and b) in two halves, each read by a conv."""
+    ex = (", " + extra) if extra else ""
+    return Case(id, header(opset) + f"""
+g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
+<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb{ex}>
+{{
+  h = Conv<pads=[1,1,1,1]>(x, w1)
+  {split}
+  ya = Conv<pads=[1,1,1,1]>(a, wa)
+  yb = Conv(b, wb)
+}}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)})
+
+
+def slice_channels(id: str, slice_node: str, bounds: str) -> Case:
+    """A channel range of h sliced by ``slice_node`` (into s; ``bounds`` declares its constants) is
+    read by one conv, all of h by another."""
+    return Case(id, H17 + f"""
+g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,5,8,8] z)
+<float[8,3,3,3] w1, float[4,4,3,3] w2, float[5,8,1,1] w3, {bounds}>
+{{
+  h = Conv<pads=[1,1,1,1]>(x, w1)
+  {slice_node}
+  y = Conv<pads=[1,1,1,1]>(s, w2)
+  z = Conv(h, w3)
+}}""", {"w1": (4, 3, 3, 3), "w3": (5, 4, 1, 1)})
+
 
 CASES = [
     # --- Concat / Split / Slice on the channel axis -------------------------------------------
@@ -38,15 +63,7 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
   cat = Concat<axis=-3>(b, a, b)
   y = Conv(cat, wc)
 }""", {"wa": (4, 3, 3, 3), "wb": (2, 3, 1, 1), "wc": (4, 8, 1, 1)}),
-    Case("Split-sizes-input", header(13) + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
-<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb, int64[2] sp = {4, 4}>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  a, b = Split<axis=1>(h, sp)
-  ya = Conv<pads=[1,1,1,1]>(a, wa)
-  yb = Conv(b, wb)
-}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)}),
+    split_halves("Split-sizes-input", 13, "a, b = Split<axis=1>(h, sp)", "int64[2] sp = {4, 4}"),
     Case("Split-unequal-sizes-input", H17 + """
 g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
 <float[8,3,3,3] w1, float[4,2,3,3] wa, float[5,6,1,1] wb, int64[2] sp = {2, 6}>
@@ -56,62 +73,15 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
   ya = Conv<pads=[1,1,1,1]>(a, wa)
   yb = Conv(b, wb)
 }""", {"w1": (4, 3, 3, 3), "wa": (4, 1, 3, 3), "wb": (5, 3, 1, 1)}),
-    Case("Split-attribute-opset11", header(11) + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
-<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  a, b = Split<axis=1, split=[4,4]>(h)
-  ya = Conv<pads=[1,1,1,1]>(a, wa)
-  yb = Conv(b, wb)
-}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)}),
-    Case("Split-equal-no-sizes-opset11", header(11) + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
-<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  a, b = Split<axis=1>(h)
-  ya = Conv<pads=[1,1,1,1]>(a, wa)
-  yb = Conv(b, wb)
-}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)}),
-    Case("Split-num_outputs-opset18", header(18) + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
-<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  a, b = Split<axis=1, num_outputs=2>(h)
-  ya = Conv<pads=[1,1,1,1]>(a, wa)
-  yb = Conv(b, wb)
-}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)}),
-    Case("Slice-channels", H17 + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,5,8,8] z)
-<float[8,3,3,3] w1, float[4,4,3,3] w2, float[5,8,1,1] w3, int64[1] st = {2}, int64[1] en = {6},
- int64[1] ax = {1}>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  s = Slice(h, st, en, ax)
-  y = Conv<pads=[1,1,1,1]>(s, w2)
-  z = Conv(h, w3)
-}""", {"w1": (4, 3, 3, 3), "w3": (5, 4, 1, 1)}),
-    Case("Slice-channels-open-end-negative-axis", H17 + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,5,8,8] z)
-<float[8,3,3,3] w1, float[4,4,3,3] w2, float[5,8,1,1] w3, int64[2] st = {-4, 0},
- int64[2] en = {9223372036854775807, 8}, int64[2] ax = {-3, 2}, int64[2] sp = {1, 1}>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  s = Slice(h, st, en, ax, sp)
-  y = Conv<pads=[1,1,1,1]>(s, w2)
-  z = Conv(h, w3)
-}""", {"w1": (4, 3, 3, 3), "w3": (5, 4, 1, 1)}),
-    Case("Split-equal-no-sizes-opset13", header(13) + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,5,8,8] yb)
-<float[8,3,3,3] w1, float[4,4,3,3] wa, float[5,4,1,1] wb>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  a, b = Split<axis=1>(h)
-  ya = Conv<pads=[1,1,1,1]>(a, wa)
-  yb = Conv(b, wb)
-}""", {"w1": (4, 3, 3, 3), "wa": (4, 2, 3, 3), "wb": (5, 2, 1, 1)}),
+    split_halves("Split-attribute-opset11", 11, "a, b = Split<axis=1, split=[4,4]>(h)"),
+    split_halves("Split-equal-no-sizes-opset11", 11, "a, b = Split<axis=1>(h)"),
+    split_halves("Split-num_outputs-opset18", 18, "a, b = Split<axis=1, num_outputs=2>(h)"),
+    slice_channels("Slice-channels", "s = Slice(h, st, en, ax)",
+                   "int64[1] st = {2}, int64[1] en = {6}, int64[1] ax = {1}"),
+    slice_channels("Slice-channels-open-end-negative-axis", "s = Slice(h, st, en, ax, sp)",
+                   "int64[2] st = {-4, 0}, int64[2] en = {9223372036854775807, 8}, int64[2] ax = {-3, 2}, "
+                   "int64[2] sp = {1, 1}"),
+    split_halves("Split-equal-no-sizes-opset13", 13, "a, b = Split<axis=1>(h)"),
     Case("Concat-same-tensor-twice", H17 + """
 g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 <float[8,3,3,3] w1, float[4,16,1,1] w2>
@@ -172,25 +142,12 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] ya, float[N,4,8,8] yb, float[N,4,8,8] yc
   yb = Conv(b, wb)
   yc = Conv(c, wc)
 }""", {"w1": (4, 3, 3, 3)}),
-    Case("Slice-without-axes-input", H17 + """
-g (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,5,8,8] z)
-<float[8,3,3,3] w1, float[4,4,3,3] w2, float[5,8,1,1] w3, int64[2] st = {0, 2},
- int64[2] en = {9223372036854775807, 6}>
-{
-  h = Conv<pads=[1,1,1,1]>(x, w1)
-  s = Slice(h, st, en)
-  y = Conv<pads=[1,1,1,1]>(s, w2)
-  z = Conv(h, w3)
-}""", {"w1": (4, 3, 3, 3), "w3": (5, 4, 1, 1)}),
+    slice_channels("Slice-without-axes-input", "s = Slice(h, st, en)",
+                   "int64[2] st = {0, 2}, int64[2] en = {9223372036854775807, 6}"),
 ]
 
 
 BY_ID = graphs.index(CASES, ())  # cases by id, sandwiches as "sandwich-<id>"
-
-
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,13 +159,6 @@ RATIO_CASES = [
     ("Split-sizes-input", 0.25, {"w1": (6, 3, 3, 3), "wa": (4, 3, 3, 3), "wb": (5, 3, 1, 1)}),
     ("Split-sizes-input", 0.75, {"w1": (2, 3, 3, 3), "wa": (4, 1, 3, 3), "wb": (5, 1, 1, 1)}),
 ]
-
-
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +176,8 @@ FROZEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
-def test_frozen_group(case):
-    _id, text, words = case
-    checks.assert_prefixed_frozen(graphs.build(text), words)
+class TestConcat(checks.GraphCases, checks.RatioCases, checks.FrozenCases):
+    """The standard tests over ``CASES``, ``RATIO_CASES`` and ``FROZEN_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,11 @@
 """onnxruntime contrib ops (handlers/contrib.py, domain com.microsoft): FusedConv (with a residual Z,
 depthwise), FusedGemm and the Gelu family; a contrib op without a handler is a barrier. The contrib
-ops of real models come from onnxruntime's optimizer (tests/test_variants.py).
-
-Every text graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+ops of real models come from onnxruntime's optimizer (tests/test_variants.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 from onnxprune import pipeline
@@ -49,9 +44,8 @@ g (float[N,16] x) => (float[N,8] y)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
+class TestContrib(checks.GraphCases):
+    """The standard tests over ``CASES`` (``checks.CaseTests``)."""
 
 # ----------------------------------------------------------------------------------------------
 # graphs built with onnx.helper: a residual Z, the depthwise group, the Gelu family, an unsupported op

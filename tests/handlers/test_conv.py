@@ -1,10 +1,6 @@
 """Conv and ConvTranspose (handlers/conv.py): 1-D, 2-D and 3-D, strided and dilated, grouped and
 depthwise (with a channel multiplier; ``group`` follows the channels), weights reached through
-Cast.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+Cast."""
 
 from __future__ import annotations
 
@@ -130,11 +126,6 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 BY_ID = graphs.index(CASES, ())  # cases by id, sandwiches as "sandwich-<id>"
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -146,11 +137,8 @@ RATIO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
+class TestConv(checks.GraphCases, checks.RatioCases):
+    """The standard tests over ``CASES`` and ``RATIO_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,9 @@
 """Elementwise ops (handlers/elementwise.py): unary ops, binary ops with per-channel constants
-(sliced as parameters), comparisons and boolean logic feeding Where, PRelu and Dropout.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+(sliced as parameters), comparisons and boolean logic feeding Where, PRelu and Dropout."""
 
 from __future__ import annotations
 
-import pytest
-
-from onnxprune.testing import checks, graphs
+from onnxprune.testing import checks
 from onnxprune.testing.graphs import H17, Case, sandwich_case, sandwich_expect
 
 C8 = "float[8,1,1] c"
@@ -81,11 +75,6 @@ SANDWICHES = [
 ]
 
 
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # graphs written out in full: (id, text, expected initializer shapes after ratio 0.5, positive)
 
@@ -101,14 +90,6 @@ g (float[N,16] x) => (float[N,8] y)
 ]
 
 
-BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
-
-
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -120,8 +101,5 @@ RATIO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
+class TestElementwise(checks.SandwichCases, checks.GraphCases, checks.RatioCases):
+    """The standard tests over ``SANDWICHES``, ``CASES`` and ``RATIO_CASES`` (``checks.CaseTests``)."""

@@ -1,15 +1,9 @@
 """Gemm and MatMul (handlers/gemm.py): transA/transB, MatMul with the constant first, weights
-reached through a Transpose; a MatMul of two activations (attention) is approximate.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+reached through a Transpose; a MatMul of two activations (attention) is approximate."""
 
 from __future__ import annotations
 
-import pytest
-
-from onnxprune.testing import checks, graphs
+from onnxprune.testing import checks
 from onnxprune.testing.graphs import H17, Case
 
 # ----------------------------------------------------------------------------------------------
@@ -86,14 +80,6 @@ g (float[N,16] x) => (float[N,8] y)
 ]
 
 
-BY_ID = graphs.index(CASES, ())  # cases by id, sandwiches as "sandwich-<id>"
-
-
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -102,13 +88,6 @@ RATIO_CASES = [
     ("MatMul-MLP-2d", 0.25, {"w1": (16, 24), "b1": (24,), "w2": (24, 8)}),
     ("MatMul-MLP-3d", 0.75, {"w1": (16, 8), "b1": (8,), "w2": (8, 8)}),
 ]
-
-
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,13 +117,5 @@ g (float[N,5,16] x) => (float[N,5,16] y)
 ]
 
 
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_frozen_by_default(case):
-    _id, text, default, _allowed, word = case
-    checks.assert_approximate_frozen(graphs.build(text), default, word)
-
-
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_pruned_when_allowed(case):
-    _id, text, _default, allowed, _word = case
-    checks.assert_approximate_allowed(graphs.build(text), allowed)
+class TestGemm(checks.GraphCases, checks.RatioCases, checks.ApproxCases):
+    """The standard tests over ``CASES``, ``RATIO_CASES`` and ``APPROX_CASES`` (``checks.CaseTests``)."""

@@ -1,16 +1,10 @@
 """Normalizations and softmax (handlers/norm.py): BatchNormalization and InstanceNormalization
 slice per channel; softmax over a spatial axis does not touch the channels; LayerNormalization
-and softmax over the channel axis mix channels (approximate: frozen unless allowed).
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+and softmax over the channel axis mix channels (approximate: frozen unless allowed)."""
 
 from __future__ import annotations
 
-import pytest
-
-from onnxprune.testing import checks, graphs
+from onnxprune.testing import checks
 from onnxprune.testing.graphs import (
     H17,
     PREFIX_FROZEN,
@@ -34,11 +28,6 @@ SANDWICHES = [
     sandwich_case("LogSoftmax-spatial", "m = LogSoftmax<axis=-1>(h)", "", 13, (), 8),
     sandwich_case("Softmax-spatial-opset11", "m = Softmax<axis=2>(h)", "", 11, (), 8),
 ]
-
-
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,14 +54,6 @@ g (float[N,16,6] x) => (float[N,8,6] y)
 ]
 
 
-BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
-
-
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -80,13 +61,6 @@ def test_graph(case):
 RATIO_CASES = [
     ("sandwich-BatchNormalization", 0.75, {**sandwich_expect(2), "var": (2,)}),
 ]
-
-
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,13 +99,6 @@ g (float[N,5,16] x) => (float[N,5,8] y)
 ]
 
 
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_frozen_by_default(case):
-    _id, text, default, _allowed, word = case
-    checks.assert_approximate_frozen(graphs.build(text), default, word)
-
-
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_pruned_when_allowed(case):
-    _id, text, _default, allowed, _word = case
-    checks.assert_approximate_allowed(graphs.build(text), allowed)
+class TestNorm(checks.SandwichCases, checks.GraphCases, checks.RatioCases, checks.ApproxCases):
+    """The standard tests over ``SANDWICHES``, ``CASES``, ``RATIO_CASES`` and ``APPROX_CASES``
+    (``checks.CaseTests``)."""

@@ -1,14 +1,8 @@
 """Pooling and reductions (handlers/pool.py): spatial pools and reductions (with and without
 keepdims, axes as attribute or input), MaxRoiPool; a reduction over the channel axis is
-approximate; MaxPool indices encode channel positions.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+approximate; MaxPool indices encode channel positions."""
 
 from __future__ import annotations
-
-import pytest
 
 from onnxprune.testing import checks, graphs
 from onnxprune.testing.graphs import (
@@ -45,11 +39,6 @@ SANDWICHES = [
      "p = Sigmoid(h)\n  a = ReduceLogSum<axes=[2,3]>(p)\n  b = ReduceLogSumExp<axes=[2,3]>(h)\n"
      "  q = ReduceSumSquare<axes=[2,3]>(h)\n  m = Sum(a, b, q)", "", 17, (), 1),
 ]
-
-
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +82,6 @@ g (float[N,3,8,8] x) => (float[3,4,2,2] y)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # approximate groups: frozen by default, pruned only with allow_approximate
 
@@ -108,16 +92,8 @@ APPROX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_frozen_by_default(case):
-    _id, text, default, _allowed, word = case
-    checks.assert_approximate_frozen(graphs.build(text), default, word)
-
-
-@pytest.mark.parametrize("case", APPROX_CASES, ids=[c[0] for c in APPROX_CASES])
-def test_approximate_pruned_when_allowed(case):
-    _id, text, _default, allowed, _word = case
-    checks.assert_approximate_allowed(graphs.build(text), allowed)
+class TestPool(checks.SandwichCases, checks.GraphCases, checks.ApproxCases):
+    """The standard tests over ``SANDWICHES``, ``CASES`` and ``APPROX_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,5 @@
 """Reshape, Flatten, Transpose, Squeeze and Unsqueeze (handlers/reshape.py): flatten blocks into a
-Gemm, constant and computed reshape targets, channel shuffles, regrouping reshapes.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+Gemm, constant and computed reshape targets, channel shuffles, regrouping reshapes."""
 
 from __future__ import annotations
 
@@ -26,11 +22,6 @@ SANDWICHES = [
      "int64[4] s2 = {-1, 8, 8, 8}", 17, (), 8),
     sandwich_case("Flatten-Reshape-back", "f = Flatten<axis=1>(h)\n  m = Reshape(f, s2)", "int64[4] s2 = {-1, 8, 8, 8}", 17, (), 8),
 ]
-
-
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,11 +159,6 @@ g (float[N,3,4,4] x) => (float[N,10] y)
 BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -183,11 +169,8 @@ RATIO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
+class TestReshape(checks.SandwichCases, checks.GraphCases, checks.RatioCases):
+    """The standard tests over ``SANDWICHES``, ``CASES`` and ``RATIO_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,7 @@
 """Resize and Pad (handlers/resize.py): scales, sizes (with a channel entry), pads on the spatial
-axes; a pad on the channel axis is a barrier.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+axes; a pad on the channel axis is a barrier."""
 
 from __future__ import annotations
-
-import pytest
 
 from onnxprune.testing import checks, graphs
 from onnxprune.testing.graphs import H17, Case, prefixed_text, sandwich_case
@@ -25,11 +19,6 @@ SANDWICHES = [
     sandwich_case("Pad-value-opset11", "m = Pad(h, p, v)", "int64[8] p = {0,0,1,1,0,0,1,1}, float v = {0.5}", 11, (), 10),
     sandwich_case("Pad-axes-opset18", "m = Pad(h, p, , a)", "int64[4] p = {1,1,1,1}, int64[2] a = {2,3}", 18, (), 10),
 ]
-
-
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,11 +51,6 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # barriers: the group touching the op is frozen (weights untouched) with a reason naming it
 
@@ -78,10 +62,8 @@ FROZEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
-def test_frozen_group(case):
-    _id, text, words = case
-    checks.assert_prefixed_frozen(graphs.build(text), words)
+class TestResize(checks.SandwichCases, checks.GraphCases, checks.FrozenCases):
+    """The standard tests over ``SANDWICHES``, ``CASES`` and ``FROZEN_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,5 @@
 """LSTM, GRU and RNN (handlers/rnn.py): the feature channels into the op and its hidden units are
-pruned, on ONNX-text graphs and on torch exports (models/rnn.py).
-
-Every text graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+pruned, on ONNX-text graphs and on torch exports (models/rnn.py)."""
 
 from __future__ import annotations
 
@@ -56,14 +52,6 @@ g (float[5,N,8] x) => (float[N,6] y)
 ]
 
 
-BY_ID = graphs.index(CASES, ())  # cases by id, sandwiches as "sandwich-<id>"
-
-
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # other ratios
 
@@ -73,11 +61,8 @@ RATIO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case_id,ratio,expect", RATIO_CASES, ids=[f"{c}-{r}" for c, r, _ in RATIO_CASES])
-def test_other_ratios(case_id, ratio, expect):
-    model = BY_ID[case_id].model()
-    res = checks.prune_and_verify(model, ratio)
-    checks.assert_exact(res, model, expect)
+class TestRNN(checks.GraphCases, checks.RatioCases):
+    """The standard tests over ``CASES`` and ``RATIO_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------

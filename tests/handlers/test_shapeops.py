@@ -1,10 +1,6 @@
 """Shape and index ops (handlers/shapeops.py): Shape and Size values used in arithmetic,
 ConstantOfShape, Range and NonZero, Gather (spatial, or a channel subset followed and renumbered),
-Expand and Tile.
-
-Every graph routes a channel space through the op under test between a producer and a consumer
-weight (``onnxprune.testing.graphs``); ``checks.assert_exact`` asserts what an exact result must
-satisfy (verification, full checker, another batch size, shapes, MACs)."""
+Expand and Tile."""
 
 from __future__ import annotations
 
@@ -27,11 +23,6 @@ SANDWICHES = [
 ]
 
 
-@pytest.mark.parametrize("case", SANDWICHES, ids=graphs.ids(SANDWICHES))
-def test_sandwich(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # graphs written out in full: (id, text, expected initializer shapes after ratio 0.5, positive)
 
@@ -52,11 +43,6 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
 BY_ID = graphs.index(CASES, SANDWICHES)  # cases by id, sandwiches as "sandwich-<id>"
 
 
-@pytest.mark.parametrize("case", CASES, ids=graphs.ids(CASES))
-def test_graph(case):
-    checks.assert_case_exact(case)
-
-
 # ----------------------------------------------------------------------------------------------
 # barriers: the group touching the op is frozen (weights untouched) with a reason naming it
 
@@ -67,10 +53,8 @@ FROZEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FROZEN_CASES, ids=[c[0] for c in FROZEN_CASES])
-def test_frozen_group(case):
-    _id, text, words = case
-    checks.assert_prefixed_frozen(graphs.build(text), words)
+class TestShapeOps(checks.SandwichCases, checks.GraphCases, checks.FrozenCases):
+    """The standard tests over ``SANDWICHES``, ``CASES`` and ``FROZEN_CASES`` (``checks.CaseTests``)."""
 
 
 # ----------------------------------------------------------------------------------------------
