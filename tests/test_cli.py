@@ -32,6 +32,7 @@ from onnxprune.planning.importance import IMPORTANCES
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.session import cuda_available
 from onnxprune.testing import from_text
+from onnxprune.testing.synth import external_mlp
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -684,3 +685,70 @@ def test_verbose_prune_lists_the_normalization_changes(run_main, tmp_path, out_d
     assert "normalization:" in r.stdout
     quiet = run_main("prune", p, "-o", out_dir / "o2.onnx")
     assert quiet.returncode == 0 and "normalization:" not in quiet.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# output paths never name a file the input consists of (its external data included)
+
+
+@pytest.fixture
+def ext_model(tmp_path) -> pathlib.Path:
+    """An MLP whose weights live in ``in/mlp.onnx.data``."""
+    d = tmp_path / "in"
+    d.mkdir()
+    src = d / "mlp.onnx"
+    external_mlp(src, width=16, layers=2)
+    return src
+
+
+@pytest.mark.parametrize("cmd,flag", [
+    ("prune", "-o"), ("prune", "--report"), ("prune", "--save-plan"), ("verify", "--report"),
+    ("bench", "--report"), ("sweep", "--report"), ("sweep", "--plot"),
+])
+def test_outputs_never_overwrite_the_inputs_external_data(run_main, ext_model, out_dir, cmd, flag):
+    data = ext_model.parent / "mlp.onnx.data"
+    snap = Snapshot(data, ext_model.parent, out_dir)
+    args = {
+        "prune": ["prune", ext_model] + ([] if flag == "-o" else ["-o", out_dir / "p.onnx"]),
+        "verify": ["verify", ext_model, ext_model, "--plan", out_dir / "plan.json"],
+        "bench": ["bench", ext_model, "--ep", "cpu", "--repeat", "1", "--warmup", "1"],
+        "sweep": ["sweep", ext_model, "--ep", "cpu", "--ratios", "0.5", "--repeat", "1", "--warmup", "1"],
+    }[cmd]
+    proc = run_main(*args, flag, data)
+    try:
+        snap.assert_unchanged()
+    finally:
+        data.write_bytes(snap.data)
+    msg = assert_user_error(proc)
+    assert "mlp.onnx.data" in msg
+    if cmd == "bench":  # the pruned model of a pair is an input too
+        pruned = ext_model.parent / "p2.onnx"
+        external_mlp(pruned, width=16, layers=2, seed=1)
+        snap = Snapshot(ext_model.parent / "p2.onnx.data", ext_model.parent)
+        assert_user_error(run_main("bench", ext_model, pruned, "--ep", "cpu", "--report", pruned.parent / "p2.onnx.data"))
+        snap.assert_unchanged()
+
+
+def test_output_whose_data_file_is_an_input_file_is_refused(run_main, tmp_path, out_dir):
+    """``-o p.onnx`` writes ``p.onnx.data``: refused when the input's weights are that file."""
+    d = tmp_path / "in"
+    d.mkdir()
+    external_mlp(d / "p.onnx", width=16, layers=2)  # weights in in/p.onnx.data
+    src = d / "a.onnx"
+    (d / "p.onnx").rename(src)  # a.onnx still references p.onnx.data
+    data = d / "p.onnx.data"
+    snap = Snapshot(data, d)
+    proc = run_main("prune", src, "-o", d / "p.onnx", "--ratio", "0.5")
+    try:
+        snap.assert_unchanged()
+    finally:
+        data.write_bytes(snap.data)
+    msg = assert_user_error(proc)
+    assert "p.onnx.data" in msg
+
+
+def test_side_output_may_not_be_the_outputs_data_file(run_main, small_onnx, out_dir):
+    snap = Snapshot(small_onnx, small_onnx.parent, out_dir)
+    msg = assert_user_error(run_main("prune", small_onnx, "-o", out_dir / "o.onnx", "--report", out_dir / "o.onnx.data"))
+    assert "--report" in msg
+    snap.assert_unchanged()

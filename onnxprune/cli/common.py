@@ -8,6 +8,7 @@ in one place, and nothing below ``cli/`` sees its text.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from onnxprune.errors import UserError
+from onnxprune.ir.io import data_file_name, is_data_file_of, model_files
 
 
 class Parser(argparse.ArgumentParser):
@@ -203,13 +205,50 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     try:
         pa, pb = Path(a).resolve(), Path(b).resolve()
         return pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb))
-    except OSError:
+    except (OSError, RuntimeError):
         return False
 
 
+def _model_files(path: str | Path) -> list[Path]:
+    """``model_files``, parsed once per file version (the guard asks about one input several times)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [Path(path)]
+    return _model_files_of_version(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_files_of_version(path: str, *version: int) -> list[Path]:
+    return model_files(path)
+
+
+def _files_of(path: str | Path) -> list[Path]:
+    """Every file a model path stands for: the file, the external-data files it references (an
+    input's weights) and the data file a model saved there would write (an output's weights)."""
+    p = Path(path)
+    return [*_model_files(p), p.parent / data_file_name(p.name)]
+
+
+def _overwrites(path: str | Path, other: str | Path) -> Path | None:
+    """The file of ``other`` (see ``_files_of``) that writing ``path`` would overwrite, if any."""
+    for f in _files_of(other):
+        if _same_file(f, path):
+            return f
+    if is_data_file_of(other, path):  # <other>.<unique>.data: the data file of the model there
+        return Path(path)
+    return None
+
+
 def check_output(inp: str, out: str) -> None:
+    """The output model ``out`` and its data file never overwrite a file of the input ``inp``."""
     if _same_file(inp, out):
         raise UserError("output path equals the input path; the input is never overwritten")
+    for f in _model_files(inp):
+        if _same_file(f, out):
+            raise UserError(f"output {out} would overwrite {f}, external data of the input")
+        if _same_file(f, Path(out).parent / data_file_name(Path(out).name)) or is_data_file_of(out, f):
+            raise UserError(f"output {out} would write its weights over {f}, a file of the input")
     po = Path(out)
     if po.exists() and po.is_dir():
         raise UserError(f"output {po} is a directory")
@@ -217,11 +256,17 @@ def check_output(inp: str, out: str) -> None:
 
 
 def check_writable(path: str | None, what: str, protected: tuple[str | None, ...] = ()) -> None:
+    """``path`` (a report, plan, plot or model) overwrites no file of the ``protected`` models: the
+    inputs with their external data, the outputs with their data files."""
     if not path:
         return
     for other in protected:
-        if other and _same_file(other, path):
-            raise UserError(f"{what} {path} would overwrite {other}")
+        if not other:
+            continue
+        hit = _overwrites(path, other)
+        if hit is not None:
+            of = "" if _same_file(hit, other) else f" (a file of {other})"
+            raise UserError(f"{what} {path} would overwrite {hit}{of}")
     p = Path(path)
     if p.exists() and p.is_dir():
         raise UserError(f"{what} {path} is a directory")

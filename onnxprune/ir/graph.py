@@ -17,8 +17,10 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 
 
 def input_feeds_spec(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [vi for vi in model.graph.input if vi.name not in inits]
+    """Every graph input a caller may feed. An initializer that is also a graph input (IR < 4
+    models, or on purpose) is included: its value is only a default, overridable at run time, so it
+    is a graph input like any other (fed, frozen), never a constant (``ConstantTable.of``)."""
+    return list(model.graph.input)
 
 
 def value_dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:

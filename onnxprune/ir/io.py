@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +16,16 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import UserError
-from onnxprune.ir.graph import default_opset
-from onnxprune.ir.tensors import all_tensors, external_tensors, is_external, tensor_nbytes, tensor_value
+from onnxprune.ir.graph import default_opset, subgraphs
+from onnxprune.ir.tensors import (
+    all_tensors,
+    check_external,
+    external_info,
+    external_tensors,
+    is_external,
+    tensor_nbytes,
+    tensor_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +52,51 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _absolutize_external(model: onnx.ModelProto, base: Path) -> None:
-    """Weights stay in their files: each external tensor points at its file by absolute path and is
-    read only when needed (memory stays near the size of what is pruned, not of the model)."""
+    """Weights stay in their files: each external tensor is admitted by the guarded loader
+    (``check_external``: a regular file inside the model's folder, its span inside the file and of
+    the size its dims ask for) and then points at its file by resolved absolute path; it is read only
+    when needed (memory stays near the size of what is pruned, not of the model)."""
     for t in external_tensors(model):
-        for e in t.external_data:
-            if e.key == "location":
-                loc = Path(e.value)
-                full = loc if loc.is_absolute() else (base / loc)
-                if not full.exists():
-                    raise UserError(f"external data file {full} of tensor '{t.name}' is missing")
-                e.value = str(full.resolve())
+        check_external(t, base)
+    for t in _nested_external(model):
+        raise UserError(f"tensor '{t.name}' inside a subgraph keeps its data in an external file "
+                        "(not supported)")
 
+
+def _nested_external(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """External tensors that ``all_tensors`` does not cover: in subgraphs and sparse initializers."""
+    for sp in model.graph.sparse_initializer:
+        for t in (sp.values, sp.indices):
+            if is_external(t):
+                yield t
+    stack = [g for n in model.graph.node for g in subgraphs(n)]
+    while stack:
+        g = stack.pop()
+        for t in g.initializer:
+            if is_external(t):
+                yield t
+        for n in g.node:
+            stack.extend(subgraphs(n))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and is_external(a.t):
+                    yield a.t
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """Every file the model at ``path`` consists of: the file itself and the external-data files
+    it references (as written, relative to its folder; unchecked: the output-path guard protects
+    them all, the loader decides what may be read). Unreadable models consist of the file alone."""
+    p = Path(path)
+    out = [p]
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: nothing more to protect
+        return out
+    for t in external_tensors(model):
+        loc = external_info(t).get("location")
+        if loc and "\0" not in loc:
+            out.append(p.parent / loc)
+    return out
 
 
 def has_external(model: onnx.ModelProto) -> bool:
@@ -78,38 +122,88 @@ def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
     return opset
 
 
+def data_file_name(name: str) -> str:
+    """The usual name of the external-data file of the model file ``name``."""
+    return name + ".data"
+
+
+def is_data_file_of(model_path: str | os.PathLike, candidate: str | os.PathLike) -> bool:
+    """Whether ``candidate`` is (or could become) an external-data file ``save_atomic`` writes for
+    ``model_path``: ``<name>.data`` or ``<name>.<unique>.data`` in its folder (symlinks resolved)."""
+    mp, c = Path(model_path), Path(candidate)
+    try:
+        folder, cand = mp.parent.resolve(), c.resolve()
+    except (OSError, RuntimeError):
+        return False
+    if cand.parent != folder and c.absolute().parent != mp.absolute().parent:
+        return False
+    return any(re.fullmatch(re.escape(mp.name) + r"(\.[A-Za-z0-9_]+)?\.data", n) for n in (cand.name, c.name))
+
+
+def _previous_data_files(p: Path) -> list[Path]:
+    """The data files ``save_atomic`` wrote for the model at ``p`` now (removed once it is replaced)."""
+    if not p.is_file():
+        return []
+    return [f for f in model_files(p)[1:] if is_data_file_of(p, f)]
+
+
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None,
                 data: bytes | None = None) -> None:
     """Write to temporary files beside ``path``, then rename: no partial output on failure.
 
-    Models with external data (or over ~1.8 GB) keep their weights in ``<name>.data`` beside the
-    file, written tensor by tensor."""
+    Models with external data (or over ~1.8 GB) keep their weights in a data file beside the model,
+    written tensor by tensor: ``<name>.data``, or ``<name>.<unique>.data`` while that name is taken.
+    Crash-safe as a pair: the data file gets a name no existing model references, it is renamed in
+    place first, and the rename of the .onnx is the commit point (before it the old .onnx still
+    pairs with its old data file, untouched; after it the new pair is complete). The old data file
+    of this output is removed only after the commit; a crash in between leaves only an unreferenced
+    file."""
     p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
     if external is None:
         external = has_external(model) or approx_bytes(model) > LARGE_BYTES
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    previous = _previous_data_files(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
-    tmp_data = None
+    tmp_data = final_data = None
     try:
         if external:
-            data_name = p.name + ".data"
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=p.parent or ".")
+            final_data = folder / data_file_name(p.name)
+            if final_data.exists() or final_data.is_symlink():  # taken (the old pair's): a fresh name
+                fd, name = tempfile.mkstemp(prefix=f"{p.name}.", suffix=".data", dir=folder)
+                os.close(fd)
+                final_data = Path(name)
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{p.name}.data.", suffix=".tmp", dir=folder)
             os.close(fd)
-            out = _externalized_copy(model, tmp_data, data_name)
+            out = _externalized_copy(model, tmp_data, final_data.name)
             with open(tmp, "wb") as f:
                 f.write(out.SerializeToString())
-            os.replace(tmp_data, p.parent / data_name)
-            _default_mode(p.parent / data_name)
+            _default_mode(Path(tmp_data))
+            os.replace(tmp_data, final_data)
+            tmp_data = None
         else:
             with open(tmp, "wb") as f:  # ``data``: the serialization already made (and checked)
                 f.write(data if data is not None else model.SerializeToString())
         _default_mode(Path(tmp))
-        os.replace(tmp, p)
+        os.replace(tmp, p)  # the commit point
     except BaseException:
-        for f in (tmp, tmp_data):
-            if f and os.path.exists(f):
+        for f in (tmp, tmp_data, final_data):
+            if f and os.path.lexists(f):
                 os.unlink(f)
         raise
+    for old in previous:  # after the commit: nothing references them any more
+        if final_data is None or not _same_path(old, final_data):
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _default_mode(path: Path) -> None:

@@ -1,13 +1,19 @@
-"""Tensors and constants: numpy values of TensorProtos (external data read per tensor) and the
-table of every constant of a graph (initializers and Constant-node outputs)."""
+"""Tensors and constants: numpy values of TensorProtos (external data read per tensor, through the
+one guarded reader) and the table of every constant of a graph (initializers and Constant-node
+outputs; an initializer that is also a graph input is overridable at run time, hence no constant)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from onnxprune.errors import UserError
 
 
 def is_external(t: onnx.TensorProto) -> bool:
@@ -25,18 +31,135 @@ _RAW_FAST = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: n
 
 
 def tensor_value(t: onnx.TensorProto) -> np.ndarray:
-    """numpy value of a tensor; external data (with an absolute location) is read from its file."""
+    """numpy value of a tensor; external data (checked by :func:`check_external`) is read from its file."""
     if not is_external(t):
         if t.data_type in _RAW_FAST and t.HasField("raw_data"):
             # one copy (the bytes object), read-only: callers never write into constants
             return np.frombuffer(t.raw_data, dtype=_RAW_FAST[t.data_type]).reshape(tuple(t.dims))
         return numpy_helper.to_array(t)
+    return read_external(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# external data: the one guarded loader. ``check_external`` (at load) admits only regular files
+# inside the model's folder and rewrites the location to the resolved absolute path with explicit
+# offset and length; ``read_external`` re-checks the file it opens (never a FIFO or device) and reads
+# exactly the bytes the tensor's dims and type ask for. Every failure is a one-line UserError.
+
+
+def _expected_nbytes(t: onnx.TensorProto) -> int:
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:  # noqa: BLE001 - onnx raises KeyError or ValueError for unknown types
+        raise UserError(f"tensor '{t.name}': external data of unknown type {t.data_type}") from None
+    if dtype.kind in "OUS" or dtype.itemsize == 0:
+        raise UserError(f"tensor '{t.name}': external data of type {dtype} cannot be read")
+    if any(d < 0 for d in t.dims):
+        raise UserError(f"tensor '{t.name}': negative dims {list(t.dims)}")
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * dtype.itemsize
+
+
+def _int_field(t: onnx.TensorProto, info: dict[str, str], key: str) -> int | None:
+    if key not in info:
+        return None
+    try:
+        v = int(info[key])
+    except ValueError:
+        raise UserError(f"tensor '{t.name}': external data {key} '{info[key]}' is not a whole number") from None
+    if v < 0:
+        raise UserError(f"tensor '{t.name}': external data {key} {v} is negative")
+    return v
+
+
+def _regular_size(st: os.stat_result, t: onnx.TensorProto, where) -> int:
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"external data {where} of tensor '{t.name}' is not a regular file")
+    return st.st_size
+
+
+def _check_span(t: onnx.TensorProto, offset: int, length: int | None, size: int, where) -> int:
+    want = _expected_nbytes(t)
+    if length is None:
+        length = size - offset
+    if length != want:
+        raise UserError(f"tensor '{t.name}': external data length {length} != {want} bytes "
+                        f"(dims {list(t.dims)})")
+    if offset + length > size:
+        raise UserError(f"tensor '{t.name}': external data (offset {offset}, length {length}) runs past "
+                        f"the end of {where} ({size} bytes)")
+    return length
+
+
+def check_external(t: onnx.TensorProto, base: str | os.PathLike) -> Path:
+    """Admit the external data of ``t`` (a file inside the model's folder ``base``) and rewrite its
+    location to the resolved absolute path, with explicit offset and length. Returns that path."""
     info = external_info(t)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-    count = int(np.prod(t.dims, dtype=np.int64))
-    offset = int(info.get("offset", 0))
-    arr = np.fromfile(info["location"], dtype=dtype, count=count, offset=offset)
-    return arr.reshape(tuple(t.dims))
+    loc = info.get("location")
+    if not loc:
+        raise UserError(f"tensor '{t.name}': external data without a location")
+    if "\0" in loc or os.path.isabs(loc) or Path(loc).is_absolute() or loc.startswith(("/", "\\")):
+        raise UserError(f"external data location '{loc}' of tensor '{t.name}' is absolute; "
+                        "it must be a file in the model's folder")
+    folder = Path(base).resolve()
+    try:
+        full = (folder / loc).resolve(strict=True)
+    except FileNotFoundError:
+        raise UserError(f"external data file {folder / loc} of tensor '{t.name}' is missing") from None
+    except (OSError, RuntimeError) as exc:  # loops, too long, permission
+        raise UserError(f"external data location '{loc}' of tensor '{t.name}' cannot be resolved "
+                        f"({type(exc).__name__})") from None
+    if folder not in full.parents:
+        raise UserError(f"external data location '{loc}' of tensor '{t.name}' leaves the model's folder")
+    try:
+        st = os.stat(full)  # before any open: a FIFO or device is never opened
+    except OSError as exc:
+        raise UserError(f"external data file {full} of tensor '{t.name}' cannot be read ({exc.strerror})") from None
+    size = _regular_size(st, t, full)
+    offset = _int_field(t, info, "offset") or 0
+    length = _check_span(t, offset, _int_field(t, info, "length"), size, full)
+    info.update(location=str(full), offset=str(offset), length=str(length))
+    del t.external_data[:]
+    for k, v in info.items():
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return full
+
+
+def read_external(t: onnx.TensorProto) -> np.ndarray:
+    """The value of an external tensor whose location :func:`check_external` admitted."""
+    info = external_info(t)
+    loc = info.get("location", "")
+    if not os.path.isabs(loc) or "length" not in info:
+        raise UserError(f"tensor '{t.name}': external data location '{loc}' was never checked "
+                        "(load the model with onnxprune.ir.io.load)")
+    offset = _int_field(t, info, "offset") or 0
+    length = _int_field(t, info, "length")
+    try:
+        _regular_size(os.stat(loc), t, loc)  # the file may have changed since it was checked
+        # O_NONBLOCK: even a FIFO swapped in after the stat cannot block the open; fstat refuses it
+        fd = os.open(loc, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise UserError(f"external data file {loc} of tensor '{t.name}' cannot be read ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            size = _regular_size(os.fstat(f.fileno()), t, loc)
+            length = _check_span(t, offset, length, size, loc)  # before any allocation
+            buf = bytearray(length)
+            view, done = memoryview(buf), 0
+            f.seek(offset)
+            while done < length:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"external data file {loc} of tensor '{t.name}' is shorter than it was")
+                done += n
+    except OSError as exc:
+        raise UserError(f"external data file {loc} of tensor '{t.name}' cannot be read ({exc.strerror})") from None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    return np.frombuffer(buf, dtype=dtype).reshape(tuple(t.dims))
 
 
 def tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -145,8 +268,10 @@ class ConstantTable:
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> ConstantTable:
         table = cls()
+        overridable = {i.name for i in graph.input}  # an initializer that is a graph input is a default
         for init in graph.initializer:
-            table._protos[init.name] = init
+            if init.name not in overridable:
+                table._protos[init.name] = init
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
                 t = next((a.t for a in node.attribute if a.name == "value"), None)
