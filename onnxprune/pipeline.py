@@ -67,6 +67,7 @@ def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
     """The analysis mode a run needs: whole heads for ``--head-ratio`` (or a plan made with it)."""
     if plan_json is not None:
         o = plan_json.get("options", {}) if isinstance(plan_json, dict) else {}
+        o = o if isinstance(o, dict) else {}
         return "heads" if o.get("head_ratio") is not None else "dim"
     return opts.head_mode
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 from onnxprune.cli import cmd_bench, cmd_demo, cmd_groups, cmd_inspect, cmd_prune, cmd_sweep, cmd_verify
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if VERBOSITY.parse(args) else logging.WARNING,
                         format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore")
+    previous = _on_sigterm(_raise_terminated)
     try:
         return args.fn(args)
     except OnnxPruneError as exc:
@@ -49,6 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("onnxprune: interrupted\n")
         return 130
+    except Terminated:
+        sys.stderr.write("onnxprune: terminated\n")
+        return 128 + signal.SIGTERM
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, not an error: ``except Exception`` never eats it
+    """SIGTERM, raised in the main thread so that the cleanup of the save paths (``except
+    BaseException``: temporary files removed) runs as for Ctrl-C; ``main`` returns 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; returns the previous one (None off the main thread, where
+    signals cannot be handled, and where ``handler`` is None)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

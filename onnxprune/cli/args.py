@@ -30,6 +30,7 @@ from onnxprune.cli.common import (
     check_writable,
     load_plan_file,
     non_negative_float,
+    non_negative_int,
     parse_arrays,
     parse_layer_ratios,
     parse_ratios,
@@ -224,7 +225,7 @@ class PlanArgs(ArgGroup):
                        help="unit scores (default l2; bn: |gamma| of BatchNorm members, else l2)")
         g.add_argument("--allow-approximate", action="store_true",
                        help="also prune groups mixed by LayerNorm/Softmax/reductions (changes the function)")
-        g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of --importance random (default 0)")
+        g.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of --importance random (default 0)")
 
     def parse(self, ns, ep: str = "auto", ratio: float | None = None) -> PlanRequest:
         """``ep``: the execution provider ``--round-to auto`` aligns for; ``ratio``: the ratio when

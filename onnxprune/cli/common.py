@@ -21,6 +21,7 @@ from rich.console import Console
 
 from onnxprune.errors import UserError
 from onnxprune.ir.io import data_file_name, is_data_file_of, model_files
+from onnxprune.planning.plan import check_plan_json
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,6 +51,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    if v >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be < 2**63, got {text}")
     return v
 
 
@@ -173,15 +186,23 @@ def parse_ratios(text: str) -> list[float]:
 def load_plan_file(path: str | None) -> dict | None:
     if not path:
         return None
+    if os.path.isdir(path):
+        raise UserError(f"plan file {path} is a directory")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise UserError(f"no such plan file: {path}") from None
     except IsADirectoryError:
         raise UserError(f"plan file {path} is a directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"plan file {path} is not JSON") from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # int digits limit, deep nesting
+        raise UserError(f"plan file {path} is not a usable JSON plan ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise UserError(f"plan file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    check_plan_json(data)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------

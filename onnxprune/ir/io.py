@@ -20,6 +20,7 @@ from onnxprune.ir.graph import default_opset, subgraphs
 from onnxprune.ir.tensors import (
     all_tensors,
     check_external,
+    check_tensor_data,
     external_info,
     external_tensors,
     is_external,
@@ -30,6 +31,15 @@ from onnxprune.ir.tensors import (
 log = logging.getLogger(__name__)
 
 MIN_OPSET, MAX_OPSET = 11, 23
+
+
+class WriteFailed(UserError, OSError):
+    """A save that the system refused (a full disk, a vanished folder): one line, exit 2, nothing
+    left behind. Still an OSError for callers that catch those."""
+
+
+def _write_failed(p: Path, exc: OSError) -> WriteFailed:
+    return WriteFailed(f"cannot write {p}: {exc.strerror or exc}")
 LARGE_BYTES = 1_800_000_000
 
 
@@ -45,6 +55,8 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as exc:  # protobuf raises several unrelated types
         raise UserError(f"{p} is not a readable ONNX file ({type(exc).__name__})") from None
     _absolutize_external(model, p.parent)
+    for t in _all_nested_tensors(model):
+        check_tensor_data(t)
     if not model.graph.node:
         raise UserError(f"{p} is not an ONNX model (no graph nodes)")
     check_opset(model, str(p))
@@ -80,6 +92,24 @@ def _nested_external(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR and is_external(a.t):
                     yield a.t
+
+
+def _all_nested_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every constant tensor, subgraphs and sparse initializers included."""
+    for sp in model.graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        yield from g.initializer
+        for n in g.node:
+            stack.extend(subgraphs(n))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
@@ -163,7 +193,10 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool 
     if external is None:
         external = has_external(model) or approx_bytes(model) > LARGE_BYTES
     previous = _previous_data_files(p)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _write_failed(p, exc) from None
     os.close(fd)
     tmp_data = final_data = None
     try:
@@ -186,10 +219,12 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike, external: bool 
                 f.write(data if data is not None else model.SerializeToString())
         _default_mode(Path(tmp))
         os.replace(tmp, p)  # the commit point
-    except BaseException:
+    except BaseException as exc:
         for f in (tmp, tmp_data, final_data):
             if f and os.path.lexists(f):
                 os.unlink(f)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):  # a full disk: one line
+            raise _write_failed(p, exc) from None
         raise
     for old in previous:  # after the commit: nothing references them any more
         if final_data is None or not _same_path(old, final_data):
@@ -252,9 +287,11 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
             json.dump(data, f, indent=1, default=json_default)
         _default_mode(Path(tmp))
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):
+            raise _write_failed(p, exc) from None
         raise
 
 

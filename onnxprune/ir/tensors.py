@@ -162,6 +162,49 @@ def read_external(t: onnx.TensorProto) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype).reshape(tuple(t.dims))
 
 
+_T = onnx.TensorProto
+_TYPED_FIELD = {_T.FLOAT: ("float_data", 1), _T.DOUBLE: ("double_data", 1), _T.INT64: ("int64_data", 1),
+                _T.UINT32: ("uint64_data", 1), _T.UINT64: ("uint64_data", 1),
+                _T.COMPLEX64: ("float_data", 2), _T.COMPLEX128: ("double_data", 2),
+                **{k: ("int32_data", 1) for k in (_T.INT32, _T.INT16, _T.INT8, _T.UINT16, _T.UINT8, _T.BOOL,
+                                                   _T.FLOAT16, _T.BFLOAT16)},
+                _T.STRING: ("string_data", 1)}
+
+
+def check_tensor_data(t: onnx.TensorProto) -> None:
+    """An in-memory tensor's data must be what its dims ask for: raw_data of prod(dims) x itemsize
+    bytes, or prod(dims) values in its typed field (sub-byte types and unknown types are left to
+    the checker). A mismatch is a one-line UserError naming the tensor."""
+    if is_external(t):
+        return
+    if any(d < 0 for d in t.dims):
+        raise UserError(f"tensor '{t.name}': negative dims {list(t.dims)}")
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    if t.HasField("raw_data"):
+        if t.data_type == _T.STRING:
+            raise UserError(f"tensor '{t.name}': string tensor with raw_data")
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except Exception:  # noqa: BLE001 - unknown type: the checker says so
+            return
+        if t.data_type in (getattr(_T, "INT4", -1), getattr(_T, "UINT4", -1), getattr(_T, "FLOAT4E2M1", -1)):
+            want = (n + 1) // 2
+        else:
+            want = n * itemsize
+        got = len(t.raw_data)
+        if got != want:
+            raise UserError(f"tensor '{t.name}': {got} bytes of data, its dims {list(t.dims)} ask for {want}")
+        return
+    if t.data_type not in _TYPED_FIELD:
+        return
+    name, per = _TYPED_FIELD[t.data_type]
+    got = len(getattr(t, name))
+    if got != n * per:
+        raise UserError(f"tensor '{t.name}': {got} values of data, its dims {list(t.dims)} ask for {n * per}")
+
+
 def tensor_nbytes(t: onnx.TensorProto) -> int:
     if is_external(t):
         return int(external_info(t).get("length", 0))

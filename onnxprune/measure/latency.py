@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.runtime.session import make_session, require_ort
+from onnxprune.runtime.session import make_session, require_ort, run_session, run_with_iobinding
 
 
 @dataclass
@@ -61,16 +61,16 @@ class Runner:
     def __call__(self) -> float:
         if self.binding is not None:
             t = time.perf_counter()
-            self.sess.run_with_iobinding(self.binding)
+            run_with_iobinding(self.sess, self.binding)
             self.binding.synchronize_outputs()
             return time.perf_counter() - t
         t = time.perf_counter()
-        self.sess.run(None, self.feeds)
+        run_session(self.sess, self.feeds)
         return time.perf_counter() - t
 
     def outputs(self) -> list[np.ndarray]:
         """The model's outputs on the inputs (copied to the host)."""
-        return [np.asarray(o) for o in self.sess.run(None, self.feeds)]
+        return [np.asarray(o) for o in run_session(self.sess, self.feeds)]
 
 
 def batch_of(feeds: dict[str, np.ndarray]) -> int:

@@ -15,7 +15,7 @@ from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.ir.tensors import constant_node_value, tensor_value
 from onnxprune.planning.plan import Plan
 from onnxprune.rewrite.apply import rewrite
-from onnxprune.runtime.session import make_session
+from onnxprune.runtime.session import make_session, run_session
 
 DEFAULT_TOL = 1e-4
 
@@ -101,7 +101,7 @@ def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ep: str) -> tuple[list[np.ndarray], list[str], str]:
     sess, used = make_session(model, ep, precise=True)
     names = [o.name for o in sess.get_outputs()]
-    return sess.run(None, feeds), names, used
+    return run_session(sess, feeds), names, used
 
 
 def compare(original: onnx.ModelProto, masked: onnx.ModelProto, pruned: onnx.ModelProto,

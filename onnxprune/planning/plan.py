@@ -15,6 +15,37 @@ from onnxprune.errors import NothingToPrune, UserError
 from onnxprune.planning.importance import group_importance
 from onnxprune.planning.options import PlanOptions, options_json
 
+_MAX_INDEX = 2**62  # channel indices and axes beyond this are nonsense (and overflow int64)
+
+
+def _small_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -_MAX_INDEX < v < _MAX_INDEX
+
+
+def check_plan_json(data) -> None:
+    """The shape of a plan file, before anything reads it: a dict with version 1, a list of group
+    entries, each an anchor (tensor name, integer axis) and a list of integer indices; options a
+    dict. Anything else (wrong types, huge integers, nesting) is one UserError line."""
+    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("groups"), list):
+        raise UserError("plan file is not an onnxprune plan (version 1)")
+    if not isinstance(data.get("options", {}), dict):
+        raise UserError("plan file is malformed: 'options' is not an object")
+    if not isinstance(data.get("frozen", []), list):
+        raise UserError("plan file is malformed: 'frozen' is not a list")
+    for i, entry in enumerate(data["groups"]):
+        if not isinstance(entry, dict):
+            raise UserError(f"plan file is malformed: group entry {i} is not an object")
+        anchor = entry.get("anchor")
+        if not isinstance(anchor, dict) or not isinstance(anchor.get("tensor"), str):
+            raise UserError(f"plan file is malformed: group entry {i} has no anchor tensor name")
+        if not _small_int(anchor.get("axis")):
+            raise UserError(f"plan file is malformed: group entry {i} has no integer anchor axis")
+        keep = entry.get("keep")
+        if not isinstance(keep, list):
+            raise UserError(f"plan file is malformed: group entry {i} has no 'keep' list")
+        if not all(_small_int(k) for k in keep):
+            raise UserError(f"plan keeps non-integer channel indices for '{anchor['tensor']}'")
+
 
 @dataclass
 class GroupPlan:
@@ -58,10 +89,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict, cg: CouplingGraph) -> Plan:
+        check_plan_json(data)
         try:
             return cls._from_json(data, cg)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise UserError(f"plan file is malformed ({type(exc).__name__}: {exc})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+                RecursionError) as exc:
+            raise UserError(f"plan file is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
 
     @classmethod
     def _from_json(cls, data: dict, cg: CouplingGraph) -> Plan:

@@ -11,7 +11,7 @@ import onnx
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.analysis.shapes import Shapes, infer_shapes
-from onnxprune.errors import RewriteError
+from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.graph import weightless
 from onnxprune.ir.io import LARGE_BYTES, approx_bytes, has_external, save_atomic
 from onnxprune.planning.plan import Plan
@@ -59,11 +59,29 @@ def apply_plan(an: Analysis, plan: Plan, keep_bytes: bool = False):
     pruned = rewrite(an.model, an.cg, plan)
     try:
         data = full_check(pruned)
+    except UserError:  # not the model's fault: the check could not be run (a full disk)
+        raise
     except Exception as exc:  # noqa: BLE001
+        if _input_invalid(an.model):
+            raise UserError(f"the input model is invalid (it fails the ONNX checker before any pruning): "
+                            f"{str(exc).splitlines()[0][:300]}") from None
         raise RewriteError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
     new_shapes = infer_shapes(pruned, an.input_shapes)
     check_shapes(pruned, an.cg, plan, new_shapes)
     return (pruned, new_shapes, data) if keep_bytes else (pruned, new_shapes)
+
+
+def _input_invalid(model: onnx.ModelProto) -> bool:
+    """Whether the original fails the same full check as the pruned model did: then the input is
+    at fault (exit 2), not the rewrite (exit 4). Asked only once the pruned model failed, so loading
+    and pruning valid models never pays for a second full check of a big input."""
+    try:
+        full_check(model)
+    except UserError:
+        return False
+    except Exception:  # noqa: BLE001 - the checker raises several types
+        return True
+    return False
 
 
 def full_check(model: onnx.ModelProto) -> bytes | None:

@@ -11,6 +11,7 @@ from onnxprune.ir.graph import value_dims as _dims
 
 DEFAULT_SPATIAL = 224
 DEFAULT_OTHER = 16
+MAX_INPUT_BYTES = 4 * 2**30  # generated inputs beyond this are a typo, not a benchmark
 
 
 def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None,
@@ -23,6 +24,7 @@ def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    total = 0
     overrides = overrides or {}
     arrays = arrays or {}
     specs = input_feeds_spec(model)
@@ -63,6 +65,14 @@ def make_inputs(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | 
                 else:
                     shape_l.append(DEFAULT_OTHER)
             shape = tuple(shape_l)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * np.dtype(dtype).itemsize
+        if total > MAX_INPUT_BYTES:  # before allocating anything
+            raise UserError(f"input '{vi.name}' of shape {'x'.join(map(str, shape))}: generated inputs would take "
+                            f"{total / 2**30:.1f} GiB (at most {MAX_INPUT_BYTES / 2**30:.0f} GiB); "
+                            "give a smaller --input-shape")
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import UserError
 from onnxprune.ir.io import LARGE_BYTES, approx_bytes, has_external, model_bytes
-from onnxprune.ir.tensors import all_tensors, is_external, tensor_value
+from onnxprune.ir.tensors import all_tensors, is_external, tensor_nbytes, tensor_value
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,61 @@ def require_ort():
     except ImportError:
         raise UserError("onnxruntime is not installed: pip install 'onnxprune[cpu]' "
                         "(or 'onnxprune[gpu]' for onnxruntime-gpu; never both)") from None
+    _quiet(ort)
     return ort
+
+
+_QUIET = []
+
+
+def _quiet(ort) -> None:
+    """onnxruntime's default logger prints warnings and errors itself (a second stderr line beside
+    ours): only fatal messages, once per process."""
+    if not _QUIET:
+        ort.set_default_logger_severity(4)
+        _QUIET.append(True)
+
+
+def ort_error(exc: BaseException, what: str) -> UserError:
+    """One-line UserError for an onnxruntime failure (``what``: creating a session, running)."""
+    text = " ".join(str(exc).split())
+    for prefix in ("[ONNXRuntimeError] : ",):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return UserError(f"onnxruntime cannot {what} the model: {text[:400]}")
+
+
+def _ort_failures(ort) -> tuple[type[BaseException], ...]:
+    """The exceptions onnxruntime raises for models and inputs it cannot take: the status classes
+    of its pybind module (Fail, InvalidArgument, NotImplemented, ...; plain Exception subclasses),
+    RuntimeError, and ValueError, TypeError or KeyError from its Python layer on bad feeds."""
+    if not _FAILURES:
+        state = ort.capi.onnxruntime_pybind11_state
+        own = tuple(o for o in vars(state).values()
+                    if isinstance(o, type) and issubclass(o, Exception) and o.__module__ == state.__name__)
+        _FAILURES.append((*own, RuntimeError, ValueError, TypeError, KeyError))
+    return _FAILURES[0]
+
+
+_FAILURES: list[tuple[type[BaseException], ...]] = []
+
+
+def run_session(sess, feeds: dict, output_names: list[str] | None = None) -> list:
+    """``sess.run`` with onnxruntime failures (wrong dtype or shape, a kernel error) as one-line
+    UserErrors: every run of the measure stages goes through here."""
+    ort = require_ort()
+    try:
+        return sess.run(output_names, feeds)
+    except _ort_failures(ort) as exc:
+        raise ort_error(exc, "run") from None
+
+
+def run_with_iobinding(sess, binding) -> None:
+    ort = require_ort()
+    try:
+        sess.run_with_iobinding(binding)
+    except _ort_failures(ort) as exc:
+        raise ort_error(exc, "run") from None
 
 
 def cuda_available() -> bool:
@@ -52,7 +105,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
     ort = require_ort()
     ep = resolve_ep(ep)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user as one UserError line, not as ORT's log
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -61,16 +114,20 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
     providers = ["CPUExecutionProvider"] if ep == "cpu" else [
         # verification compares float32 results: TF32 Tensor-Core math (on by default) would add ~1e-3
         ("CUDAExecutionProvider", {"use_tf32": "0"} if precise else {}), "CPUExecutionProvider"]
-    tmpdir = None
+    keep: list = []
     if isinstance(model, onnx.ModelProto):
-        src, tmpdir = _runnable(model)
+        src, external = _runnable(model)
+        if external:
+            names = list(external)
+            keep = [ort.OrtValue.ortvalue_from_numpy(external[n]) for n in names]
+            so.add_external_initializers(names, keep)
     else:
         src = str(model)
     try:
         sess = ort.InferenceSession(src, sess_options=so, providers=providers)
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
+    except _ort_failures(ort) as exc:
+        raise ort_error(exc, "load") from None
+    sess._onnxprune_external = keep  # the session reads the weights from these buffers: keep them alive
     used = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
     if ep == "cuda" and used != "cuda":
         raise UserError("--ep cuda: onnxruntime fell back to CPU")
@@ -78,35 +135,46 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
 
 
 
-def _runnable(model: onnx.ModelProto):
-    """(bytes or path, temp dir) for onnxruntime. Weights kept in external files (absolute paths
-    after loading) are inlined for models under ~1.8 GB, else the model is written to a temporary
-    directory with its data files linked beside it (onnxruntime wants relative locations)."""
+def _runnable(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
+    """(serialized model, external initializers) for onnxruntime. Weights kept in external files
+    (absolute paths after loading) are inlined for models under ~1.8 GB. Larger models are never
+    linked or written anywhere (onnxruntime rejects symlinked data files, and the model's folder may
+    be read-only): every external or large initializer becomes a stub naming a placeholder file,
+    and its value is handed to the session (``SessionOptions.add_external_initializers``), which
+    replaces the stub before any file is opened."""
     if not has_external(model):
         if approx_bytes(model) > LARGE_BYTES:
-            raise UserError("model too large to run from memory")
-        return model.SerializeToString(), None
+            return _with_external_initializers(model)
+        return model.SerializeToString(), {}
+    if model_bytes(model) > LARGE_BYTES:
+        return _with_external_initializers(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    if model_bytes(model) <= LARGE_BYTES:
-        for t in all_tensors(copy):
-            if is_external(t):
-                value = tensor_value(t)
-                t.CopyFrom(numpy_helper.from_array(value, t.name))
-        return copy.SerializeToString(), None
-    tmp = tempfile.TemporaryDirectory(prefix="onnxprune-run-")
-    links: dict[str, str] = {}
     for t in all_tensors(copy):
-        if not is_external(t):
-            continue
-        for e in t.external_data:
-            if e.key == "location":
-                if e.value not in links:
-                    name = f"data{len(links)}.bin"
-                    os.symlink(e.value, Path(tmp.name) / name)
-                    links[e.value] = name
-                e.value = links[e.value]
-    path = Path(tmp.name) / "model.onnx"
-    path.write_bytes(copy.SerializeToString())
-    return str(path), tmp
+        if is_external(t):
+            value = tensor_value(t)
+            t.CopyFrom(numpy_helper.from_array(value, t.name))
+    return copy.SerializeToString(), {}
 
+
+def _with_external_initializers(model: onnx.ModelProto, threshold: int = 1024):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    values: dict[str, np.ndarray] = {}
+    for t in copy.graph.initializer:
+        if not is_external(t) and tensor_nbytes(t) < threshold:
+            continue
+        values[t.name] = np.ascontiguousarray(tensor_value(t))
+        stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", "onnxprune-in-memory.bin"), ("offset", "0"),
+                     ("length", str(values[t.name].nbytes))):
+            e = stub.external_data.add()
+            e.key, e.value = k, v
+        t.CopyFrom(stub)
+    for t in all_tensors(copy):  # Constant nodes' values cannot be handed over: inlined (small)
+        if is_external(t) and t.name not in values:
+            t.CopyFrom(numpy_helper.from_array(tensor_value(t), t.name))
+    if copy.ByteSize() >= 2**31:  # protobuf's limit, even with every large initializer handed over
+        raise UserError("model too large to run from memory")
+    return copy.SerializeToString(), values
