@@ -172,6 +172,16 @@ def _mlp_model(width: int, seed: int) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _crash_on_second(real, calls: list):
+    """``os.replace`` that records its calls and fails on the second (between the two renames)."""
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("simulated crash")
+        return real(a, b)
+    return replace
+
+
 def test_crash_between_renames_keeps_the_old_pair(tmp_path, monkeypatch):
     out = tmp_path / "p.onnx"
     x = {"x": np.ones((1, 64), np.float32)}
@@ -182,14 +192,7 @@ def test_crash_between_renames_keeps_the_old_pair(tmp_path, monkeypatch):
     before = sorted(p.name for p in tmp_path.iterdir())
 
     real, calls = os.replace, []
-
-    def crash_on_second(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:
-            raise OSError("simulated crash")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", _crash_on_second(real, calls))
     with pytest.raises(OSError, match="simulated crash"):
         save_atomic(new, out, external=True)
     monkeypatch.setattr(os, "replace", real)
@@ -208,14 +211,7 @@ def test_crash_between_renames_keeps_the_old_pair(tmp_path, monkeypatch):
 def test_crash_in_the_first_save_leaves_no_pair(tmp_path, monkeypatch):
     out = tmp_path / "p.onnx"
     real, calls = os.replace, []
-
-    def crash_on_second(a, b):
-        calls.append((a, b))
-        if len(calls) == 2:
-            raise OSError("simulated crash")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", _crash_on_second(real, calls))
     with pytest.raises(OSError):
         save_atomic(_mlp_model(64, 0), out, external=True)
     assert list(tmp_path.iterdir()) == []
