@@ -54,6 +54,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise UserError(f"{p} is not a readable ONNX file ({type(exc).__name__})") from None
+    check_text(model, str(p))
     _absolutize_external(model, p.parent)
     for t in _all_nested_tensors(model):
         check_tensor_data(t)
@@ -61,6 +62,30 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise UserError(f"{p} is not an ONNX model (no graph nodes)")
     check_opset(model, str(p))
     return model
+
+
+def _values(fd, value) -> tuple[list, bool]:
+    """(the values of a set field, whether it is repeated), across protobuf versions."""
+    repeated = getattr(fd, "is_repeated", None)
+    if repeated is None:
+        repeated = fd.label == fd.LABEL_REPEATED
+    return (list(value) if repeated else [value]), bool(repeated)
+
+
+def check_text(msg, where: str = "model", path: str = "model") -> None:
+    """Every string field (names, op types, domains, ...) must be valid UTF-8: protobuf hands an
+    invalid one back as bytes (or fails to decode it), and later code compares, sorts and decodes it."""
+    try:
+        fields = [(fd, *_values(fd, value)) for fd, value in msg.ListFields()]
+        for fd, values, _ in fields:
+            if fd.type == fd.TYPE_STRING and not all(isinstance(v, str) for v in values):
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, fd.name)
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not a valid ONNX file: a string field under {path} is not valid UTF-8") from None
+    for fd, values, repeated in fields:
+        if fd.type == fd.TYPE_MESSAGE:
+            for i, v in enumerate(values):
+                check_text(v, where, f"{path}.{fd.name}[{i}]" if repeated else f"{path}.{fd.name}")
 
 
 def _absolutize_external(model: onnx.ModelProto, base: Path) -> None:
