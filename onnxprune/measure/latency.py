@@ -145,16 +145,3 @@ def round_ratio_spread(original: Latency, pruned: Latency) -> tuple[float, float
         return float("nan"), float("nan")
     r = np.asarray(original.samples_ms[:m]) / np.asarray(pruned.samples_ms[:m])
     return float(np.percentile(r, 25)), float(np.percentile(r, 75))
-
-
-def rel_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    """max |other - reference| / max |reference| over all outputs (the worst output)."""
-    worst = 0.0
-    for a, b in zip(reference, other, strict=True):
-        if a.shape != b.shape:
-            return float("inf")
-        a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
-        scale = float(np.max(np.abs(a64))) if a64.size else 0.0
-        err = float(np.max(np.abs(b64 - a64))) if a64.size else 0.0
-        worst = max(worst, err / scale if scale > 0 else err)
-    return worst

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.errors import UserError
-from onnxprune.measure.latency import Runner, measure_runners, rel_error, speedup
+from onnxprune.measure.latency import Runner, measure_runners, speedup
 from onnxprune.measure.stats import model_stats
 from onnxprune.measure.targets import prune_at
+from onnxprune.measure.verify import rel_error
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.inputs import make_inputs
 
@@ -57,7 +58,7 @@ def sweep(an: Analysis, opts: PlanOptions, ratios: list[float], *, ep: str = "au
             st = model_stats(pruned, shapes, registry=an.registry)
             groups = len(plan.pruned())
         other = Runner(pruned, feeds, ep, threads)
-        fid = rel_error(reference, other.outputs())
+        fid = max((rel_error(p, o) for o, p in zip(reference, other.outputs(), strict=True)), default=0.0)
         lo, lp = measure_runners([original, other], warmup, repeat)
         row = Row(r, st.macs, st.params, lp.median_ms, lp.p90_ms, lo.median_ms, speedup(lo, lp),
                   base.macs / st.macs if st.macs else float("nan"), fid, groups)
