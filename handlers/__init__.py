@@ -4,6 +4,7 @@ is what the pipeline passes to the analysis."""
 from onnxprune.handlers import (
     concat,
     contrib,
+    controlflow,
     conv,
     elementwise,
     gemm,
@@ -17,6 +18,6 @@ from onnxprune.handlers import (
 
 from onnxprune.analysis.contract import Registry
 
-MODULES = ("concat", "contrib", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "rnn", "shapeops")
+MODULES = ("concat", "contrib", "controlflow", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "rnn", "shapeops")
 
-REGISTRY = Registry.of_modules([concat, contrib, conv, elementwise, gemm, norm, pool, reshape, resize, rnn, shapeops])
+REGISTRY = Registry.of_modules([concat, contrib, controlflow, conv, elementwise, gemm, norm, pool, reshape, resize, rnn, shapeops])

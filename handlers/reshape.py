@@ -149,7 +149,10 @@ def _defer_factor(node: Node, ctx: AnalysisCtx, single: str, s_axis: int, multi:
         free = [k for k in cands if not ctx.class_frozen(multi, m_axes[k])]
         pool = free or cands
         if not pool or not ctx.has_space(single, s_axis):
+            # a static factor merged into a dynamic (or size-1) axis cannot be followed either
             ctx.freeze(single, s_axis, f"Reshape '{node.name}': no factor to follow")
+            for k in cands:
+                ctx.freeze(multi, m_axes[k], f"Reshape '{node.name}': axis {m_axes[k]} merges into a dynamic or size-1 axis")
             return
         want = "heads" if ctx.head_mode == "heads" else "dim"
         preferred = [k for k in pool if want in ctx.class_kind(multi, m_axes[k])]

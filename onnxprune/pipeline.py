@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                  head_mode: str = "dim", owned: bool | None = None, registry: Registry = REGISTRY) -> Analysis:
+                  head_mode: str = "dim", owned: bool | None = None, registry: Registry = REGISTRY,
+                  input_arrays=None) -> Analysis:
     """The analysis with every handler of ``onnxprune.handlers`` (see ``analysis.analyze``)."""
-    return _analyze(model, registry, input_shapes, head_mode=head_mode, owned=owned)
+    return _analyze(model, registry, input_shapes, head_mode=head_mode, owned=owned, input_arrays=input_arrays)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     if analysis is not None and analysis.cg.head_mode == mode:
         an = analysis
     else:
-        an = analyze_model(model, input_shapes, head_mode=mode)
+        an = analyze_model(model, input_shapes, head_mode=mode, input_arrays=input_arrays)
     t1 = time.perf_counter()
     plan = build_plan(an, opts, plan_json)
     t2 = time.perf_counter()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from onnxprune.analysis.contract import Registry
 from onnxprune.analysis.coupling import CouplingGraph, analyze
 from onnxprune.analysis.passes import normalize
 from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.ir.io import check_opset, load
 from onnxprune.ir.tensors import ConstantTable
 
@@ -24,6 +26,7 @@ class Analysis:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seconds: float = 0.0
     changes: tuple[str, ...] = ()  # what the normalization passes changed
+    input_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # --input: the probes ran on them
 
     @property
     def registry(self) -> Registry:
@@ -32,21 +35,23 @@ class Analysis:
 
 def analyze_model(model: onnx.ModelProto | str, registry: Registry,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, head_mode: str = "dim",
-                  owned: bool | None = None) -> Analysis:
+                  owned: bool | None = None, input_arrays: dict[str, np.ndarray] | None = None) -> Analysis:
     """``owned``: the caller hands the ModelProto over (it may be normalized in place); a path is
-    always loaded and owned here."""
+    always loaded and owned here. ``input_arrays`` (``--input``): the probes run on them."""
     t0 = time.perf_counter()
     owned = (not isinstance(model, onnx.ModelProto)) or bool(owned)
     if not isinstance(model, onnx.ModelProto):
         model = load(model)
     else:
         check_opset(model)
-    res = normalize(model, inplace=owned, input_shapes=input_shapes)
+    res = normalize(model, inplace=owned, input_shapes=input_shapes, input_arrays=input_arrays)
     model = res.model
-    shapes = infer_shapes(model, input_shapes)
+    shapes = infer_shapes(model, input_shapes, arrays=input_arrays)
+    shapes = with_body_shapes(model, shapes, registry, input_shapes, input_arrays)  # inside If branches
     consts = ConstantTable.of(model.graph)
     cg = analyze(model, shapes, registry, consts, head_mode=head_mode)
-    return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0, res.changes)
+    return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0,
+                    res.changes + tuple(f"infer_shapes: {n}" for n in shapes.notes), dict(input_arrays or {}))
 
 
 def barrier_summary(cg: CouplingGraph, limit: int = 8) -> list[str]:

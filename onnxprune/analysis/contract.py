@@ -198,6 +198,10 @@ class Handler:
 
     # False: only facts are declared; the analysis treats the op as unknown (a barrier)
     follows_channels: ClassVar[bool] = True
+    # the analysis follows channels into the op's subgraphs (If): their nodes are analysed like any
+    # other, the tensors they read from outside are ordinary tensors, and ``analyze`` links what the
+    # subgraphs return to the op's outputs. False: every tensor a subgraph reads is frozen
+    follows_subgraphs: ClassVar[bool] = False
     # output 0 shows input 0's value, axes reordered by ``view_axes`` (Identity, Cast, Transpose): a
     # weight slot reaches a constant through it
     shows_constant: ClassVar[bool] = False

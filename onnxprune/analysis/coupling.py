@@ -22,9 +22,19 @@ from scipy.sparse.csgraph import connected_components
 
 from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, Registry, Role
 from onnxprune.analysis.shapes import Shapes
+from onnxprune.analysis.subgraphs import follower
 from onnxprune.errors import Barrier
 from onnxprune.ir.attrs import get_attr
-from onnxprune.ir.graph import consumers, default_opset, input_feeds_spec, outer_refs, producers
+from onnxprune.ir.graph import (
+    ScopedConstantTable,
+    consumers,
+    default_opset,
+    graph_free_names,
+    has_subgraph,
+    input_feeds_spec,
+    producers,
+    repeated_names,
+)
 from onnxprune.ir.tensors import ConstantTable
 
 log = logging.getLogger(__name__)
@@ -460,22 +470,41 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: 
 
     ``head_mode`` decides what a unit is where an attention projection is split into heads:
     ``"dim"`` (a head-dimension position, shared by every head) or ``"heads"`` (a whole head).
+
+    The nodes of the subgraphs the analysis follows (``analysis.subgraphs``: If branches whose
+    tensors all have shapes) are analysed like the main graph's; what a subgraph reads from outside
+    is an ordinary tensor, and the op's handler links what its subgraphs return to its outputs.
     """
     consts = consts or ConstantTable.of(model.graph)
+    g = model.graph
+    follows = follower(model, registry)
+    order = _analysis_order(model, follows, shapes)
+    bodies = [b for _, how in order if how is not None for b in how.followed]
+    if bodies:  # names are unique across scopes (``follower``): one table for every scope
+        consts = ScopedConstantTable.of_scopes(g, consts)
     cg = CouplingGraph(model, shapes, consts, registry)
     cg.head_mode = head_mode
-    g = model.graph
     cg.producer_of = producers(g)
     cg.elem_types = shapes.elem_types
     cg.consumers_of = defaultdict(list, consumers(g))
+    for body in bodies:
+        cg.producer_of.update(producers(body))
+        for t, readers in consumers(body).items():
+            cg.consumers_of[t].extend(readers)
+    for node, how in order:
+        for body in how.followed if how is not None else []:  # the op reads what its subgraphs return
+            for o in body.output:
+                if o.name:
+                    cg.consumers_of[o.name].append(node)
     ctx = AnalysisContext(cg)
-    for i, node in enumerate(g.node):
+    for i, (node, how) in enumerate(order):
         if not node.name:
             node_name = f"{node.op_type}_{i}"
         else:
             node_name = node.name
         cg.node_by_name[node_name] = node
-        for t in list(node.input) + list(node.output) + sorted(outer_refs(node)):
+        refs = sorted({r for body, _ in how.barred for r in graph_free_names(body)}) if how is not None else []
+        for t in list(node.input) + list(node.output) + refs:
             if t:
                 cg.tensor_nodes[t].add(node_name)
     # graph inputs and outputs are frozen
@@ -483,10 +512,8 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: 
         ctx.freeze(vi.name, None, f"graph input '{vi.name}'", kind="io")
     for vi in g.output:
         ctx.freeze(vi.name, None, f"graph output '{vi.name}'", kind="io")
-    for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            continue
-        _analyze_node(node, ctx)
+    for node, how in order:
+        _analyze_node(node, ctx, how)
     # phase 2: decisions that depend on what is frozen (reshape factor choice)
     def refresh():
         ctx._frozen_roots = {ctx._find(sid) for sid in cg.frozen}
@@ -505,17 +532,82 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: 
     return cg
 
 
-def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext) -> None:
+@dataclass
+class _Scopes:
+    """How the analysis treats the subgraphs of one node: those it follows (their nodes are
+    analysed, what they read from outside is theirs to link) and, for each other, why not."""
+
+    followed: list[onnx.GraphProto] = field(default_factory=list)
+    barred: list[tuple[onnx.GraphProto, str]] = field(default_factory=list)
+
+
+def _analysis_order(model: onnx.ModelProto, follows: Callable[[onnx.NodeProto], bool],
+                    shapes: Shapes) -> list[tuple[onnx.NodeProto, _Scopes | None]]:
+    """Every node to analyse, the nodes of a followed subgraph right before the op that holds it,
+    with how its subgraphs are treated (None: it has none). Constant nodes are left out."""
+    repeated = repeated_names(model.graph) if any(has_subgraph(n) for n in model.graph.node) else []
+    out: list[tuple[onnx.NodeProto, _Scopes | None]] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                continue
+            if not has_subgraph(node):
+                out.append((node, None))
+                continue
+            how = _scopes(node, follows, shapes, repeated)
+            for body in how.followed:
+                walk(body)
+            out.append((node, how))
+
+    walk(model.graph)
+    return out
+
+
+def _scopes(node: onnx.NodeProto, follows: Callable[[onnx.NodeProto], bool], shapes: Shapes,
+            repeated: list[str]) -> _Scopes:
+    """Which subgraphs of ``node`` the analysis follows into, and why not into the others."""
+    bodies = [(a.name, b) for a in node.attribute
+              for b in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+    if repeated:
+        more = f" and {len(repeated) - 1} more" if len(repeated) > 1 else ""
+        why = f"names repeat across subgraphs ('{repeated[0]}'{more})"
+        return _Scopes(barred=[(b, why) for _, b in bodies])
+    if not follows(node):
+        return _Scopes(barred=[(b, "its op is not followed into its subgraphs") for _, b in bodies])
+    how = _Scopes()
+    for attr, body in bodies:
+        unknown = [o for n in body.node for o in n.output if o and shapes.get(o) is None]
+        if len(body.input):
+            how.barred.append((body, f"its {attr} has inputs of its own"))
+        elif unknown:
+            how.barred.append((body, f"shapes inside its {attr} are unknown: it does not run alone at the "
+                                     f"analysis inputs ('{unknown[0]}')"))
+        else:
+            how.followed.append(body)
+    return how
+
+
+def _analyze_node(node: onnx.NodeProto, ctx: AnalysisContext, how: _Scopes | None = None) -> None:
+    """``how``: how the node's subgraphs are treated (``_analysis_order``; None: it has none)."""
     cg = ctx.cg
     ctx.node = node
     ctx.covered = set()
     domain = node.domain or ""
     handler = cg.registry.for_node(node, cg.opset)
     tensors = [t for t in list(node.input) + list(node.output) if t]
-    refs = outer_refs(node)
-    for t in sorted(refs):
-        ctx.freeze(t, None, f"{ctx._where()}: read inside its subgraph", kind="unknown")
-    tensors.extend(sorted(refs))
+    refs: set[str] = set()
+    for body, why in (how.barred if how is not None else []):
+        free = sorted(graph_free_names(body))
+        for t in free:
+            ctx.freeze(t, None, f"{ctx._where()}: read inside its subgraph ({why})", kind="unknown")
+        refs.update(free)
+    tensors.extend(sorted(refs - set(tensors)))
+    if how is not None and not how.followed and handler is not None and handler.follows_subgraphs:
+        # an op that returns what its subgraphs compute, followed into none: nothing is carried
+        for t in tensors:
+            ctx.freeze(t, None, f"{ctx._where()}: {how.barred[0][1]}", kind="unknown")
+        return
     if handler is None or not handler.follows_channels:  # facts-only handlers are barriers too
         op = f"{domain}::{node.op_type}" if domain not in ("", "ai.onnx") else node.op_type
         cg.unknown_ops[op].append(node.name)

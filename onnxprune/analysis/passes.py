@@ -8,9 +8,9 @@ and one line per change (shown with ``-v`` and kept in ``--report``).
   whose biases are zero);
 - ``untie_constants``: a small constant used by several nodes gets one copy per use, so each use is
   sliced for its own need. Large constants used by several nodes (real weight tying) stay tied;
-- ``fold_static_shapes``: shape computations whose value does not depend on dynamic input sizes
-  become constants (Reshape targets, Slice bounds, head counts), so handlers can read and rewrite
-  them; those that depend on dynamic sizes stay computed.
+- ``fold_static_shapes``: shape computations proven not to depend on dynamic input sizes
+  (``analysis.static``) become constants (Reshape targets, Slice bounds, head counts), so handlers can
+  read and rewrite them; everything else stays computed.
 
 Every pass but ``inline_functions`` works in place on the model it is given; :func:`normalize`
 copies first unless the caller owns the model.
@@ -27,9 +27,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.static import proven_static
+from onnxprune.errors import UserError
 from onnxprune.ir import graph as gr
 from onnxprune.ir.tensors import ConstantTable
-from onnxprune.runtime.probe import probe_static_values
+from onnxprune.runtime.probe import run_probe
 
 log = logging.getLogger(__name__)
 
@@ -138,38 +140,53 @@ def shape_derived(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def fold_static_shapes(model: onnx.ModelProto, overrides=None) -> PassResult:
-    """Replace shape computations whose value does not depend on dynamic input sizes by constants.
-    The function is unchanged for every input."""
+def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None) -> PassResult:
+    """Replace shape computations that are proven the same for every input (``analysis.static``) by
+    constants, so handlers can read and rewrite them. The function is unchanged for every input.
+
+    The values come from one onnxruntime run at the analysis sizes (``overrides``, ``arrays``); a run
+    that fails folds nothing and says so (never aborts)."""
     derived = shape_derived(model)
     if not derived:
         return PassResult(model)
     g = model.graph
-    values = probe_static_values(model, sorted(derived), overrides)
-    # fold the largest static sub-expressions: static tensors read by a node whose result is not static
-    frontier = {t for n in g.node if not all(o in values for o in n.output if o) for t in n.input if t in values}
-    values = {t: v for t, v in values.items() if t in frontier}
-    if not values:
+    try:
+        values = run_probe(model, sorted(derived), overrides, scale=1, arrays=arrays)
+    except UserError as exc:
+        return PassResult(model, (f"no shape value folded: {exc}",))
+    values = {t: v for t, v in values.items() if t in derived}
+    folded: dict[str, np.ndarray] = {}
+    removed = 0
+    for _ in range(4):  # a fold can let shape inference prove more sizes downstream
+        static = proven_static(model, values, derived)
+        # fold the largest static sub-expressions: static tensors read by a node whose result is not static
+        frontier = {t for n in g.node if not all(o in static for o in n.output if o)
+                    for t in n.input if t in static and t not in folded}
+        if not frontier:
+            break
+        names = gr.all_names(g)
+        new_names: dict[str, str] = {}
+        for t in sorted(frontier):
+            name = gr.fresh_name(f"{t}__static", names)
+            new_names[t] = name
+            g.initializer.append(numpy_helper.from_array(np.asarray(values[t]), name))
+            folded[t] = values[t]
+        for n in g.node:
+            for i, t in enumerate(n.input):
+                if t in new_names:
+                    n.input[i] = new_names[t]
+        before = len(g.node)
+        gr.drop_dead_nodes(model)
+        gr.drop_unused(model)
+        removed += before - len(g.node)
+    if not folded:
         return PassResult(model)
-    names = gr.all_names(g)
-    new_names: dict[str, str] = {}
-    for t, v in values.items():
-        name = gr.fresh_name(f"{t}__static", names)
-        new_names[t] = name
-        g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
-    for n in g.node:
-        for i, t in enumerate(n.input):
-            if t in new_names:
-                n.input[i] = new_names[t]
-    before = len(g.node)
-    gr.drop_dead_nodes(model)
-    gr.drop_unused(model)
     return PassResult(model, tuple([f"folded static shape value '{t}' = {np.asarray(v).tolist()}"
-                                    for t, v in sorted(values.items())][:50]
-                                   + [f"removed {before - len(g.node)} shape-computation nodes"]))
+                                    for t, v in sorted(folded.items())][:50]
+                                   + [f"removed {removed} shape-computation nodes"]))
 
 
-def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None) -> PassResult:
+def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, input_arrays=None) -> PassResult:
     """Every pass in order; ``inplace=True`` reuses ``model`` (for a model the caller just loaded)."""
     res = inline_functions(model)
     out = res.model
@@ -181,7 +198,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None) 
         r = p(out)
         out = r.model
         changes += [f"{p.__name__}: {c}" for c in r.changes]
-    r = fold_static_shapes(out, input_shapes)
+    r = fold_static_shapes(out, input_shapes, input_arrays)
     changes += [f"fold_static_shapes: {c}" for c in r.changes]
     for c in changes:
         log.info("%s", c)

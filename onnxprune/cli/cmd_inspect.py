@@ -21,7 +21,8 @@ POSITIONALS = (("model", {}),)
 
 
 def run(args) -> int:
-    an = analyze_model(args.model, INPUTS.parse(args).shapes)
+    inputs = INPUTS.parse(args)
+    an = analyze_model(args.model, inputs.shapes, input_arrays=inputs.arrays)
     st = model_stats(an.model, an.shapes, registry=an.registry)
     report = {"model": args.model, "opset": an.cg.opset, "stats": st.to_json(),
               "groups": len(an.cg.groups), "prunable_groups": sum(g.prunable for g in an.cg.groups),

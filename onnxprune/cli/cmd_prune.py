@@ -47,13 +47,13 @@ POSITIONALS = (("model", {}),)
 
 
 def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes,
-                  c) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+                  c, arrays=None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
     """Searches the uniform ratio for ``targets`` on one analysis. Returns (the options at the ratio
     found, what goes into the report, the analysis, for ``pipeline.run`` to prune)."""
     if targets.latency is not None:
         ep = resolve_ep(ep)
     with c.status("searching the ratio for the target...", spinner="dots") as status:
-        an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts))
+        an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
 
         def progress(ev: Evaluation) -> None:
             lat = f", latency {ev.latency_ratio:.3f}x" if ev.latency_ratio is not None else ""
@@ -81,7 +81,7 @@ def run(args) -> int:
     print_round_to(c, req)
     opts, extra, an = req.options, req.report(), None
     if targets.given:
-        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c)
+        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays)
         extra.update(found)
     with c.status("pruning...", spinner="dots"):
         res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,

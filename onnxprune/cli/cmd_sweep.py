@@ -48,7 +48,7 @@ def run(args) -> int:
     c = console()
     print_round_to(c, req)
     with c.status("analyzing...", spinner="dots") as status:
-        an = pipeline.analyze_model(args.model, inputs.shapes)
+        an = pipeline.analyze_model(args.model, inputs.shapes, input_arrays=inputs.arrays)
 
         def progress(row: Row) -> None:
             status.update(f"ratio {row.ratio:g}: {row.speedup:.2f}x; measuring the next ratio...")

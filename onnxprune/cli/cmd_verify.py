@@ -28,7 +28,8 @@ def run(args) -> int:
     plan_json = PLAN.parse(args)
     inputs = INPUTS.parse(args)
     ex = EXECUTION.parse(args)
-    an = analyze_model(args.original, inputs.shapes, head_mode=head_mode_for(PlanOptions(), plan_json))
+    an = analyze_model(args.original, inputs.shapes, head_mode=head_mode_for(PlanOptions(), plan_json),
+                       input_arrays=inputs.arrays)
     plan = build_plan(an, PlanOptions(), plan_json)
     pruned = load(args.pruned)
     feeds = make_inputs(an.model, inputs.shapes, arrays=inputs.arrays)

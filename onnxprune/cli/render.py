@@ -35,8 +35,9 @@ def print_verification(console, v) -> None:
     console.print(f"verification on {v.ep.upper()} ({scope}, tolerance {v.tol:g}):")
     for o in v.outputs:
         status = "PASSED" if o.passed else "FAILED"
-        console.print(f"  {o.name} {list(o.shape)}: rel. error {o.rel_error:.3e} (min passing tol "
-                      f"{o.rel_error:.1e}) {status}; fidelity vs original {o.fidelity:.3e}")
+        why = f" ({o.reason})" if o.reason else ""
+        console.print(f"  {o.name} {list(o.shape)}: rel. error {o.rel_error:.3e}{why} (min passing tol "
+                      f"{o.min_passing_tol:.1e}) {status}; fidelity vs original {o.fidelity:.3e}")
     if v.note:
         console.print(f"  note: {v.note}")
     if not v.exact:

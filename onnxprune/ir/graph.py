@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 from onnx import inliner
 
-from onnxprune.ir.tensors import is_external, tensor_nbytes
+from onnxprune.ir.tensors import ConstantTable, is_external, tensor_nbytes
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -170,3 +170,85 @@ def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProt
             g2.initializer.append(t)
     return out
 
+
+
+# ----------------------------------------------------------------------------------------------
+# subgraphs: every scope of a model, and whether its names are unique across scopes
+
+
+def nested_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every subgraph of ``graph``'s nodes at any depth (``graph`` itself not included), outer first."""
+    out: list[onnx.GraphProto] = []
+    stack = [graph]
+    while stack:
+        g = stack.pop(0)
+        for n in g.node:
+            for sub in subgraphs(n):
+                out.append(sub)
+                stack.append(sub)
+    return out
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names ``graph`` itself defines: its inputs, initializers and node outputs (not its subgraphs')."""
+    return ({i.name for i in graph.input} | {i.name for i in graph.initializer}
+            | {o for n in graph.node for o in n.output if o})
+
+
+def repeated_names(graph: onnx.GraphProto) -> list[str]:
+    """Names defined in more than one scope of ``graph`` and its subgraphs (a subgraph shadowing an
+    outer name, or two branches reusing one). Empty when every name of the model is unique, so a name
+    alone tells which tensor of which scope it is."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for g in [graph, *nested_graphs(graph)]:
+        names = defined_names(g)
+        repeated |= names & seen
+        seen |= names
+    return sorted(repeated)
+
+
+def graph_free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scopes (its nodes' inputs, its nested subgraphs'
+    outer references and its outputs that it does not define)."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    free: set[str] = set()
+    for n in graph.node:
+        for t in list(n.input) + sorted(outer_refs(n)):
+            if t and t not in defined:
+                free.add(t)
+        defined.update(o for o in n.output if o)
+    free.update(o.name for o in graph.output if o.name and o.name not in defined)
+    return free
+
+
+def drop_unused_in(graph: onnx.GraphProto) -> list[str]:
+    """``drop_unused`` for a subgraph: its initializers and Constant nodes that neither its nodes
+    (their subgraphs included) nor its outputs read; returns the names removed."""
+    used = used_names(graph)
+    removed = [i.name for i in graph.initializer if i.name not in used]
+    if removed:
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    dead = [n.output[0] for n in graph.node if n.op_type == "Constant" and n.output and n.output[0] not in used]
+    if dead:
+        nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output and n.output[0] not in used)]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return removed + dead
+
+
+class ScopedConstantTable(ConstantTable):
+    """The constants of a graph and of every subgraph in it (valid only when ``repeated_names`` is
+    empty: a name then names one constant of one scope)."""
+
+    @classmethod
+    def of_scopes(cls, graph: onnx.GraphProto, base: ConstantTable | None = None) -> ScopedConstantTable:
+        table = cls()
+        for part in [base if base is not None else ConstantTable.of(graph)] + [ConstantTable.of(g)
+                                                                                for g in nested_graphs(graph)]:
+            table._protos.update(part._protos)
+            table._cache.update(part._cache)
+            table.constant_nodes.update(part.constant_nodes)
+        return table

@@ -173,12 +173,16 @@ _TYPED_FIELD = {_T.FLOAT: ("float_data", 1), _T.DOUBLE: ("double_data", 1), _T.I
 
 def check_tensor_data(t: onnx.TensorProto) -> None:
     """An in-memory tensor's data must be what its dims ask for: raw_data of prod(dims) x itemsize
-    bytes, or prod(dims) values in its typed field (sub-byte types and unknown types are left to
-    the checker). A mismatch is a one-line UserError naming the tensor."""
+    bytes, or prod(dims) values in its typed field (sub-byte types are left to the checker).
+    A mismatch or an unknown data type is a one-line UserError naming the tensor."""
     if is_external(t):
         return
     if any(d < 0 for d in t.dims):
         raise UserError(f"tensor '{t.name}': negative dims {list(t.dims)}")
+    try:
+        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"tensor '{t.name}': unknown data type {t.data_type}") from None
     n = 1
     for d in t.dims:
         n *= int(d)

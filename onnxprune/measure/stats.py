@@ -18,6 +18,12 @@ Definitions, so that the numbers can be compared with other tools:
   handlers for their MACs only, the analysis treats them as unknown ops); this module only walks
   the nodes and asks the registry.
 
+  Inside an If, *both* branches are counted (every node of every branch the analysis follows, at the
+  shapes the branch has when it runs alone on the probe inputs, ``analysis.subgraphs``): which branch
+  runs depends on input values, and the count is of what the model holds, so it does not change with
+  them. A model whose If picks one of two networks (silero-vad: 16 kHz or 8 kHz) counts both. A
+  branch that does not run alone has no shapes and counts 0; Loop and Scan bodies are not counted.
+
   Not counted: bias adds, BatchNorm/LayerNorm/InstanceNorm, activations, pooling, Softmax,
   attention's scaling and elementwise ops. Torch-Pruning's ``tp.utils.count_ops_and_params`` adds
   those (BatchNorm 2 per element, activations and pooling 1 per element, conv/linear bias adds,
@@ -67,9 +73,10 @@ import onnx
 
 from onnxprune.analysis.contract import ConstOf, Handler, Registry, ShapeOf, numel
 from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.analysis.subgraphs import followed_graphs, follower, with_body_shapes
 from onnxprune.handlers import REGISTRY
 from onnxprune.handlers.gemm import is_linear
-from onnxprune.ir.graph import default_opset, input_feeds_spec
+from onnxprune.ir.graph import ScopedConstantTable, default_opset, input_feeds_spec
 from onnxprune.ir.io import load, model_bytes
 from onnxprune.ir.tensors import ConstantTable
 from onnxprune.runtime.inputs import make_inputs
@@ -279,11 +286,16 @@ def count_params(consts: ConstantTable) -> int:
 
 def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,
                 registry: Registry = REGISTRY) -> ModelStats:
-    """Op counts, parameters and MACs of ``model`` at the concrete shapes of ``shapes``."""
-    ops = Counter(n.op_type for n in model.graph.node if n.op_type != "Constant")
-    consts = consts if consts is not None else ConstantTable.of(model.graph)
+    """Op counts, parameters and MACs of ``model`` at the concrete shapes of ``shapes``. The nodes
+    and constants of the If branches the analysis follows count too, every branch (see the module
+    docstring), at the branch shapes ``shapes`` holds (``analysis.subgraphs.with_body_shapes``)."""
+    graphs = [model.graph, *followed_graphs(model.graph, follower(model, registry))]
+    nodes = [n for g in graphs for n in g.node]
+    ops = Counter(n.op_type for n in nodes if n.op_type != "Constant")
+    if consts is None:
+        consts = ScopedConstantTable.of_scopes(model.graph) if len(graphs) > 1 else ConstantTable.of(model.graph)
     opset = default_opset(model) or 0
-    counted = [n for n in model.graph.node if _counts_macs(n, opset, registry)]
+    counted = [n for n in nodes if _counts_macs(n, opset, registry)]
     needed = {t for n in model.graph.node if _needs_shapes(n, opset, registry)
               for t in list(n.input) + list(n.output) if t}
     shape_of = real_shapes(model, shapes, needed)
@@ -294,7 +306,7 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | 
             by_op[node.op_type] += m
     return ModelStats(nodes=sum(ops.values()), ops=ops, params=count_params(consts), macs=int(sum(by_op.values())),
                       size_bytes=model_bytes(model), macs_by_op=by_op,
-                      tp_ops=tp_ops(model.graph, opset, shape_of, consts.get, consts.__contains__, registry))
+                      tp_ops=sum(tp_ops(g, opset, shape_of, consts.get, consts.__contains__, registry) for g in graphs))
 
 
 def stats_at(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -309,6 +321,7 @@ def stats_at(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ..
     pinned = {k: tuple(v.shape) for k, v in feeds.items()}
     with _pinned_inputs(model, pinned):
         shapes = infer_shapes(model, pinned, needed=needed)
+        shapes = with_body_shapes(model, shapes, registry, pinned)
         return model_stats(model, shapes, registry=registry)
 
 

@@ -1,5 +1,10 @@
 """Apply a plan in one pass: slice every constant once, let handlers fix attributes and shape
-constants, refresh value_info. Validates the whole plan before the first mutation."""
+constants, refresh value_info. Validates the whole plan before the first mutation.
+
+Subgraphs (If branches) are rewritten in place inside the op's attribute: their constants are sliced
+where they live, their nodes fixed by their handlers, the shapes their outputs declare refreshed. This
+relies on names being unique across scopes (``ir.graph.repeated_names``), which the analysis requires
+before it follows a subgraph; a model that reuses a name is rewritten in its main graph only."""
 
 from __future__ import annotations
 
@@ -14,7 +19,15 @@ from onnxprune.analysis.contract import Handler, Node
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.errors import RewriteError
 from onnxprune.ir.attrs import get_attr
-from onnxprune.ir.graph import drop_dead_nodes, drop_unused, producers
+from onnxprune.ir.graph import (
+    ScopedConstantTable,
+    drop_dead_nodes,
+    drop_unused,
+    drop_unused_in,
+    nested_graphs,
+    producers,
+    repeated_names,
+)
 from onnxprune.ir.tensors import ConstantTable, constant_node_value, set_tensor, tensor_value
 from onnxprune.planning.plan import Plan
 
@@ -57,8 +70,14 @@ class RewriteContext:
         self.cg = cg
         self._kept = kept
         self.opset = cg.opset
-        self._consts = ConstantTable.of(model.graph)
-        self._producer = producers(model.graph)
+        self._graphs = scopes(model)
+        self._consts = (ScopedConstantTable.of_scopes(model.graph) if len(self._graphs) > 1
+                        else ConstantTable.of(model.graph))
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._graph_of: dict[str, onnx.GraphProto] = {}  # tensor -> the graph whose node writes it
+        for g in self._graphs:
+            self._producer.update(producers(g))
+            self._graph_of.update({o: g for n in g.node for o in n.output if o})
         self._new_shapes: dict[str, tuple[int, ...]] = {}
         by_tensor = defaultdict(dict)
         for (t, ax), k in kept.items():
@@ -69,7 +88,7 @@ class RewriteContext:
                 old[ax] = n
             self._new_shapes[t] = tuple(old)
         self._counter = 0
-        self._names = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        self._names = {i.name for g in self._graphs for i in g.initializer} | set(self._graph_of)
 
     @property
     def changed_tensors(self) -> set[str]:
@@ -114,7 +133,12 @@ class RewriteContext:
         return self._producer.get(name)
 
     def consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.model.graph.node if name in n.input]
+        return [n for g in self._graphs for n in g.node if name in n.input]
+
+    def graph_of(self, node: onnx.NodeProto) -> onnx.GraphProto:
+        """The graph (main graph or subgraph) that holds ``node``."""
+        out = next((o for o in node.output if o), None)
+        return self._graph_of.get(out, self.model.graph) if out is not None else self.model.graph
 
     def clone_producer(self, consumer: onnx.NodeProto, idx: int) -> onnx.NodeProto:
         """Give ``consumer`` a private copy of the node producing its input ``idx`` (placed right
@@ -127,13 +151,15 @@ class RewriteContext:
             if o:
                 new.output[k] = self._fresh(o)
                 self._producer[new.output[k]] = new
-        nodes = self.model.graph.node
+        graph = self.graph_of(orig)
+        nodes = graph.node
         pos = next(i for i, n in enumerate(nodes) if n == orig)
         nodes.insert(pos + 1, new)
         new = nodes[pos + 1]
         for o in new.output:
             if o:
                 self._producer[o] = new
+                self._graph_of[o] = graph
         consumer.input[idx] = new.output[list(orig.output).index(consumer.input[idx])]
         return new
 
@@ -162,7 +188,7 @@ class RewriteContext:
         """Give input ``idx`` of ``node`` a new constant of its own (clone on write)."""
         old = node.input[idx]
         name = self._fresh(old or f"{node.name}_in{idx}")
-        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self.graph_of(node).initializer.append(numpy_helper.from_array(np.asarray(value), name))
         self._consts.values[name] = np.asarray(value)
         node.input[idx] = name
 
@@ -180,18 +206,47 @@ def rewrite(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> onnx.Model
     _slice_constants(new, kept, model)
     rw = RewriteContext(new, cg, kept)
     changed = rw.changed_tensors
-    for node in list(new.graph.node):
+    graphs = scopes(new)
+    for node in [n for g in graphs for n in g.node]:
         if not any(t in changed for t in list(node.input) + list(node.output)):
             continue
         handler = cg.registry.for_node(node, cg.opset)
         if handler is not None:
             handler.rewrite(node, rw)
-    keep_vi = [vi for vi in new.graph.value_info if vi.name not in changed]
-    del new.graph.value_info[:]
-    new.graph.value_info.extend(keep_vi)
+    for g in graphs:
+        keep_vi = [vi for vi in g.value_info if vi.name not in changed]
+        del g.value_info[:]
+        g.value_info.extend(keep_vi)
+    for g in graphs[1:]:
+        _refresh_outputs(g, rw)
     drop_dead_nodes(new)
     drop_unused(new)
+    for g in graphs[1:]:
+        drop_unused_in(g)
     return new
+
+
+def scopes(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The graphs a plan may change: the main graph, and its subgraphs when no name repeats across
+    scopes (a name then says where its tensor lives)."""
+    g = model.graph
+    subs = nested_graphs(g)
+    return [g, *subs] if subs and not repeated_names(g) else [g]
+
+
+def _refresh_outputs(graph: onnx.GraphProto, rw: RewriteContext) -> None:
+    """A subgraph's outputs declare their shapes: give the changed axes their new sizes."""
+    for vi in graph.output:
+        old, new = rw.old_shape(vi.name), rw.new_shape(vi.name)
+        if old is None or new == old or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(new):
+            continue
+        for ax, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                dims[ax].Clear()
+                dims[ax].dim_value = int(b)
 
 
 def _copy_fields(src, dst, skip: str) -> None:
@@ -227,7 +282,8 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
     for (t, ax), k in kept.items():
         by_tensor[t][ax] = k
     originals = {t.name: t for t in source.graph.initializer} if source is not None else {}
-    for init in model.graph.initializer:
+    graphs = scopes(model)
+    for init in [i for g in graphs for i in g.initializer]:
         axes = by_tensor.get(init.name)
         if axes:
             arr = tensor_value(originals.get(init.name, init))
@@ -235,7 +291,7 @@ def _slice_constants(model: onnx.ModelProto, kept: dict[tuple[str, int], np.ndar
             for ax, k in sorted(axes.items(), key=lambda a: len(a[1]) / arr.shape[a[0]]):
                 arr = np.take(arr, k, axis=ax)
             set_tensor(init, np.ascontiguousarray(arr))
-    for node in model.graph.node:
+    for node in [n for g in graphs for n in g.node]:
         if node.op_type != "Constant" or not node.output or node.output[0] not in by_tensor:
             continue
         arr = constant_node_value(node)

@@ -11,6 +11,7 @@ import onnx
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.graph import weightless
 from onnxprune.ir.io import LARGE_BYTES, approx_bytes, has_external, save_atomic
@@ -66,7 +67,8 @@ def apply_plan(an: Analysis, plan: Plan, keep_bytes: bool = False):
             raise UserError(f"the input model is invalid (it fails the ONNX checker before any pruning): "
                             f"{str(exc).splitlines()[0][:300]}") from None
         raise RewriteError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
-    new_shapes = infer_shapes(pruned, an.input_shapes)
+    new_shapes = infer_shapes(pruned, an.input_shapes, arrays=an.input_arrays)
+    new_shapes = with_body_shapes(pruned, new_shapes, an.registry, an.input_shapes, an.input_arrays)
     check_shapes(pruned, an.cg, plan, new_shapes)
     return (pruned, new_shapes, data) if keep_bytes else (pruned, new_shapes)
 
