@@ -37,6 +37,7 @@ class FusedConv(Conv):
     op_types = ("FusedConv",)
     domain = DOMAIN
     since = 1
+    shape_stand_in = "Conv"
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         super().analyze(node, ctx)
@@ -56,6 +57,7 @@ class FusedGemm(Gemm):
     op_types = ("FusedGemm",)
     domain = DOMAIN
     since = 1
+    shape_stand_in = "Gemm"
 
     def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
         return 0
@@ -68,6 +70,7 @@ class ContribElementwise(Handler):
     op_types = ("QuickGelu", "FastGelu", "BiasGelu")
     domain = DOMAIN
     since = 1
+    shape_stand_in = "Add"  # input (+ bias broadcast on the last axis); one input: Add keeps its shape
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         broadcast_links(node, ctx, node.input[:2])

@@ -218,3 +218,31 @@ def test_probe_rejected_at_second_size_does_not_abort(tmp_path):
     for w in (24, 40, 64):  # other widths still run and keep their width
         (y,) = run(out, {"x": np.ones((2, 3, 16, w), np.float32)})
         assert y.shape == (2, w // 2, 6)
+
+
+class ChunkNet(nn.Module):
+    """``x.chunk(2, dim=1)`` after a fused conv: the chunk bounds are computed from Shape(x)[1]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c1(x)).chunk(2, dim=1)
+        return self.c3(torch.cat([a, torch.relu(self.c2(b))], 1))
+
+
+def test_sizes_proven_through_contrib_ops(tmp_path):
+    """onnx has no schema for onnxruntime's FusedConv: the handler's stand-in (Conv) lets shape
+    inference prove the channel count, so the chunk bounds fold and the channels prune."""
+    from onnxprune.testing import variants
+
+    _export(ChunkNet(), (torch.randn(2, 3, 16, 16),), tmp_path / "c.onnx", ["x"], {"x": {0: "b"}})
+    m = variants.ort_optimize(tmp_path / "c.onnx", "extended")
+    assert any(n.op_type == "FusedConv" for n in m.graph.node)
+    res = _prune(m)
+    assert _folded(res), res.analysis.changes
+    assert not [g for g in res.analysis.cg.groups if g.frozen and "does not carry" in g.frozen[0]]
+    rng = np.random.default_rng(7)
+    assert_matches_masked(res, [{"x": rng.standard_normal((b, 3, 16, 16)).astype(np.float32)} for b in (1, 3)])

@@ -44,7 +44,8 @@ def analyze_model(model: onnx.ModelProto | str, registry: Registry,
         model = load(model)
     else:
         check_opset(model)
-    res = normalize(model, inplace=owned, input_shapes=input_shapes, input_arrays=input_arrays)
+    res = normalize(model, inplace=owned, input_shapes=input_shapes, input_arrays=input_arrays,
+                    stand_ins=registry.shape_stand_ins())
     model = res.model
     shapes = infer_shapes(model, input_shapes, arrays=input_arrays)
     shapes = with_body_shapes(model, shapes, registry, input_shapes, input_arrays)  # inside If branches

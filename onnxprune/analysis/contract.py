@@ -212,6 +212,9 @@ class Handler:
     keeps_zeros: ClassVar[bool] = False
     # Torch-Pruning count: passes a tensor on between attention's projections and its products
     carries_tensor: ClassVar[bool] = False
+    # a default-domain op whose onnx shape inference gives this op's output shapes (contrib ops onnx
+    # does not know: FusedConv -> Conv); used to prove sizes static (analysis/static.py)
+    shape_stand_in: ClassVar[str | None] = None
     # integer arithmetic on shape vectors: a Shape's value is still only shape data after it
     shape_arith: ClassVar[bool] = False
     # inputs whose value only sets a shape or indexes (a Shape's value ends there harmlessly)
@@ -376,3 +379,8 @@ class Registry:
 
     def items(self) -> dict[tuple[str, str], list[tuple[int, Handler]]]:
         return dict(self._entries)
+
+    def shape_stand_ins(self) -> dict[tuple[str, str], str]:
+        """``(domain, op_type) -> default-domain op`` for every handler that declares ``shape_stand_in``."""
+        return {key: entries[-1][1].shape_stand_in for key, entries in self._entries.items()
+                if entries and entries[-1][1].shape_stand_in}

@@ -140,7 +140,7 @@ def shape_derived(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None) -> PassResult:
+def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None, stand_ins=None) -> PassResult:
     """Replace shape computations that are proven the same for every input (``analysis.static``) by
     constants, so handlers can read and rewrite them. The function is unchanged for every input.
 
@@ -157,8 +157,8 @@ def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None) -> P
     values = {t: v for t, v in values.items() if t in derived}
     folded: dict[str, np.ndarray] = {}
     removed = 0
-    for _ in range(4):  # a fold can let shape inference prove more sizes downstream
-        static = proven_static(model, values, derived)
+    for _ in range(256):  # a fold can let shape inference prove more sizes downstream (chains of blocks)
+        static = proven_static(model, values, derived, stand_ins)
         # fold the largest static sub-expressions: static tensors read by a node whose result is not static
         frontier = {t for n in g.node if not all(o in static for o in n.output if o)
                     for t in n.input if t in static and t not in folded}
@@ -186,7 +186,8 @@ def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None) -> P
                                    + [f"removed {removed} shape-computation nodes"]))
 
 
-def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, input_arrays=None) -> PassResult:
+def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, input_arrays=None,
+              stand_ins=None) -> PassResult:
     """Every pass in order; ``inplace=True`` reuses ``model`` (for a model the caller just loaded)."""
     res = inline_functions(model)
     out = res.model
@@ -198,7 +199,7 @@ def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, 
         r = p(out)
         out = r.model
         changes += [f"{p.__name__}: {c}" for c in r.changes]
-    r = fold_static_shapes(out, input_shapes, input_arrays)
+    r = fold_static_shapes(out, input_shapes, input_arrays, stand_ins)
     changes += [f"fold_static_shapes: {c}" for c in r.changes]
     for c in changes:
         log.info("%s", c)

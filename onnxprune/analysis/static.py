@@ -44,12 +44,37 @@ STRUCTURAL = frozenset({
 })
 
 
-def symbolic_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+def _stand_in(node: onnx.NodeProto, op_type: str, opset: int) -> onnx.NodeProto | None:
+    """``node`` as the default-domain ``op_type`` for shape inference: attributes the schema does not
+    know dropped, inputs cut to its maximum (an elementwise op with too few inputs: Identity)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset)
+    except Exception:  # noqa: BLE001 - no such op at this opset
+        return None
+    inputs = list(node.input)[:schema.max_input]
+    if len(inputs) < schema.min_input:
+        op_type, inputs = "Identity", inputs[:1]
+        schema = onnx.defs.get_schema("Identity", opset)
+    out = helper.make_node(op_type, inputs, list(node.output), name=node.name)
+    out.attribute.extend(a for a in node.attribute if a.name in schema.attributes)
+    return out
+
+
+def symbolic_dims(model: onnx.ModelProto, stand_ins: dict[tuple[str, str], str] | None = None,
+                  ) -> dict[str, tuple[int | None, ...]]:
     """Per tensor, the sizes onnx's shape inference proves from the declared input dims (None: not proven).
 
     Exporter-written value_info and output shapes are dropped first: only the declared inputs and the
-    ops themselves are trusted."""
+    ops themselves are trusted. ``stand_ins`` (the handlers' ``shape_stand_in``) lets onnx infer
+    through contrib ops it has no schema for (FusedConv as Conv)."""
     light = weightless(model)
+    if stand_ins:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        for i, node in enumerate(light.graph.node):
+            op = stand_ins.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+            new = _stand_in(node, op, opset) if op and node.domain not in ("", "ai.onnx") else None
+            if new is not None:
+                light.graph.node[i].CopyFrom(new)
     del light.graph.value_info[:]
     for o in light.graph.output:
         if o.type.HasField("tensor_type"):
@@ -79,13 +104,13 @@ def _eval(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list
     return ReferenceEvaluator(m).run(None, feeds)
 
 
-def known_elements(model: onnx.ModelProto, values: dict[str, np.ndarray],
-                   tracked: set[str]) -> dict[str, np.ndarray]:
+def known_elements(model: onnx.ModelProto, values: dict[str, np.ndarray], tracked: set[str],
+                   stand_ins: dict[tuple[str, str], str] | None = None) -> dict[str, np.ndarray]:
     """For each tensor of ``tracked`` (computed from constants and shapes) whose probe value is in
     ``values``: a bool array of its value's shape, True where the element is the same for every input."""
     g = model.graph
     consts = ConstantTable.of(g)
-    dims = symbolic_dims(model)
+    dims = symbolic_dims(model, stand_ins)
     opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     full: set[str] = set(consts.names())  # fully known tensors
     masks: dict[str, np.ndarray] = {}  # partly known ones
@@ -177,6 +202,7 @@ def known_elements(model: onnx.ModelProto, values: dict[str, np.ndarray],
     return result
 
 
-def proven_static(model: onnx.ModelProto, values: dict[str, np.ndarray], tracked: set[str]) -> set[str]:
+def proven_static(model: onnx.ModelProto, values: dict[str, np.ndarray], tracked: set[str],
+                  stand_ins: dict[tuple[str, str], str] | None = None) -> set[str]:
     """The tensors of ``tracked`` whose every element is the same for every input."""
-    return {t for t, m in known_elements(model, values, tracked).items() if m.all()}
+    return {t for t, m in known_elements(model, values, tracked, stand_ins).items() if m.all()}
