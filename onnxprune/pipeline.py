@@ -16,24 +16,34 @@ from onnxprune.analysis.analyze import Analysis, barrier_summary
 from onnxprune.analysis.analyze import analyze_model as _analyze
 from onnxprune.analysis.contract import Registry
 from onnxprune.analysis.shapes import Shapes
+from onnxprune.errors import UserError
 from onnxprune.handlers import REGISTRY
+from onnxprune.measure.fidelity import Fidelity, measure_fidelity
 from onnxprune.measure.stats import ModelStats, model_stats
-from onnxprune.measure.verify import DEFAULT_TOL, Verification, verify_plan
+from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
+from onnxprune.planning.data_importance import Activations, consumer_taps
+from onnxprune.planning.importance import DATA_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import Plan, build_plan
 from onnxprune.rewrite.check import apply_plan
+from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
+from onnxprune.runtime.calib import CalibView
+from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture
 from onnxprune.runtime.inputs import make_inputs
 
-__all__ = ["Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan", "run", "verify_plan"]
+__all__ = ["Activations", "Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan",
+           "capture_activations", "run", "verify_plan"]
 
 log = logging.getLogger(__name__)
 
 
 def analyze_model(model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
                   head_mode: str = "dim", owned: bool | None = None, registry: Registry = REGISTRY,
-                  input_arrays=None) -> Analysis:
-    """The analysis with every handler of ``onnxprune.handlers`` (see ``analysis.analyze``)."""
-    return _analyze(model, registry, input_shapes, head_mode=head_mode, owned=owned, input_arrays=input_arrays)
+                  input_arrays=None, bias_inputs: bool = False) -> Analysis:
+    """The analysis with every handler of ``onnxprune.handlers`` (see ``analysis.analyze``);
+    ``bias_inputs``: zero biases added first, for compensation (``analysis.passes.add_bias_inputs``)."""
+    return _analyze(model, registry, input_shapes, head_mode=head_mode, owned=owned, input_arrays=input_arrays,
+                    bias_inputs=bias_inputs)
 
 
 @dataclass
@@ -47,6 +57,8 @@ class Result:
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
     serialized: bytes | None = None  # the checked serialization of ``pruned`` (None: external data)
+    fidelity: Fidelity | None = None  # on held-out calibration data (``measure_holdout``)
+    compensation: Compensated | None = None  # the compensated original the plan was applied to
 
     def to_json(self) -> dict:
         cg = self.analysis.cg
@@ -60,7 +72,10 @@ class Result:
             "normalization": list(self.analysis.changes),
             "plan": self.plan.to_json(cg),
             "verification": self.verification.to_json() if self.verification else None,
+            "importance": self.plan.importance,
             "timings_s": self.timings,
+            **({"fidelity": self.fidelity.to_json()} if self.fidelity is not None else {}),
+            **({"compensation": self.compensation.to_json()} if self.compensation is not None else {}),
         }
 
 
@@ -75,27 +90,79 @@ def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
 
 def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, input_arrays=None,
         plan_json: dict | None = None, verify: bool = False, ep: str = "auto", tol: float = DEFAULT_TOL,
-        analysis: Analysis | None = None) -> Result:
+        analysis: Analysis | None = None, calib: CalibView | Capture | Activations | None = None,
+        compensation: CompensateOptions | None = None, fit: CalibView | None = None, progress=None) -> Result:
     """The whole pipeline. ``analysis``: one already made of this model in the mode this run needs
-    (a target search made it), reused instead of analysing again."""
+    (a target search made it), reused instead of analysing again. ``calib``: for the data-aware
+    importances, the fit share of the calibration data (captured here) or activations captured
+    before (``capture_activations``); ignored by the weight criteria and with ``plan_json``.
+    ``compensation`` (mode bias or lsq): the consumers of the removed channels are refitted on
+    ``fit`` (the fit share; ``calib`` when that is a view) before the rewrite (``rewrite.compensate``);
+    P is cut from the compensated original and verified against it. An analysis made here then gets
+    zero biases first (``bias_inputs``); pass one made with ``bias_inputs=True``."""
     t0 = time.perf_counter()
     opts.validate()
     mode = head_mode_for(opts, plan_json)
+    comp_on = compensation is not None and compensation.mode != "none"
+    fit = fit if fit is not None else calib if isinstance(calib, CalibView) else None
+    if comp_on and fit is None:
+        raise UserError(f"compensation '{compensation.mode}' needs calibration data (--calib or --calib-images)")
     if analysis is not None and analysis.cg.head_mode == mode:
         an = analysis
     else:
-        an = analyze_model(model, input_shapes, head_mode=mode, input_arrays=input_arrays)
+        an = analyze_model(model, input_shapes, head_mode=mode, input_arrays=input_arrays, bias_inputs=comp_on)
     t1 = time.perf_counter()
-    plan = build_plan(an, opts, plan_json)
+    acts = None
+    if plan_json is None and opts.importance in DATA_IMPORTANCES and calib is not None:
+        acts = (calib if isinstance(calib, Activations) else Activations.of(calib) if isinstance(calib, Capture)
+                else capture_activations(an, calib, ep, opts=opts))
+    t1b = time.perf_counter()
+    plan = build_plan(an, opts, plan_json, acts)
+    comp = compensate(an, plan, fit, compensation, ep, progress) if comp_on else None
+    cut = comp.analysis if comp is not None else an  # O' (same graph, refitted constants) or O
     t2 = time.perf_counter()
-    pruned, new_shapes, data = apply_plan(an, plan, keep_bytes=True)
+    pruned, new_shapes, data = apply_plan(cut, plan, keep_bytes=True)
     t3 = time.perf_counter()
     before = model_stats(an.model, an.shapes, registry=an.registry)
     after = model_stats(pruned, new_shapes, registry=an.registry)
     res = Result(an, plan, pruned, new_shapes, before, after,
-                 timings={"analyze": t1 - t0, "plan": t2 - t1, "rewrite_and_check": t3 - t2}, serialized=data)
+                 timings={"analyze": t1 - t0, "plan": t2 - t1b - (comp.seconds if comp else 0.0),
+                          "rewrite_and_check": t3 - t2}, serialized=data, compensation=comp)
+    if comp is not None:
+        res.timings["compensate"] = comp.seconds
+    if acts is not None and acts.seconds is not None:
+        res.timings["capture"] = acts.seconds
     if verify:
         feeds = make_inputs(an.model, input_shapes, arrays=input_arrays)
-        res.verification = verify_plan(an, plan, pruned, feeds, ep, tol)
+        res.verification = verify_plan(cut, plan, pruned, feeds, ep, tol)
+        if comp is not None:  # verified against O'; the fidelity column is against the untouched O
+            for o, f in zip(res.verification.outputs, compare(an.model, an.model, pruned, feeds, ep, tol).outputs,
+                            strict=True):
+                o.fidelity = f.fidelity
         res.timings["verify"] = time.perf_counter() - t3
     return res
+
+
+def capture_activations(an: Analysis, view: CalibView, ep: str = "auto", progress=None,
+                        budget_bytes: int = DEFAULT_BUDGET, opts: PlanOptions | None = None) -> Activations:
+    """Per-channel statistics of the input of every consumer of every prunable group of ``an`` on
+    ``view`` (the fit share): one capture, each (tensor, axis) tapped once (``planning.data_importance``).
+    ``opts``: only the groups a plan with these options may prune (approximate ones only when allowed)."""
+    t0 = time.perf_counter()
+    groups = [g for g in an.cg.groups
+              if g.prunable and (opts is None or opts.allow_approximate or not g.is_approximate)]
+    taps = consumer_taps(an.cg, groups).taps
+    if not taps:
+        return Activations({}, view.n, 0.0)
+    cap = capture(an.model, taps, view, ep=ep, budget_bytes=budget_bytes, progress=progress)
+    log.info("captured %d tensors on %d samples in %.2fs", len(taps), view.n, time.perf_counter() - t0)
+    return Activations.of(cap, time.perf_counter() - t0)
+
+
+def measure_holdout(res: Result, holdout: CalibView, ep: str = "auto", progress=None) -> Fidelity:
+    """Fidelity of ``res.pruned`` against the analysed original on held-out calibration samples;
+    kept in ``res.fidelity`` (and so in the report)."""
+    t0 = time.perf_counter()
+    res.fidelity = measure_fidelity(res.analysis.model, res.pruned, holdout, ep=ep, progress=progress)
+    res.timings["fidelity"] = time.perf_counter() - t0
+    return res.fidelity

@@ -35,9 +35,11 @@ class Analysis:
 
 def analyze_model(model: onnx.ModelProto | str, registry: Registry,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, head_mode: str = "dim",
-                  owned: bool | None = None, input_arrays: dict[str, np.ndarray] | None = None) -> Analysis:
+                  owned: bool | None = None, input_arrays: dict[str, np.ndarray] | None = None,
+                  bias_inputs: bool = False) -> Analysis:
     """``owned``: the caller hands the ModelProto over (it may be normalized in place); a path is
-    always loaded and owned here. ``input_arrays`` (``--input``): the probes run on them."""
+    always loaded and owned here. ``input_arrays`` (``--input``): the probes run on them.
+    ``bias_inputs``: give bias-less linear ops a zero bias first (``passes.add_bias_inputs``)."""
     t0 = time.perf_counter()
     owned = (not isinstance(model, onnx.ModelProto)) or bool(owned)
     if not isinstance(model, onnx.ModelProto):
@@ -45,7 +47,7 @@ def analyze_model(model: onnx.ModelProto | str, registry: Registry,
     else:
         check_opset(model)
     res = normalize(model, inplace=owned, input_shapes=input_shapes, input_arrays=input_arrays,
-                    stand_ins=registry.shape_stand_ins())
+                    bias_inputs=bias_inputs, stand_ins=registry.shape_stand_ins())
     model = res.model
     shapes = infer_shapes(model, input_shapes, arrays=input_arrays)
     shapes = with_body_shapes(model, shapes, registry, input_shapes, input_arrays)  # inside If branches

@@ -10,7 +10,9 @@ and one line per change (shown with ``-v`` and kept in ``--report``).
   sliced for its own need. Large constants used by several nodes (real weight tying) stay tied;
 - ``fold_static_shapes``: shape computations proven not to depend on dynamic input sizes
   (``analysis.static``) become constants (Reshape targets, Slice bounds, head counts), so handlers can
-  read and rewrite them; everything else stays computed.
+  read and rewrite them; everything else stays computed;
+- ``add_bias_inputs`` (only when asked, for compensation): a zero bias for every Conv, Gemm and
+  constant-weight MatMul without one, so removed channels' contributions have a constant to go to.
 
 Every pass but ``inline_functions`` works in place on the model it is given; :func:`normalize`
 copies first unless the caller owns the model.
@@ -187,15 +189,16 @@ def fold_static_shapes(model: onnx.ModelProto, overrides=None, arrays=None, stan
 
 
 def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, input_arrays=None,
-              stand_ins=None) -> PassResult:
-    """Every pass in order; ``inplace=True`` reuses ``model`` (for a model the caller just loaded)."""
+              bias_inputs: bool = False, stand_ins=None) -> PassResult:
+    """Every pass in order; ``inplace=True`` reuses ``model`` (for a model the caller just loaded).
+    ``bias_inputs``: also ``add_bias_inputs`` (for compensation), after ``untie_constants``."""
     res = inline_functions(model)
     out = res.model
     if not inplace and out is model:
         out = onnx.ModelProto()
         out.CopyFrom(model)
     changes = list(res.changes)
-    for p in (name_nodes, fold_identity_constants, untie_constants):
+    for p in (name_nodes, fold_identity_constants, untie_constants, *((add_bias_inputs,) if bias_inputs else ())):
         r = p(out)
         out = r.model
         changes += [f"{p.__name__}: {c}" for c in r.changes]
@@ -204,3 +207,65 @@ def normalize(model: onnx.ModelProto, inplace: bool = False, input_shapes=None, 
     for c in changes:
         log.info("%s", c)
     return PassResult(r.model, tuple(changes))
+
+
+def add_bias_inputs(model: onnx.ModelProto) -> PassResult:
+    """Give every linear consumer with a constant weight a bias of zeros, so compensation
+    (``rewrite.compensate``) has a constant to fold removed channels' contributions into and the
+    coupling graph knows it: Conv without input 2 gets ``B = 0`` ([C_out]), Gemm without input 2 gets
+    ``C = 0`` ([N]); a MatMul ``x @ W`` (W a 2-D constant) whose result is not read by exactly one
+    Add of a constant gets ``Add(x @ W, 0)`` ([N]) under its output's name. Function-preserving
+    (x + 0 = x); only run when asked (``normalize(bias_inputs=True)``). Main graph only."""
+    g = model.graph
+    consts = ConstantTable.of(g)
+    readers = gr.consumers(g)
+    outputs = {o.name for o in g.output}
+    names = gr.all_names(g)
+    changes: list[str] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def zeros(base: str, n: int, dtype) -> str:
+        name = gr.fresh_name(base, names)
+        g.initializer.append(numpy_helper.from_array(np.zeros(n, dtype=dtype), name))
+        return name
+
+    def float_weight(name: str, rank: int | None = None):
+        shape, dtype = consts.shape(name), consts.dtype(name)
+        if shape is None or dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+            return None
+        return shape if rank is None or len(shape) == rank else None
+
+    for node in g.node:
+        nodes.append(node)
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if node.op_type == "Conv" and not has_bias and (shape := float_weight(w)) is not None and len(shape) >= 3:
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = zeros(f"{node.name}_bias", shape[0], consts.dtype(w))
+            changes.append(f"added a zero bias to Conv '{node.name}'")
+        elif node.op_type == "Gemm" and not has_bias and (shape := float_weight(w, 2)) is not None:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = zeros(f"{node.name}_bias", shape[0] if trans_b else shape[1], consts.dtype(w))
+            changes.append(f"added a zero bias to Gemm '{node.name}'")
+        elif node.op_type == "MatMul" and (shape := float_weight(w, 2)) is not None and node.input[0] not in consts:
+            y = node.output[0]
+            rd = readers.get(y, [])
+            if (y not in outputs and len(rd) == 1 and rd[0].op_type == "Add"
+                    and any(t in consts for t in rd[0].input if t != y)):
+                continue
+            inner = gr.fresh_name(f"{y}__nobias", names)
+            node.output[0] = inner
+            bias = zeros(f"{node.name}_bias", shape[1], consts.dtype(w))
+            nodes.append(onnx.helper.make_node("Add", [inner, bias], [y], name=gr.fresh_name(f"{node.name}_bias_add", names)))
+            changes.append(f"added a zero bias Add after MatMul '{node.name}'")
+    if changes:
+        del g.node[:]
+        g.node.extend(nodes)
+    if len(changes) > 3:
+        changes = [f"added zero biases to {len(changes)} linear ops ({changes[0]}, ...)"]
+    return PassResult(model, tuple(changes))

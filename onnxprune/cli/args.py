@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,8 +42,18 @@ from onnxprune.cli.common import (
 )
 from onnxprune.errors import UserError
 from onnxprune.measure.verify import DEFAULT_TOL
-from onnxprune.planning.importance import IMPORTANCES
+from onnxprune.planning.importance import (
+    DATA_IMPORTANCES,
+    DEFAULT_DATA_IMPORTANCE,
+    DEFAULT_IMPORTANCE,
+    DEFAULT_UNCOMPENSATED_IMPORTANCE,
+    IMPORTANCES,
+    default_importance,
+)
 from onnxprune.planning.options import PlanOptions
+from onnxprune.rewrite.compensate import MODES as COMPENSATIONS
+from onnxprune.rewrite.compensate import CompensateOptions
+from onnxprune.runtime.calib import CHANNEL_ORDERS, DEFAULT_HOLDOUT, LAYOUTS, CalibSpec, ImageSpec
 from onnxprune.runtime.machine import auto_round_to
 from onnxprune.runtime.session import EPS
 
@@ -221,15 +232,25 @@ class PlanArgs(ArgGroup):
                             "block (16 on AVX-512 CPUs, 8 on AVX2 and CUDA)")
         g.add_argument("--global", dest="global_", action="store_true", help="rank units across groups")
         g.add_argument("--max-ratio", type=float, default=0.9, metavar="R", help="per-group ceiling with --global (default 0.9)")
-        g.add_argument("--importance", default="l2", choices=sorted(IMPORTANCES),
-                       help="unit scores (default l2; bn: |gamma| of BatchNorm members, else l2)")
+        g.add_argument("--importance", default=None, choices=sorted(IMPORTANCES),
+                       help=f"unit scores (default {DEFAULT_IMPORTANCE}; with calibration data {DEFAULT_DATA_IMPORTANCE}, "
+                            f"{DEFAULT_UNCOMPENSATED_IMPORTANCE} with --compensate none; bn: |gamma| of BatchNorm members, else l2; act: activation energy fed into each "
+                            "consumer, act-var: its variance (what is lost after bias compensation); act* need "
+                            "--calib or --calib-images)")
         g.add_argument("--allow-approximate", action="store_true",
                        help="also prune groups mixed by LayerNorm/Softmax/reductions (changes the function)")
         g.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of --importance random (default 0)")
 
-    def parse(self, ns, ep: str = "auto", ratio: float | None = None) -> PlanRequest:
+    def parse(self, ns, ep: str = "auto", ratio: float | None = None, data: bool = False,
+              compensated: bool = False) -> PlanRequest:
         """``ep``: the execution provider ``--round-to auto`` aligns for; ``ratio``: the ratio when
-        this group has no ``--ratio`` (``amounts=False``)."""
+        this group has no ``--ratio`` (``amounts=False``); ``data``: calibration data was given (the
+        default importance is then the data-aware one, and only then may ``act*`` be asked for);
+        ``compensated``: the removed channels' consumers are compensated (the default is then act-var:
+        ``planning.importance.default_importance``)."""
+        importance = ns.importance or default_importance(data, compensated)
+        if importance in DATA_IMPORTANCES and not data:
+            raise UserError(f"--importance {importance} needs calibration data (--calib or --calib-images)")
         head_ratio = ns.head_ratio if self.amounts else None
         head_dim_ratio = ns.head_dim_ratio if self.amounts else None
         if self.amounts:
@@ -242,7 +263,7 @@ class PlanArgs(ArgGroup):
             round_to, why = auto_round_to(ep)
         opts = PlanOptions(ratio=ratio, layer_ratios=parse_layer_ratios(ns.layer_ratio) if self.amounts else [],
                            ignore=list(ns.ignore), head_ratio=head_ratio, head_dim_ratio=head_dim_ratio,
-                           round_to=round_to, global_=ns.global_, max_ratio=ns.max_ratio, importance=ns.importance,
+                           round_to=round_to, global_=ns.global_, max_ratio=ns.max_ratio, importance=importance,
                            allow_approximate=ns.allow_approximate, seed=ns.seed)
         opts.validate()
         return PlanRequest(opts, why)
@@ -406,6 +427,122 @@ class JsonArgs(ArgGroup):
 
     def parse(self, ns) -> bool:
         return bool(ns.json)
+
+
+def _numbers(text: str, count: int, kind, what: str) -> tuple:
+    parts = [t.strip() for t in str(text).replace("x", ",").split(",")] if kind is int else \
+        [t.strip() for t in str(text).split(",")]
+    if len(parts) != count:
+        raise argparse.ArgumentTypeError(f"expected {count} {what} separated by commas, got '{text}'")
+    try:
+        vals = tuple(kind(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {count} {what} separated by commas, got '{text}'") from None
+    if kind is int and any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"every size must be >= 1, got '{text}'")
+    if kind is float and not all(np.isfinite(vals)):
+        raise argparse.ArgumentTypeError(f"every value must be finite, got '{text}'")
+    return vals
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    return _numbers(text, 2, int, "whole numbers (H,W)")
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    return _numbers(text, 3, float, "numbers (one per channel, R,G,B)")
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return v
+
+
+class CalibArgs(ArgGroup):
+    """Calibration data (runtime/calib.py): arrays (``--calib``) or images (``--calib-images`` and its
+    preprocessing), how many samples, and the held-out share fidelity is measured on."""
+
+    title = "calibration data"
+    IMAGE_OPTIONS = ("image_size", "mean", "std", "layout", "channels")
+
+    def add(self, g) -> None:
+        g.add_argument("--calib", metavar="PATH",
+                       help="calibration samples: .npz (one array per graph input, samples on axis 0), .npy "
+                            "(single-input models) or a folder of them (concatenated)")
+        g.add_argument("--calib-images", metavar="DIR",
+                       help="calibration samples from the images in DIR (recursive; needs Pillow)")
+        g.add_argument("--image-size", type=_image_size, default=None, metavar="H,W",
+                       help="resize images to H x W (bilinear, no crop; default: the model's fixed size)")
+        g.add_argument("--mean", type=_three_floats, default=None, metavar="R,G,B",
+                       help="subtracted from pixel/255 per channel (default 0,0,0)")
+        g.add_argument("--std", type=_three_floats, default=None, metavar="R,G,B",
+                       help="divides (pixel/255 - mean) per channel (default 1,1,1)")
+        g.add_argument("--layout", choices=list(LAYOUTS), default=None, help="image tensor layout (default nchw)")
+        g.add_argument("--channels", choices=list(CHANNEL_ORDERS), default=None, help="channel order (default rgb)")
+        g.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
+                       help="use at most N samples (a seeded random subset; default all)")
+        g.add_argument("--holdout", type=_share, default=None, metavar="F",
+                       help=f"share of the samples held out, never used for fitting; fidelity is measured "
+                            f"there (default {DEFAULT_HOLDOUT:g})")
+
+    def parse(self, ns) -> CalibSpec | None:
+        """None without calibration data (then no other calibration option may be given)."""
+        images = [f"--{k.replace('_', '-')}" for k in self.IMAGE_OPTIONS if getattr(ns, k) is not None]
+        if ns.calib is not None and ns.calib_images is not None:
+            raise UserError("give calibration data with one of --calib and --calib-images, not both")
+        if ns.calib_images is None and images:
+            raise UserError(f"{images[0]} describes --calib-images preprocessing; it needs --calib-images DIR")
+        if ns.calib is None and ns.calib_images is None:
+            for flag, value in (("--calib-samples", ns.calib_samples), ("--holdout", ns.holdout)):
+                if value is not None:
+                    raise UserError(f"{flag} needs calibration data (--calib or --calib-images)")
+            return None
+        holdout = DEFAULT_HOLDOUT if ns.holdout is None else ns.holdout
+        source = ns.calib if ns.calib is not None else ns.calib_images
+        if not os.path.exists(source):  # before any work; the contents are checked against the model
+            raise UserError(f"no such calibration {'file or folder' if ns.calib is not None else 'folder'}: {source}")
+        if ns.calib is not None:
+            return CalibSpec(path=ns.calib, samples=ns.calib_samples, holdout=holdout)
+        img = ImageSpec(ns.calib_images, ns.image_size, ns.mean or (0.0, 0.0, 0.0), ns.std or (1.0, 1.0, 1.0),
+                        ns.layout or "nchw", ns.channels or "rgb")
+        if any(v == 0 for v in img.std):
+            raise UserError("--std: every value must be non-zero")
+        return CalibSpec(images=img, samples=ns.calib_samples, holdout=holdout)
+
+
+class CompensateArgs(ArgGroup):
+    """Compensation and reconstruction of the pruned channels' consumers (rewrite/compensate.py);
+    needs calibration data, so ``parse`` takes whether it was given."""
+
+    title = "compensation"
+
+    def add(self, g) -> None:
+        g.add_argument("--compensate", choices=list(COMPENSATIONS), default=None,
+                       help="refit the consumers of removed channels on the fit share: bias (fold their mean "
+                            "contribution into the bias), lsq (ridge least squares of the kept weights and "
+                            "bias, layer by layer); default lsq with calibration data, else none")
+        g.add_argument("--ridge", type=non_negative_float, default=None, metavar="L",
+                       help="lsq ridge, relative to the mean diagonal of each consumer's input covariance; "
+                            "shrinks toward the kept weights (default: chosen per consumer by 2-fold "
+                            "cross-validation on the fit share)")
+
+    def parse(self, ns, data: bool = False) -> CompensateOptions | None:
+        """None when nothing is compensated."""
+        mode = ns.compensate or ("lsq" if data else "none")
+        if mode != "none" and not data:
+            raise UserError(f"--compensate {mode} needs calibration data (--calib or --calib-images)")
+        if ns.ridge is not None and mode != "lsq":
+            raise UserError("--ridge applies to --compensate lsq")
+        if mode == "none":
+            return None
+        opts = CompensateOptions(mode=mode, ridge=ns.ridge)
+        opts.validate()
+        return opts
 
 
 class DemoArgs(ArgGroup):

@@ -1,13 +1,20 @@
 """``onnxprune prune MODEL -o PRUNED``: plan, rewrite, check, (verify), save; with ``--target-macs`` or
-``--target-latency`` the ratio is searched first, on the same analysis that is then pruned."""
+``--target-latency`` the ratio is searched first, on the same analysis that is then pruned. With
+``--calib`` (or ``--calib-images``) the data is checked against the model before planning, units are
+scored on activations captured on its fit share (the data-aware importance, unless ``--importance``
+names a weight criterion), and the pruned model's fidelity on the held-out share goes into the table
+and the report."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from onnxprune import pipeline
 from onnxprune.cli.args import (
+    CalibArgs,
+    CompensateArgs,
     ExecutionArgs,
     ModelInputArgs,
     OutputArgs,
@@ -22,11 +29,19 @@ from onnxprune.cli.args import (
     VerifyArgs,
 )
 from onnxprune.cli.common import console
-from onnxprune.cli.render import print_coverage, print_round_to, print_stats_table, print_verification
+from onnxprune.cli.render import (
+    print_coverage,
+    print_round_to,
+    print_stats_table,
+    print_verification,
+    progress_bar,
+)
 from onnxprune.errors import UserError
 from onnxprune.ir.io import save_atomic, write_json
 from onnxprune.measure.targets import Evaluation, RatioSearch
+from onnxprune.planning.importance import DATA_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.calib import open_calib
 from onnxprune.runtime.session import resolve_ep
 
 OUTPUT = OutputArgs(required=True)
@@ -38,7 +53,9 @@ PLAN = PlanArgs()
 PLAN_FILES = PlanFileArgs()
 TARGETS = TargetArgs()
 TIMING = TimingArgs(warmup=3, repeat=20)  # for --target-latency
-GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING)
+CALIB = CalibArgs()
+COMPENSATE = CompensateArgs()
+GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE)
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
 
@@ -47,19 +64,30 @@ POSITIONALS = (("model", {}),)
 
 
 def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes,
-                  c, arrays=None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
-    """Searches the uniform ratio for ``targets`` on one analysis. Returns (the options at the ratio
-    found, what goes into the report, the analysis, for ``pipeline.run`` to prune)."""
+                  c, arrays=None, an: pipeline.Analysis | None = None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+    """Searches the uniform ratio for ``targets`` on one analysis (``an``, or made here). Returns (the
+    options at the ratio found, what goes into the report, the analysis, for ``pipeline.run`` to
+    prune). A data-aware importance is searched with l2: without ``--global`` every group removes
+    floor(units x ratio) whichever units they are, so MACs and latency do not depend on the scores."""
     if targets.latency is not None:
         ep = resolve_ep(ep)
+    if opts.importance in DATA_IMPORTANCES:
+        if opts.global_:
+            raise UserError(f"--global ranks units across groups, so --target-macs/--target-latency depend on "
+                            f"the scores; the target search cannot score by --importance {opts.importance} yet "
+                            "(add --importance l2)")
+        search_opts = dataclasses.replace(opts, importance="l2")
+    else:
+        search_opts = opts
     with c.status("searching the ratio for the target...", spinner="dots") as status:
-        an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
+        if an is None:
+            an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
 
         def progress(ev: Evaluation) -> None:
             lat = f", latency {ev.latency_ratio:.3f}x" if ev.latency_ratio is not None else ""
             status.update(f"searching the ratio: {ev.ratio:.4f} -> MACs {ev.mac_ratio:.3f}x{lat}")
 
-        search = RatioSearch(an, opts, target_macs=targets.macs, target_latency=targets.latency, ep=ep,
+        search = RatioSearch(an, search_opts, target_macs=targets.macs, target_latency=targets.latency, ep=ep,
                              threads=timing.threads, batch=timing.batch, input_shapes=shapes,
                              warmup=timing.warmup, repeat=timing.repeat, progress=progress)
         res = search.search()
@@ -67,9 +95,26 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
     return dataclasses.replace(opts, ratio=res.ratio), {"target": res.to_json()}, an
 
 
+def print_compensation(c, comp) -> None:
+    """One line: what compensation did, and the consumers' fit error before and after."""
+    done = [r for r in comp.consumers if r.how != "skipped"]
+    errs = [(r.fit_rel_error_before, r.fit_rel_error_after) for r in done if r.fit_rel_error_after is not None]
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(comp.counts().items()))
+    fit = (f"; fit rel. error {max(b for b, _ in errs):.3f} -> {max(a for _, a in errs):.3f} (worst consumer)"
+           if errs else "")
+    skipped = next((r for r in comp.consumers if r.how == "skipped"), None)
+    c.print(f"compensation {comp.mode}: {len(comp.consumers)} consumers ({counts}) on {comp.samples} fit samples in "
+            f"{comp.seconds:.1f}s, {comp.passes} passes{fit}"
+            + (f"; skipped e.g. {skipped.node}: {skipped.reason}" if skipped else "")
+            + ("; --verify checks the pruned model against the compensated original" if comp.consumers else ""),
+            markup=False)
+
+
 def run(args) -> int:
     ex = EXECUTION.parse(args)
-    req = PLAN.parse(args, ep=ex.ep)
+    calib_spec = CALIB.parse(args)
+    comp = COMPENSATE.parse(args, data=calib_spec is not None)
+    req = PLAN.parse(args, ep=ex.ep, data=calib_spec is not None, compensated=comp is not None)
     output = OUTPUT.parse(args, source=args.model)
     report = REPORT.parse(args, protect=(args.model, output))
     files = PLAN_FILES.parse(args, protect=(args.model, output, report))
@@ -80,21 +125,46 @@ def run(args) -> int:
     c = console()
     print_round_to(c, req)
     opts, extra, an = req.options, req.report(), None
+    calib, analyzed, acts = None, 0.0, None
+    if calib_spec is not None:  # checked against the model before any planning
+        t0 = time.perf_counter()
+        with c.status("analyzing...", spinner="dots"):
+            an = pipeline.analyze_model(args.model, inputs.shapes, head_mode=pipeline.head_mode_for(opts, files.load),
+                                        input_arrays=inputs.arrays, bias_inputs=comp is not None)
+        analyzed = time.perf_counter() - t0
+        calib = open_calib(an.model, calib_spec)
     if targets.given:
-        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays)
+        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an)
         extra.update(found)
+    if calib is not None and files.load is None and opts.importance in DATA_IMPORTANCES:
+        with progress_bar(c, f"activations on {calib.fit.n} fit samples") as progress:
+            acts = pipeline.capture_activations(an, calib.fit, ex.ep, progress, opts=opts)
     with c.status("pruning...", spinner="dots"):
         res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
-                           plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an)
+                           plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an, calib=acts,
+                           compensation=comp, fit=calib.fit if calib is not None else None)
+    if analyzed:
+        res.timings["analyze"] = analyzed
+    if calib is not None:
+        with progress_bar(c, f"fidelity on {calib.holdout.n} held-out samples") as progress:
+            pipeline.measure_holdout(res, calib.holdout, ex.ep, progress)
     ok = res.verification is None or res.verification.passed
     if VERBOSITY.parse(args) and res.analysis.changes:
         c.print("normalization:", markup=False)
         for line in res.analysis.changes:
             c.print(f"  {line}", markup=False)
-    print_stats_table(c, res.before, res.after, title=f"onnxprune: {Path(args.model).name}")
+    print_stats_table(c, res.before, res.after, title=f"onnxprune: {Path(args.model).name}", fidelity=res.fidelity)
     print_coverage(c, res.analysis.cg)
     c.print(f"pruned {len(res.plan.pruned())} groups; {len(res.plan.frozen)} frozen"
             + (f" (e.g. {res.plan.frozen[next(iter(res.plan.frozen))][0]})" if res.plan.frozen else ""))
+    imp = res.plan.importance
+    if imp.get("criterion") in DATA_IMPORTANCES:
+        c.print(f"importance {imp['criterion']}: {imp['groups']} groups scored on {imp['samples']} fit samples "
+                f"({imp['tapped_tensors']} tensors captured in {imp['capture_s'] or 0:.1f}s)"
+                + (f"; {imp['fallback_l2']} by l2 (e.g. {imp['fallback'][0]['reason']})" if imp["fallback_l2"] else ""),
+                markup=False)
+    if res.compensation is not None:
+        print_compensation(c, res.compensation)
     if res.verification is not None:
         print_verification(c, res.verification)
     if report:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from onnxprune.measure.stats import delta, human
 
 
-def print_stats_table(console, before, after, latency=None, title="onnxprune") -> None:
+def print_stats_table(console, before, after, latency=None, title="onnxprune", fidelity=None) -> None:
 
     t = Table(title=title)
     t.add_column("")
@@ -28,6 +31,8 @@ def print_stats_table(console, before, after, latency=None, title="onnxprune") -
                   delta(lo.median_ms, lp.median_ms))
         t.add_row("latency p90", f"{lo.p90_ms:.2f} ms", f"{lp.p90_ms:.2f} ms", delta(lo.p90_ms, lp.p90_ms))
         t.add_row("speedup", "", f"{lo.median_ms / lp.median_ms:.2f}x", "")
+    if fidelity is not None:
+        add_fidelity_rows(t, fidelity)
     console.print(t)
 
 def print_verification(console, v) -> None:
@@ -59,3 +64,31 @@ def print_round_to(console, req) -> None:
     """What ``--round-to auto`` resolved to, and why (nothing when a number was given)."""
     if req.round_to_why is not None:
         console.print(f"--round-to auto: {req.options.round_to} ({req.round_to_why})")
+
+
+def add_fidelity_rows(t, fid) -> None:
+    """Held-out fidelity (measure/fidelity.py) as rows of the summary table; the original's column
+    holds what the original scores against itself."""
+    t.add_row(f"held-out fidelity ({fid.samples} samples)", "", "", "")
+    for o in fid.outputs:
+        if o.top1 is not None:
+            t.add_row(f"  {o.name} top-1 agreement", "100.0%", f"{100 * o.top1:.1f}%", "")
+        if o.match is not None:
+            t.add_row(f"  {o.name} equal elements", "100.0%", f"{100 * o.match:.1f}%", "")
+        t.add_row(f"  {o.name} mean cosine", "1.0000", f"{o.cosine:.4f}", "")
+        t.add_row(f"  {o.name} rel. error (L2)", "0", f"{o.rel_error_l2:.3e}", "")
+
+
+@contextmanager
+def progress_bar(console, what: str):
+    """A rich progress bar (transient; off when the console is not a terminal); yields the
+    ``(done, total)`` callback the runtime's batched runs call."""
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                   transient=True, disable=not console.is_terminal)
+    with bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

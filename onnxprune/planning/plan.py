@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,7 +12,8 @@ from onnxprune.analysis.analyze import Analysis, barrier_summary
 from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.errors import NothingToPrune, UserError
-from onnxprune.planning.importance import group_importance
+from onnxprune.planning.data_importance import Activations, data_scores
+from onnxprune.planning.importance import DATA_IMPORTANCES, group_importance
 from onnxprune.planning.options import PlanOptions, options_json
 
 _MAX_INDEX = 2**62  # channel indices and axes beyond this are nonsense (and overflow int64)
@@ -64,12 +65,14 @@ class Plan:
     groups: dict[int, GroupPlan]
     frozen: dict[int, list[str]]
     options: dict
+    importance: dict = field(default_factory=dict)  # how units were scored (the report's "importance")
 
     def pruned(self) -> list[GroupPlan]:
         return [gp for gp in self.groups.values() if gp.removed > 0]
 
     def exact_only(self) -> Plan:
-        return Plan({k: v for k, v in self.groups.items() if not v.approximate}, self.frozen, self.options)
+        return Plan({k: v for k, v in self.groups.items() if not v.approximate}, self.frozen, self.options,
+                    self.importance)
 
     # -- JSON ----------------------------------------------------------------------------------
     def to_json(self, cg: CouplingGraph) -> dict:
@@ -124,7 +127,7 @@ class Plan:
                 raise UserError(f"plan removes every channel of '{key[0]}'")
             groups[g.id] = GroupPlan(g.id, g.size, units, g.is_approximate)
         frozen = {g.id: g.frozen for g in cg.groups if not g.prunable}
-        return cls(groups, frozen, data.get("options", {}))
+        return cls(groups, frozen, data.get("options", {}), {"criterion": "plan file"})
 
 
 
@@ -154,8 +157,12 @@ def _round_keep(size: int, keep: int, round_to: int) -> int:
     return keep
 
 
-def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
+def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | None = None) -> Plan:
+    """The plan ``opts`` asks for. ``activations``: what the data-aware importances (``act``,
+    ``act-var``) read, captured on the fit share of the calibration data (``pipeline.capture_activations``)."""
     opts.validate()
+    if opts.importance in DATA_IMPORTANCES and activations is None:
+        raise UserError(f"--importance {opts.importance} needs calibration data (--calib or --calib-images)")
     _check_regexes(cg, opts)
     ignore = [re.compile(r) for r in opts.ignore]
     layer = [(re.compile(r), v) for r, v in opts.layer_ratios]
@@ -183,7 +190,12 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
                 ratio = r
                 break
         candidates.append((g, ratio))
-    scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
+    if opts.importance in DATA_IMPORTANCES:
+        ds = data_scores(cg, [g for g, _ in candidates], opts.importance, activations)
+        scores, importance = ds.scores, ds.report(cg, activations)
+    else:
+        scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
+        importance = {"criterion": opts.importance, "groups": len(candidates)}
     groups: dict[int, GroupPlan] = {}
     if opts.global_:
         groups = _plan_global(cg, candidates, scores, opts)
@@ -192,7 +204,7 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions) -> Plan:
             n_remove = int(math.floor(g.size * ratio))
             keep_n = _round_keep(g.size, g.size - n_remove, opts.round_to)
             groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
-    return Plan(groups, frozen, options_json(opts))
+    return Plan(groups, frozen, options_json(opts), importance)
 
 
 def _top(score: np.ndarray, keep_n: int) -> np.ndarray:
@@ -257,12 +269,13 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> di
 
 
 
-def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None) -> Plan:
+def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None,
+               activations: Activations | None = None) -> Plan:
     """The plan for ``an``: loaded from ``plan_json`` (checked against the model) or made from
-    ``opts``; NothingToPrune when every group is frozen."""
+    ``opts`` (``activations``: see ``make_plan``); NothingToPrune when every group is frozen."""
     if plan_json is not None:
         return Plan.from_json(plan_json, an.cg)
-    plan = make_plan(an.cg, opts)
+    plan = make_plan(an.cg, opts, activations)
     if not plan.groups:
         lines = barrier_summary(an.cg)
         raise NothingToPrune("nothing to prune: every group is frozen: " + "; ".join(lines))
