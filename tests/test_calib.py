@@ -26,6 +26,7 @@ from onnxprune.runtime import calib as calib_mod
 from onnxprune.runtime.calib import CalibSpec, ImageSpec, open_calib, split
 from onnxprune.runtime.capture import batch_size, capture
 from onnxprune.testing import from_text
+from onnxprune.testing.graphs import MLP
 
 try:
     from PIL import Image as PIL
@@ -33,16 +34,6 @@ except ImportError:  # only the image tests need Pillow
     PIL = None
 needs_pillow = pytest.mark.skipif(PIL is None, reason="--calib-images needs Pillow (onnxprune[images])")
 
-MLP = """
-<ir_version: 8, opset_import: ["" : 17]>
-mlp (float[N,8] x) => (float[N,5] y)
-<float[16,8] w1, float[16] b1, float[5,16] w2, float[5] b2>
-{
-  h = Gemm <transB=1> (x, w1, b1)
-  r = Relu (h)
-  y = Gemm <transB=1> (r, w2, b2)
-}
-"""
 
 CNN = """
 <ir_version: 8, opset_import: ["" : 17]>

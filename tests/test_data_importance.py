@@ -31,6 +31,7 @@ from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import make_plan
 from onnxprune.runtime.calib import CalibSpec, open_calib
 from onnxprune.testing import from_text
+from onnxprune.testing.graphs import MLP
 
 CONV2 = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -56,16 +57,6 @@ fork (float[N,3,8,8] x) => (float[N,4,8,8] y, float[N,5,8,8] z)
 }
 """
 
-MLP = """
-<ir_version: 8, opset_import: ["" : 17]>
-mlp (float[N,8] x) => (float[N,5] y)
-<float[16,8] w1, float[16] b1, float[5,16] w2, float[5] b2>
-{
-  h = Gemm <transB=1> (x, w1, b1)
-  r = Relu (h)
-  y = Gemm <transB=1> (r, w2, b2)
-}
-"""
 
 # the 16 channels of a and b meet only in an activation x activation MatMul: no consumer weight
 NO_CONSUMER = """

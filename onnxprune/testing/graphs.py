@@ -183,6 +183,18 @@ def index(cases=(), sandwiches=()) -> dict[str, Case]:
 # the small CNNs of the command-line tests
 
 # conv1 -> BN -> Relu -> conv2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y
+# two Gemms with a dynamic batch: the calibration and data-aware importance tests' model
+MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[N,8] x) => (float[N,5] y)
+<float[16,8] w1, float[16] b1, float[5,16] w2, float[5] b2>
+{
+  h = Gemm <transB=1> (x, w1, b1)
+  r = Relu (h)
+  y = Gemm <transB=1> (r, w2, b2)
+}
+"""
+
 SMALL_CNN = """
 <ir_version: 8, opset_import: ["" : 17]>
 small (float[1,3,16,16] x) => (float[1,10] y)
