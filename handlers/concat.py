@@ -51,6 +51,9 @@ class Concat(Handler):
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         link_parts(node, ctx, node.output[0], node.input)  # ``axis`` is required
 
+    def torch_forward(self, node: Node, xs: list, op):
+        return op.torch.cat([x for x in xs if x is not None], dim=int(op.attr("axis")))
+
 
 @register
 class Split1(Handler):
@@ -77,6 +80,25 @@ class Split1(Handler):
     def _set_sizes(self, node: Node, rw: RewriteCtx, sizes: np.ndarray) -> None:
         rw.set_attr(node, "split", [int(v) for v in sizes])
 
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        axis = _norm(int(op.attr("axis", 0) or 0), x.dim())
+        sizes = self.torch_sizes(xs, op)
+        n = x.shape[axis]
+        k = len(node.output)
+        if sizes is None:
+            if n % k:
+                op.refuse(f"axis of size {n} does not split into {k} equal parts")
+            sizes = [n // k] * k
+        return list(op.torch.split(x, sizes, dim=axis))
+
+    def torch_sizes(self, xs: list, op) -> list[int] | None:
+        """The sizes of the parts (None: equal parts); opset 1 also took them as input 1."""
+        if len(xs) > 1 and xs[1] is not None:
+            return op.ints(xs[1], "split")
+        split = op.attr("split")
+        return list(split) if split else None
+
 
 @register
 class Split13(Split1):
@@ -84,6 +106,16 @@ class Split13(Split1):
 
     since = 13
     shape_sinks = frozenset({1})
+
+    def torch_sizes(self, xs: list, op) -> list[int] | None:
+        if len(xs) > 1 and xs[1] is not None:
+            return op.ints(xs[1], "split")
+        k = op.attr("num_outputs")  # opset 18: the last part may be smaller
+        if k:
+            n = int(xs[0].shape[_norm(int(op.attr("axis", 0) or 0), xs[0].dim())])
+            size = -(-n // int(k))
+            return [min(size, n - i * size) for i in range(int(k))]
+        return None
 
     def _set_sizes(self, node: Node, rw: RewriteCtx, sizes: np.ndarray) -> None:
         rw.remove_attr(node, "num_outputs")
@@ -141,6 +173,25 @@ class Slice(Handler):
                 ctx.link(y, ax, i, x, ax, s0 + i)
             elif ctx.has_space(x, ax):
                 ctx.cover(y, ax)  # a single index out of a channel axis: not carried
+
+    def torch_forward(self, node: Node, xs: list, op):
+        """Python's slice semantics (which the spec's clamping follows); negative steps by indices."""
+        x = xs[0]
+        starts, ends = op.ints(xs[1], "starts"), op.ints(xs[2], "ends")
+        axes = op.ints(xs[3], "axes") if len(xs) > 3 and xs[3] is not None else list(range(len(starts)))
+        steps = op.ints(xs[4], "steps") if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+        for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+            ax = _norm(ax, x.dim())
+            if sp == 0:
+                op.refuse("a step of 0")
+            lo, hi, sp = slice(st, en, sp).indices(int(x.shape[ax]))
+            if sp > 0:
+                index = [slice(None)] * ax + [slice(lo, hi, sp)]
+                x = x[tuple(index)]
+            else:
+                idx = op.torch.arange(lo, hi, sp, device=x.device)
+                x = x.index_select(ax, idx)
+        return x
 
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         x, y = node.input[0], node.output[0]

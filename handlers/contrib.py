@@ -21,9 +21,9 @@ other contrib op: FusedConv and FusedGemm count nothing there (their MACs are Co
 
 from __future__ import annotations
 
-from onnxprune.handlers.conv import Conv
+from onnxprune.handlers.conv import Conv, conv_forward
 from onnxprune.handlers.elementwise import broadcast_links
-from onnxprune.handlers.gemm import Gemm
+from onnxprune.handlers.gemm import Gemm, gemm_forward
 
 from onnxprune.analysis.contract import AnalysisCtx, ConstOf, CountGraph, Handler, Node, ShapeOf, register
 
@@ -49,6 +49,14 @@ class FusedConv(Conv):
     def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
         return 0
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """act(conv(X, W, B) + Z), the activation's parameters in ``activation_params``."""
+        y = conv_forward(node, xs[:3], op)
+        if len(xs) > 3 and xs[3] is not None:
+            y = y + xs[3]
+        params = list(op.attr("activation_params") or [])
+        return fused_activation(op.attr("activation", "Identity"), y, params, op)
+
 
 @register
 class FusedGemm(Gemm):
@@ -61,6 +69,12 @@ class FusedGemm(Gemm):
 
     def tp_ops(self, node: Node, shape_of: ShapeOf, const_of: ConstOf, graph: CountGraph) -> int:
         return 0
+
+    def torch_forward(self, node: Node, xs: list, op):
+        """act(Gemm), the activation's parameters in ``activation_alpha/beta/gamma``."""
+        y = gemm_forward(xs, op)
+        params = [p for p in (op.attr("activation_alpha"), op.attr("activation_beta")) if p is not None]
+        return fused_activation(op.attr("activation", "Identity"), y, [float(p) for p in params], op)
 
 
 @register
@@ -75,6 +89,17 @@ class ContribElementwise(Handler):
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         broadcast_links(node, ctx, node.input[:2])
 
+    def torch_forward(self, node: Node, xs: list, op):
+        F = op.F
+        x = xs[0]
+        if len(xs) > 1 and xs[1] is not None:
+            x = x + xs[1]
+        if node.op_type == "QuickGelu":
+            return x * op.torch.sigmoid(float(op.attr("alpha", 1.702)) * x)
+        if node.op_type == "FastGelu":
+            return F.gelu(x, approximate="tanh")
+        return F.gelu(x)  # BiasGelu, Gelu: the exact (erf) form
+
 
 @register
 class ContribGelu(ContribElementwise):
@@ -82,3 +107,25 @@ class ContribGelu(ContribElementwise):
 
     op_types = ("Gelu",)
     tp_per_output = 1
+
+
+def fused_activation(name: str, y, params: list[float], op):
+    """The activations onnxruntime fuses into FusedConv / FusedGemm."""
+    T = op.torch
+    if name in ("", "Identity"):
+        return y
+    if name == "Relu":
+        return T.relu(y)
+    if name == "Tanh":
+        return T.tanh(y)
+    if name == "Sigmoid":
+        return T.sigmoid(y)
+    if name == "LeakyRelu":
+        return op.F.leaky_relu(y, params[0] if params else 0.01)
+    if name == "Clip":
+        lo, hi = (params + [float("-inf"), float("inf")][len(params):])[:2]
+        return T.clamp(y, lo, hi)
+    if name == "HardSigmoid":
+        a, b = (params + [0.2, 0.5][len(params):])[:2]
+        return T.clamp(a * y + b, 0, 1)
+    op.refuse(f"fused activation '{name}'")

@@ -33,6 +33,10 @@ class If(Handler):
     since = 1
     follows_subgraphs = True
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """The branch the condition picks, run in a scope that sees this graph's tensors."""
+        return op.run_subgraph("then_branch" if op.ints(xs[0], "condition")[0] else "else_branch")
+
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         ctx.cover(node.input[0])  # the condition: a scalar
         where = f"If '{node.name}'"

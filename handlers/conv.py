@@ -75,6 +75,11 @@ class _Convolution(Handler):
         if g > 1 and rw.old_shape(x)[1] // g == 1:
             rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """Torch forward (``onnxprune.runtime.torch_exec``): explicit zero padding (``pads`` or
+        ``auto_pad``), then torch's convolution; ConvTranspose crops its full output instead."""
+        return conv_transpose_forward(node, xs, op) if node.op_type == "ConvTranspose" else conv_forward(node, xs, op)
+
     def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         t = node.output[0] if self.macs_per_element_of == "output" else node.input[0]
         ts, ws = shape_of(t), shape_of(node.input[1])
@@ -146,3 +151,97 @@ class ConvTranspose(_Convolution):
             ctx.slot(w, 1, Role.PRODUCER)
             _by_position(ctx, x, cin, g, x, 1)
             _by_position(ctx, y, cout, g, w, 1)
+
+
+# -- torch forwards -------------------------------------------------------------------------------
+
+
+def _geometry(op, w_shape, n_spatial: int):
+    k = list(op.attr("kernel_shape") or w_shape[2:])
+    strides = list(op.attr("strides") or [1] * n_spatial)
+    dil = list(op.attr("dilations") or [1] * n_spatial)
+    return k, strides, dil
+
+
+def same_pads(in_sizes, k, strides, dil, lower: bool) -> list[int]:
+    """``auto_pad`` SAME_UPPER / SAME_LOWER: the output is ceil(in / stride); the odd pixel of the
+    total padding goes at the end (UPPER) or the start (LOWER). ONNX order: begins, then ends."""
+    begins, ends = [], []
+    for n, kk, s, d in zip(in_sizes, k, strides, dil, strict=True):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (kk - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        begins.append(big if lower else small)
+        ends.append(small if lower else big)
+    return begins + ends
+
+
+def spatial_pads(op, in_sizes, k, strides, dil) -> list[int]:
+    """The explicit pads (ONNX order: every begin, then every end) from ``auto_pad`` or ``pads``."""
+    n = len(in_sizes)
+    auto = op.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        return same_pads(in_sizes, k, strides, dil, auto == "SAME_LOWER")
+    if auto == "VALID":
+        return [0] * (2 * n)
+    return list(op.attr("pads") or [0] * (2 * n))
+
+
+def torch_pad_order(pads: list[int]) -> list[int]:
+    """ONNX pads (begins..., ends...) over the last axes -> F.pad's order (last axis first)."""
+    n = len(pads) // 2
+    out = []
+    for i in reversed(range(n)):
+        out += [pads[i], pads[i + n]]
+    return out
+
+
+def conv_forward(node: Node, xs: list, op):
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    n = x.dim() - 2
+    if n not in (1, 2, 3):
+        op.refuse(f"{n}-D convolution")
+    k, strides, dil = _geometry(op, w.shape, n)
+    pads = spatial_pads(op, list(x.shape[2:]), k, strides, dil)
+    if any(pads):
+        x = op.F.pad(x, torch_pad_order(pads))
+    conv = (op.F.conv1d, op.F.conv2d, op.F.conv3d)[n - 1]
+    return conv(x, w, b, stride=strides, dilation=dil, groups=int(op.attr("group", 1)))
+
+
+def conv_transpose_forward(node: Node, xs: list, op):
+    x, w = xs[0], xs[1]
+    b = xs[2] if len(xs) > 2 else None
+    n = x.dim() - 2
+    if n not in (1, 2, 3):
+        op.refuse(f"{n}-D transposed convolution")
+    k, strides, dil = _geometry(op, w.shape, n)
+    out_pad = list(op.attr("output_padding") or [0] * n)
+    full = [(i - 1) * s + (kk - 1) * d + 1 for i, s, kk, d in zip(x.shape[2:], strides, k, dil, strict=True)]
+    out_shape = op.attr("output_shape")
+    auto = op.attr("auto_pad", "NOTSET")
+    if out_shape:
+        out_shape = list(out_shape)[-n:]
+        total = [f + p - o for f, p, o in zip(full, out_pad, out_shape, strict=True)]
+        upper = auto == "SAME_UPPER"
+        begins = [t // 2 if upper else t - t // 2 for t in total]
+        pads = begins + [t - bb for t, bb in zip(total, begins, strict=True)]
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = [f + p - i * s for f, p, i, s in zip(full, out_pad, x.shape[2:], strides, strict=True)]
+        upper = auto == "SAME_UPPER"
+        begins = [t // 2 if upper else t - t // 2 for t in total]
+        pads = begins + [t - bb for t, bb in zip(total, begins, strict=True)]
+    elif auto == "VALID":
+        pads = [0] * (2 * n)
+    else:
+        pads = list(op.attr("pads") or [0] * (2 * n))
+    conv = (op.F.conv_transpose1d, op.F.conv_transpose2d, op.F.conv_transpose3d)[n - 1]
+    y = conv(x, w, None, stride=strides, dilation=dil, groups=int(op.attr("group", 1)))
+    # output_padding adds rows no input reaches (zeros) at the end; pads crop (negative: pad zeros)
+    crop = [-p for p in pads[:n]] + [op_ - p for op_, p in zip(out_pad, pads[n:], strict=True)]
+    if any(crop):
+        y = op.F.pad(y, torch_pad_order(crop))
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * n)
+    return y

@@ -117,6 +117,10 @@ class Gemm(Handler):
                         ctx.slot(c, j, Role.PARAM)
                     ctx.identity(c, j, y, oa)
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """alpha * A' B' + beta * C (unidirectional broadcast of C)."""
+        return gemm_forward(xs, op)
+
     def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         ys, a = shape_of(node.output[0]), shape_of(node.input[0])
         if ys is None or a is None:
@@ -177,6 +181,10 @@ class MatMul(Handler):
                         ctx.mark_attention(t, j, "heads")
                     ctx.identity(t, j, y, oa)
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """numpy's matmul, which torch.matmul follows (1-D operands, broadcast batch axes)."""
+        return op.torch.matmul(xs[0], xs[1])
+
     def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         ys, a = shape_of(node.output[0]), shape_of(node.input[0])
         if ys is None or a is None:
@@ -198,6 +206,9 @@ class Einsum(Handler):
     op_types = ("Einsum",)
     since = 12
     follows_channels = False
+
+    def torch_forward(self, node: Node, xs: list, op):
+        return op.torch.einsum(op.attr("equation"), *xs)
 
     def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         eq = attr(node, "equation", b"")
@@ -239,3 +250,19 @@ class Attention(Handler):
             dk, dv = qd // hq, v[2] // hkv
             return int(b * hq * sq * skv * (dk + dv))
         return 0
+
+
+def gemm_forward(xs: list, op):
+    a, b = xs[0], xs[1]
+    c = xs[2] if len(xs) > 2 else None
+    if int(op.attr("transA", 0)):
+        a = a.transpose(0, 1)
+    if int(op.attr("transB", 0)):
+        b = b.transpose(0, 1)
+    y = op.torch.matmul(a, b)
+    alpha, beta = float(op.attr("alpha", 1.0)), float(op.attr("beta", 1.0))
+    if alpha != 1.0:
+        y = alpha * y
+    if c is not None:
+        y = y + (c if beta == 1.0 else beta * c)
+    return y

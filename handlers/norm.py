@@ -5,6 +5,8 @@ only declares Torch-Pruning's count. Torch-Pruning counts every normalization 2 
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnxprune.analysis.contract import AnalysisCtx, Handler, Node, Role, register
 
 
@@ -37,6 +39,11 @@ class ChannelNormalization(Handler):
              "InstanceNormalization": (Role.SCALE, Role.PARAM)}
     tp_per_input = 2
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """Inference-mode BatchNormalization (running statistics); InstanceNormalization over each
+        sample's spatial axes (biased variance)."""
+        return batch_norm_forward(xs, op) if node.op_type == "BatchNormalization" else instance_norm_forward(xs, op)
+
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         if _carry_all(node, ctx) is None:
             return
@@ -60,12 +67,18 @@ class LayerNormalization1(Handler):
     follows_channels = False
     tp_per_input = 2
 
+    def torch_forward(self, node: Node, xs: list, op):
+        return layer_norm_forward(xs, op)
+
 
 @register
 class LayerNormalization(Handler):
     op_types = ("LayerNormalization",)
     since = 17
     tp_per_input = 2
+
+    def torch_forward(self, node: Node, xs: list, op):
+        return layer_norm_forward(xs, op)
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         r = _carry_all(node, ctx)
@@ -96,6 +109,10 @@ class GroupNormalization(Handler):
     follows_channels = False
     tp_per_input = 2
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """Opset 18: scale and bias per group; opset 21: per channel."""
+        return group_norm_forward(xs, op)
+
 
 @register
 class Softmax1(Handler):
@@ -103,6 +120,14 @@ class Softmax1(Handler):
     axis from ``axis`` on is mixed."""
 
     op_types = ("Softmax", "LogSoftmax")
+
+    def torch_forward(self, node: Node, xs: list, op):
+        """The input coerced to 2-D at ``axis`` (every axis from ``axis`` on is one row)."""
+        x = xs[0]
+        axis = _axis_of(op, x.dim())
+        flat = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+        fn = op.F.softmax if node.op_type == "Softmax" else op.F.log_softmax
+        return fn(flat, dim=1).reshape(x.shape)
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         r = _carry_all(node, ctx)
@@ -122,5 +147,77 @@ class Softmax13(Softmax1):
 
     since = 13
 
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        fn = op.F.softmax if node.op_type == "Softmax" else op.F.log_softmax
+        return fn(x, dim=_axis_of(op, x.dim()))
+
     def mixed_axes(self, axis: int, rank: int) -> list[int]:
         return [axis]
+
+
+# -- torch forwards -------------------------------------------------------------------------------
+
+
+def _axis_of(op, rank: int) -> int:
+    axis = op.attr("axis")
+    axis = int(axis if axis is not None else -1)
+    return axis + rank if axis < 0 else axis
+
+
+def _per_channel(t, rank: int):
+    """A [C] parameter shaped to broadcast on axis 1 of a rank-``rank`` tensor."""
+    return t.reshape((1, -1) + (1,) * (rank - 2))
+
+
+def batch_norm_forward(xs: list, op):
+    x, scale, bias, mean, var = xs[:5]
+    if int(op.attr("training_mode", 0) or 0):
+        op.refuse("training_mode=1 (batch statistics)")
+    if int(op.attr("spatial", 1) or 1) != 1:
+        op.refuse("spatial=0")
+    r = x.dim()
+    inv = op.torch.rsqrt(_per_channel(var, r) + float(op.attr("epsilon", 1e-5)))
+    return (x - _per_channel(mean, r)) * inv * _per_channel(scale, r) + _per_channel(bias, r)
+
+
+def instance_norm_forward(xs: list, op):
+    x, scale, bias = xs[:3]
+    r = x.dim()
+    axes = tuple(range(2, r))
+    mean = x.mean(dim=axes, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+    y = (x - mean) * op.torch.rsqrt(var + float(op.attr("epsilon", 1e-5)))
+    return y * _per_channel(scale, r) + _per_channel(bias, r)
+
+
+def layer_norm_forward(xs: list, op):
+    x, scale = xs[0], xs[1]
+    bias = xs[2] if len(xs) > 2 else None
+    r = x.dim()
+    axis = _axis_of(op, r)
+    axes = tuple(range(axis, r))
+    stash = int(op.attr("stash_type", 1) or 1)
+    xc = x.to(op.torch.float32) if stash == 1 and x.dtype in (op.torch.float16, op.torch.bfloat16) else x
+    mean = xc.mean(dim=axes, keepdim=True)
+    d = xc - mean
+    inv = op.torch.rsqrt((d * d).mean(dim=axes, keepdim=True) + float(op.attr("epsilon", 1e-5)))
+    y = (d * inv).to(x.dtype) * scale
+    if bias is not None:
+        y = y + bias
+    return y, mean, inv
+
+
+def group_norm_forward(xs: list, op):
+    x, scale, bias = xs[:3]
+    n, c = x.shape[0], x.shape[1]
+    g = int(op.attr("num_groups"))
+    r = x.dim()
+    xg = x.reshape(n, g, -1)
+    mean = xg.mean(dim=2, keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=2, keepdim=True)
+    y = ((xg - mean) * op.torch.rsqrt(var + float(op.attr("epsilon", 1e-5)))).reshape(x.shape)
+    if op.opset < 21:  # one scale and bias per group
+        scale = scale.repeat_interleave(c // g)
+        bias = bias.repeat_interleave(c // g)
+    return y * _per_channel(scale, r) + _per_channel(bias, r)

@@ -236,6 +236,14 @@ class Reshape(Handler):
         ctx.cover(node.input[1])
         analyze_reshape(node, ctx, node.input[0], node.output[0])
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """0 copies the input's size (unless ``allowzero``), -1 is inferred."""
+        x = xs[0]
+        target = op.ints(xs[1], "shape")
+        if not int(op.attr("allowzero", 0) or 0):
+            target = [int(x.shape[i]) if v == 0 else v for i, v in enumerate(target)]
+        return x.reshape(target)
+
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         y = node.output[0]
         if rw.old_shape(y) == rw.new_shape(y):
@@ -289,6 +297,12 @@ class Flatten(Handler):
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         analyze_reshape(node, ctx, node.input[0], node.output[0])
 
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        axis = int(op.attr("axis", 1))
+        axis = axis + x.dim() if axis < 0 else axis
+        return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
+
 
 def transpose_perm(node: Node, ctx: AnalysisCtx, rank: int) -> list[int]:
     """Output axis i of a Transpose is input axis perm[i] (default: the axes reversed)."""
@@ -315,6 +329,11 @@ class Transpose(Handler):
     def view_axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
         r = ctx.rank(node.input[0])
         return None if r is None else transpose_perm(node, ctx, r)
+
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        perm = op.attr("perm")
+        return x.permute(list(perm) if perm else list(range(x.dim()))[::-1])
 
 
 class _SqueezeAxes(Handler):
@@ -353,11 +372,34 @@ class _SqueezeAxes(Handler):
         """The axes when none are given: Squeeze removes every size-1 axis."""
         return [a for a in range(len(shape)) if shape[a] == 1]
 
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        axes = self.torch_axes(xs, op)
+        if self.squeezes:
+            r = x.dim()
+            axes = self.default_axes(tuple(x.shape)) if axes is None else [a + r if a < 0 else a for a in axes]
+            for a in axes:
+                if x.shape[a] != 1:
+                    op.refuse(f"axis {a} of size {x.shape[a]} cannot be squeezed")
+            keep = [int(d) for a, d in enumerate(x.shape) if a not in set(axes)]
+            return x.reshape(keep)
+        r = x.dim() + len(axes or [])
+        for a in sorted(a + r if a < 0 else a for a in axes or []):
+            x = x.unsqueeze(a)
+        return x
+
+    def torch_axes(self, xs: list, op) -> list[int] | None:
+        a = op.attr("axes")
+        return None if a is None else [int(v) for v in a]
+
 
 class _AxesInput:
     """Mixin, opset 13: ``axes`` is input 1 (constant, or the node is a barrier)."""
 
     shape_sinks = frozenset({1})
+
+    def torch_axes(self, xs: list, op) -> list[int] | None:
+        return op.ints(xs[1], "axes") if len(xs) > 1 and xs[1] is not None else None
 
     def axes(self, node: Node, ctx: AnalysisCtx) -> list[int] | None:
         if len(node.input) > 1 and node.input[1]:

@@ -90,6 +90,7 @@ def _is_computed_zero(name: str, ctx: AnalysisCtx | RewriteCtx) -> bool:
 
 
 class _Recurrent(Handler):
+    default_activations: ClassVar[tuple[str, ...]] = ("Tanh",)
     gates: ClassVar[int] = 1
     state_inputs: ClassVar[tuple[int, ...]] = (5,)  # initial_h (, initial_c)
     peephole: ClassVar[int | None] = None  # input index of P
@@ -189,6 +190,54 @@ class _Recurrent(Handler):
             ctx.freeze(s, 0, dir_reason)
         ctx.cover(seq_lens)
 
+    # -- torch forward ----------------------------------------------------------------------------
+    def torch_forward(self, node: Node, xs: list, op):
+        """Every step of every direction in turn, with the spec's equations (``torch_cell``);
+        layout 1 is transposed in and out. Sequence lengths shorter than the input refuse."""
+        xs = list(xs) + [None] * (8 - len(xs))
+        x, w, r, b, seq_lens = xs[:5]
+        layout = int(op.attr("layout", 0) or 0)
+        if layout:
+            x = x.transpose(0, 1)
+        seq, batch = int(x.shape[0]), int(x.shape[1])
+        if seq_lens is not None and any(v != seq for v in op.ints(seq_lens, "sequence_lens")):
+            op.refuse("sequence_lens shorter than the sequence")
+        dirs, hidden = int(w.shape[0]), int(r.shape[2])
+        direction = op.attr("direction", "forward")
+        states = [xs[i] for i in self.state_inputs]
+        if layout:
+            states = [None if s is None else s.transpose(0, 1) for s in states]
+        acts = _torch_activations(op, self.default_activations, dirs)
+        clip = op.attr("clip")
+        T = op.torch
+        ys, finals = [], []
+        for d in range(dirs):
+            reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+            xw = T.matmul(x, w[d].T)  # [seq, batch, G*hidden]
+            if b is not None:
+                wb, rb = b[d].chunk(2)
+                xw = xw + wb
+            else:
+                rb = None
+            state = [s[d] if s is not None else T.zeros(batch, hidden, dtype=x.dtype, device=x.device)
+                     for s in states]
+            p = xs[self.peephole][d] if self.peephole is not None and xs[self.peephole] is not None else None
+            out = [None] * seq
+            for t in (range(seq - 1, -1, -1) if reverse else range(seq)):
+                state = self.torch_cell(T, xw[t], state, r[d], rb, p, acts[d], clip, op)
+                out[t] = state[0]
+            ys.append(T.stack(out, 0))
+            finals.append(state)
+        y = T.stack(ys, 1)  # [seq, dirs, batch, hidden]
+        outs = [y] + [T.stack([f[k] for f in finals], 0) for k in range(len(self.state_inputs))]
+        if layout:
+            outs = [outs[0].permute(2, 0, 1, 3)] + [o.transpose(0, 1) for o in outs[1:]]
+        return outs
+
+    def torch_cell(self, T, xw, state, r, rb, p, acts, clip, op):
+        """One step: ``xw`` = X_t·Wᵀ + Wb; returns the new state (H, or H and C)."""
+        raise NotImplementedError
+
     # -- rewrite ----------------------------------------------------------------------------------
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
         r = node.input[2]
@@ -236,6 +285,24 @@ class LSTM(_Recurrent):
     state_inputs = (5, 6)
     peephole = 7
     tp_gate_ops = 10
+    default_activations = ("Sigmoid", "Tanh", "Tanh")
+
+    def torch_cell(self, T, xw, state, r, rb, p, acts, clip, op):
+        """Gates i, o, f, c; peepholes P = (Pi, Po, Pf); ``input_forget`` couples f = 1 - i."""
+        h, c = state
+        z = xw + T.matmul(h, r.T) + (rb if rb is not None else 0)
+        if clip is not None:
+            z = T.clamp(z, -float(clip), float(clip))
+        zi, zo, zf, zc = z.chunk(4, dim=-1)
+        f, g, hh = acts
+        if p is not None:
+            pi, po, pf = p.chunk(3)
+            zi, zf = zi + pi * c, zf + pf * c
+        i = f(zi)
+        fg = 1 - i if int(op.attr("input_forget", 0) or 0) else f(zf)
+        c_new = fg * c + i * g(zc)
+        o = f(zo + po * c_new) if p is not None else f(zo)
+        return [o * hh(c_new), c_new]
 
 
 @register
@@ -244,6 +311,23 @@ class GRU(_Recurrent):
     gates = 3
     state_inputs = (5,)
     tp_gate_ops = 7
+    default_activations = ("Sigmoid", "Tanh")
+
+    def torch_cell(self, T, xw, state, r, rb, p, acts, clip, op):
+        """Gates z, r, h; ``linear_before_reset`` says where the reset gate applies."""
+        (h,) = state
+        f, g = acts
+        xz, xr, xh = xw.chunk(3, dim=-1)
+        rz, rr, rh = r.chunk(3, dim=0)
+        bz, br, bh = rb.chunk(3) if rb is not None else (0, 0, 0)
+        cl = (lambda v: T.clamp(v, -float(clip), float(clip))) if clip is not None else (lambda v: v)
+        zt = f(cl(xz + T.matmul(h, rz.T) + bz))
+        rt = f(cl(xr + T.matmul(h, rr.T) + br))
+        if int(op.attr("linear_before_reset", 0) or 0):
+            ht = g(cl(xh + rt * (T.matmul(h, rh.T) + bh)))
+        else:
+            ht = g(cl(xh + T.matmul(rt * h, rh.T) + bh))
+        return [(1 - zt) * ht + zt * h]
 
 
 @register
@@ -252,3 +336,52 @@ class RNN(_Recurrent):
     gates = 1
     state_inputs = (5,)
     tp_gate_ops = 1
+
+    def torch_cell(self, T, xw, state, r, rb, p, acts, clip, op):
+        (h,) = state
+        z = xw + T.matmul(h, r.T) + (rb if rb is not None else 0)
+        if clip is not None:
+            z = T.clamp(z, -float(clip), float(clip))
+        return [acts[0](z)]
+
+
+# -- torch: the activation functions of the spec ----------------------------------------------------
+
+_NEEDS_ALPHA = {"Affine": 1.0, "LeakyRelu": 0.01, "ThresholdedRelu": 1.0, "ScaledTanh": 1.0, "HardSigmoid": 0.2,
+                "Elu": 1.0}
+_NEEDS_BETA = {"Affine": 0.0, "ScaledTanh": 1.0, "HardSigmoid": 0.5}
+
+
+def _activation(T, F, name: str, alpha: float | None, beta: float | None):
+    a = _NEEDS_ALPHA.get(name) if alpha is None else alpha
+    b = _NEEDS_BETA.get(name) if beta is None else beta
+    table = {
+        "Relu": T.relu, "Tanh": T.tanh, "Sigmoid": T.sigmoid, "Softsign": lambda v: v / (1 + T.abs(v)),
+        "Softplus": F.softplus, "Affine": lambda v: a * v + b, "LeakyRelu": lambda v: F.leaky_relu(v, a),
+        "ThresholdedRelu": lambda v: T.where(v > a, v, T.zeros_like(v)), "ScaledTanh": lambda v: a * T.tanh(b * v),
+        "HardSigmoid": lambda v: T.clamp(a * v + b, 0, 1), "Elu": lambda v: F.elu(v, a),
+    }
+    return table[name]
+
+
+def _torch_activations(op, defaults: tuple[str, ...], dirs: int) -> list[list]:
+    """Per direction, the activation functions; ``activation_alpha/beta`` are consumed in order by
+    the activations that take them (onnxruntime's reading of the spec)."""
+    names = list(op.attr("activations") or [])
+    if not names:
+        names = list(defaults) * dirs
+    elif len(names) == len(defaults) and dirs == 2:
+        names = names * 2
+    if len(names) != len(defaults) * dirs:
+        op.refuse(f"{len(names)} activations for {dirs} direction(s) of {len(defaults)}")
+    alphas = list(op.attr("activation_alpha") or [])
+    betas = list(op.attr("activation_beta") or [])
+    fns = []
+    for name in names:
+        if name not in ACTIVATIONS:
+            op.refuse(f"activation '{name}'")
+        alpha = alphas.pop(0) if name in _NEEDS_ALPHA and alphas else None
+        beta = betas.pop(0) if name in _NEEDS_BETA and betas else None
+        fns.append(_activation(op.torch, op.F, name, alpha, beta))
+    k = len(defaults)
+    return [fns[d * k:(d + 1) * k] for d in range(dirs)]

@@ -17,6 +17,16 @@ class Shape1(Handler):
 
     op_types = ("Shape", "Size")
 
+    def torch_forward(self, node: Node, xs: list, op):
+        x = xs[0]
+        if node.op_type == "Size":
+            return op.torch.tensor(x.numel(), dtype=op.torch.int64, device=x.device)
+        start, end = self.torch_range(op)
+        return op.torch.tensor(list(x.shape)[start:end], dtype=op.torch.int64, device=x.device)
+
+    def torch_range(self, op) -> tuple[int, int | None]:
+        return 0, None
+
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         """Sizes that reach run-time arithmetic must not change: the axes this node's value reads
         (through Gather/Slice with constant indices, else all of them) are frozen; the others are
@@ -73,6 +83,10 @@ class Shape15(Shape1):
         end = ctx.attr("end")
         return int(ctx.attr("start") or 0), None if end is None else int(end)
 
+    def torch_range(self, op) -> tuple[int, int | None]:
+        end = op.attr("end")
+        return int(op.attr("start", 0) or 0), None if end is None else int(end)
+
 
 def _only_shapes(ctx: AnalysisCtx, t: str, depth: int = 0) -> bool:
     """True if value ``t`` (derived from a Shape) only ever sets shapes or indexes, never data: it
@@ -105,6 +119,13 @@ class ConstantOfShape(Handler):
     op_types = ("ConstantOfShape",)
     shape_sinks = frozenset({0})
 
+    def torch_forward(self, node: Node, xs: list, op):
+        shape = op.ints(xs[0], "shape")
+        value = op.tensor_attr("value")
+        if value is None:
+            value = op.tensor(np.zeros(1, dtype=np.float32))
+        return value.reshape(()).expand(shape).clone()
+
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         for t in node.input:
             ctx.cover(t)
@@ -117,11 +138,21 @@ class Range(ConstantOfShape):
     op_types = ("Range",)
     shape_sinks = frozenset({0, 1, 2})
 
+    def torch_forward(self, node: Node, xs: list, op):
+        start, limit, delta = xs
+        if any(t.requires_grad for t in xs):
+            op.refuse("its start, limit or delta carries a gradient")
+        n = max(int(np.ceil((limit.item() - start.item()) / delta.item())), 0)
+        return start + op.torch.arange(n, device=start.device).to(start.dtype) * delta
+
 
 @register
 class NonZero(ConstantOfShape):
     op_types = ("NonZero",)
     shape_sinks = frozenset()
+
+    def torch_forward(self, node: Node, xs: list, op):
+        return op.torch.nonzero(xs[0]).T.contiguous()
 
 
 @register
@@ -133,6 +164,19 @@ class OneHot(Handler):
     follows_channels = False
     shape_sinks = frozenset({1})
 
+    def torch_forward(self, node: Node, xs: list, op):
+        indices, depth_t, values = xs
+        depth = int(op.floats(depth_t, "depth")[0])
+        axis = int(op.attr("axis", -1))
+        idx = indices.long()
+        idx = op.torch.where(idx < 0, idx + depth, idx)
+        valid = (idx >= 0) & (idx < depth)
+        hot = op.F.one_hot(op.torch.where(valid, idx, 0), depth) * valid.unsqueeze(-1)
+        out = op.torch.where(hot.bool(), values[1], values[0])
+        r = out.dim()
+        axis = axis + r if axis < 0 else axis
+        return out.movedim(-1, axis)
+
 
 @register
 class Gather(Handler):
@@ -141,6 +185,17 @@ class Gather(Handler):
     keeps_zeros = True
     carries_tensor = True
     shape_arith = True
+
+    def torch_forward(self, node: Node, xs: list, op):
+        """Negative indices count from the end of the axis."""
+        data, idx = xs
+        axis = int(op.attr("axis", 0) or 0)
+        axis = axis + data.dim() if axis < 0 else axis
+        n = data.shape[axis]
+        flat = idx.reshape(-1).long()
+        flat = op.torch.where(flat < 0, flat + n, flat)
+        out = data.index_select(axis, flat)
+        return out.reshape(tuple(data.shape[:axis]) + tuple(idx.shape) + tuple(data.shape[axis + 1:]))
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         data, idx, y = node.input[0], node.input[1], node.output[0]
@@ -209,6 +264,12 @@ class Expand(Handler):
     keeps_zeros = True
     shape_sinks = frozenset({1})
 
+    def torch_forward(self, node: Node, xs: list, op):
+        """Bidirectional broadcast of the input and the shape."""
+        x = xs[0]
+        shape = op.torch.broadcast_shapes(tuple(x.shape), tuple(op.ints(xs[1], "shape")))
+        return x.expand(shape)
+
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
         xs, ys = ctx.shape(x), ctx.shape(y)
@@ -232,6 +293,9 @@ class Tile(Handler):
     op_types = ("Tile",)
     keeps_zeros = True
     shape_sinks = frozenset({1})
+
+    def torch_forward(self, node: Node, xs: list, op):
+        return xs[0].repeat(op.ints(xs[1], "repeats"))
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         x, y = node.input[0], node.output[0]
