@@ -206,9 +206,9 @@ def test_sweep_writes_plot_and_report(run_main, tmp_path):
     macs = [row["macs"] for row in rows]
     assert all(a >= b for a, b in zip(macs, macs[1:], strict=False)) and macs[-1] < macs[0]
     for row in rows:
-        for key in ("params", "latency_ms", "original_ms", "speedup", "fidelity", "mac_ratio"):
+        for key in ("params", "latency_ms", "original_ms", "speedup", "rel_error_generated", "mac_ratio"):
             assert key in row
-    assert rows[0]["fidelity"] == 0.0
+    assert rows[0]["rel_error_generated"] == 0.0
     assert data["machine"]["nchwc_block"] in (8, 16)
 
 

@@ -41,6 +41,7 @@ from onnxprune.cli.common import (
     positive_int,
 )
 from onnxprune.errors import UserError
+from onnxprune.measure.fidelity import METRICS
 from onnxprune.measure.verify import DEFAULT_TOL
 from onnxprune.planning.importance import (
     DATA_IMPORTANCES,
@@ -119,10 +120,12 @@ class PlanFiles:
 class Targets:
     macs: float | None
     latency: float | None
+    fidelity: float | None = None  # --target-fidelity: held-out fidelity >= this (needs calibration data)
+    metric: str | None = None  # what --target-fidelity judges (None: agreement where classifier-shaped, else cosine)
 
     @property
     def given(self) -> bool:
-        return self.macs is not None or self.latency is not None
+        return self.macs is not None or self.latency is not None or self.fidelity is not None
 
 
 @dataclass(frozen=True)
@@ -297,19 +300,37 @@ class VerifyPlanArgs(ArgGroup):
 
 
 class TargetArgs(ArgGroup):
-    """Pruning to a target: the uniform ratio is searched (bisection) until it is met."""
+    """Pruning to a target: the uniform ratio is searched (bisection) until it is met. ``parse`` takes
+    whether calibration data was given (``--target-fidelity`` is measured on its held-out share)."""
 
     title = "targets (search the uniform --ratio)"
 
     def add(self, g) -> None:
         g.add_argument("--target-macs", type=positive_float, default=None, metavar="F",
-                       help="prune until MACs <= F x original (bisection over the ratio)")
+                       help="prune until MACs <= F x original (bisection over the ratio); with --target-fidelity "
+                            "a cap: MACs <= F x original and the fidelity target both hold")
         g.add_argument("--target-latency", type=positive_float, default=None, metavar="F",
                        help="prune until measured latency <= F x original on --ep (interleaved runs; "
                             "timing options below)")
+        g.add_argument("--target-fidelity", type=_fidelity_target, default=None, metavar="F",
+                       help="prune as far as held-out fidelity (--metric) stays >= F, F in (0, 1]: bisection over "
+                            "the ratio, each step compensated and measured on the held-out share (needs --calib or "
+                            "--calib-images)")
+        g.add_argument("--metric", choices=list(METRICS), default=None,
+                       help="what --target-fidelity judges, worst output: agreement (top-1 of classifier-shaped "
+                            "outputs) or cosine (mean cosine); default agreement when an output is "
+                            "classifier-shaped, else cosine")
 
-    def parse(self, ns) -> Targets:
-        return Targets(ns.target_macs, ns.target_latency)
+    def parse(self, ns, data: bool = False) -> Targets:
+        if ns.metric is not None and ns.target_fidelity is None:
+            raise UserError("--metric says what --target-fidelity judges; give --target-fidelity F")
+        if ns.target_fidelity is not None:
+            if not data:
+                raise UserError("--target-fidelity is measured on held-out calibration samples: it needs --calib "
+                                "or --calib-images")
+            if ns.target_latency is not None:
+                raise UserError("--target-fidelity combines with --target-macs, not with --target-latency")
+        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric)
 
 
 class TimingArgs(ArgGroup):
@@ -451,6 +472,16 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def _three_floats(text: str) -> tuple[float, float, float]:
     return _numbers(text, 3, float, "numbers (one per channel, R,G,B)")
+
+
+def _fidelity_target(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
 
 
 def _share(text: str) -> float:

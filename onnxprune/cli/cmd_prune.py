@@ -3,10 +3,13 @@
 ``--calib`` (or ``--calib-images``) the data is checked against the model before planning, units are
 scored on activations captured on its fit share (the data-aware importance, unless ``--importance``
 names a weight criterion), and the pruned model's fidelity on the held-out share goes into the table
-and the report."""
+and the report. ``--target-fidelity`` searches the largest ratio keeping that fidelity
+(``measure.targets.FidelitySearch``): every evaluation is a whole run here (``holdout_trial``) on the
+one analysis and the one capture, and the chosen ratio's run is the result (not run again)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -38,10 +41,20 @@ from onnxprune.cli.render import (
 )
 from onnxprune.errors import UserError
 from onnxprune.ir.io import save_atomic, write_json
-from onnxprune.measure.targets import Evaluation, RatioSearch
+from onnxprune.measure.fidelity import choose_metric, output_kinds
+from onnxprune.measure.targets import (
+    SELECTION_NOTE,
+    Evaluation,
+    FidelityEvaluation,
+    FidelitySearch,
+    RatioSearch,
+    evaluation_line,
+)
+from onnxprune.measure.verify import DEFAULT_TOL
 from onnxprune.planning.importance import DATA_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
-from onnxprune.runtime.calib import open_calib
+from onnxprune.rewrite.compensate import CompensateOptions
+from onnxprune.runtime.calib import CalibData, open_calib
 from onnxprune.runtime.session import resolve_ep
 
 OUTPUT = OutputArgs(required=True)
@@ -64,21 +77,14 @@ POSITIONALS = (("model", {}),)
 
 
 def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes,
-                  c, arrays=None, an: pipeline.Analysis | None = None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
-    """Searches the uniform ratio for ``targets`` on one analysis (``an``, or made here). Returns (the
-    options at the ratio found, what goes into the report, the analysis, for ``pipeline.run`` to
-    prune). A data-aware importance is searched with l2: without ``--global`` every group removes
-    floor(units x ratio) whichever units they are, so MACs and latency do not depend on the scores."""
+                  c, arrays=None, an: pipeline.Analysis | None = None,
+                  acts: pipeline.Activations | None = None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+    """Searches the uniform ratio for the MAC/latency ``targets`` on one analysis (``an``, or made here).
+    Returns (the options at the ratio found, what goes into the report, the analysis, for
+    ``pipeline.run`` to prune). A data-aware importance plans on ``acts`` (captured before the search),
+    so every ratio is planned as the run prunes it, with ``--global`` too."""
     if targets.latency is not None:
         ep = resolve_ep(ep)
-    if opts.importance in DATA_IMPORTANCES:
-        if opts.global_:
-            raise UserError(f"--global ranks units across groups, so --target-macs/--target-latency depend on "
-                            f"the scores; the target search cannot score by --importance {opts.importance} yet "
-                            "(add --importance l2)")
-        search_opts = dataclasses.replace(opts, importance="l2")
-    else:
-        search_opts = opts
     with c.status("searching the ratio for the target...", spinner="dots") as status:
         if an is None:
             an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
@@ -87,12 +93,59 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
             lat = f", latency {ev.latency_ratio:.3f}x" if ev.latency_ratio is not None else ""
             status.update(f"searching the ratio: {ev.ratio:.4f} -> MACs {ev.mac_ratio:.3f}x{lat}")
 
-        search = RatioSearch(an, search_opts, target_macs=targets.macs, target_latency=targets.latency, ep=ep,
+        search = RatioSearch(an, opts, target_macs=targets.macs, target_latency=targets.latency, ep=ep,
                              threads=timing.threads, batch=timing.batch, input_shapes=shapes,
-                             warmup=timing.warmup, repeat=timing.repeat, progress=progress)
+                             warmup=timing.warmup, repeat=timing.repeat, progress=progress, activations=acts)
         res = search.search()
     c.print(res.summary())
     return dataclasses.replace(opts, ratio=res.ratio), {"target": res.to_json()}, an
+
+
+def holdout_trial(model: str, opts: PlanOptions, an: pipeline.Analysis, calib: CalibData,
+                  acts: pipeline.Activations | None, comp: CompensateOptions | None, *, ep: str = "auto",
+                  tol: float = DEFAULT_TOL, verify: bool = False, input_shapes=None, input_arrays=None, c=None):
+    """``trial(ratio)``: the run ``prune`` makes at ``ratio`` (``opts`` otherwise) on the analysis
+    ``an``, units scored on ``acts``, the consumers refitted on the fit share, then its fidelity on
+    the held-out share (``Result.fidelity``). ``sweep --calib`` and ``--target-fidelity`` evaluate
+    ratios with it, so their figures are prune's."""
+
+    def trial(ratio: float) -> pipeline.Result:
+        o = dataclasses.replace(opts, ratio=float(ratio))
+        what = f"ratio {ratio:.4f}: " + (f"compensating ({comp.mode}), " if comp is not None else "") + \
+            f"held-out fidelity on {calib.holdout.n} samples..."
+        with c.status(what, spinner="dots") if c is not None else contextlib.nullcontext():
+            res = pipeline.run(model, o, input_shapes=input_shapes, input_arrays=input_arrays, verify=verify, ep=ep,
+                               tol=tol, analysis=an, calib=acts, compensation=comp, fit=calib.fit)
+            pipeline.measure_holdout(res, calib.holdout, ep)
+        return res
+
+    return trial
+
+
+def search_fidelity(model: str, opts: PlanOptions, targets: Targets, metric: str, an: pipeline.Analysis,
+                    calib: CalibData, acts, comp: CompensateOptions | None, c, *, ep: str, tol: float, verify: bool,
+                    shapes=None, arrays=None) -> tuple[dict, pipeline.Result]:
+    """``--target-fidelity``: the largest ratio whose held-out ``metric`` stays >= the target (with
+    ``--target-macs`` as a cap). Returns (what goes into the report, the chosen ratio's run)."""
+    trial = holdout_trial(model, opts, an, calib, acts, comp, ep=ep, tol=tol, verify=verify, input_shapes=shapes,
+                          input_arrays=arrays, c=c)
+
+    def progress(ev: FidelityEvaluation) -> None:
+        took = f" ({ev.seconds:.1f}s)" if not ev.same_plan_as else ""
+        c.print(f"  ratio {evaluation_line(ev)}{took}", markup=False)
+
+    cap = f" with MACs <= {targets.macs:g}x" if targets.macs is not None else ""
+    c.print(f"searching the largest ratio keeping held-out {metric} >= {targets.fidelity:g}{cap} "
+            f"({calib.holdout.n} held-out samples; every ratio "
+            + (f"compensated ({comp.mode}) and " if comp is not None else "") + "measured):", markup=False)
+    search = FidelitySearch(an, opts, trial, target=targets.fidelity, metric=metric, target_macs=targets.macs,
+                            activations=acts, progress=progress)
+    found = search.search()
+    c.print(found.summary(), markup=False)
+    c.print(f"note: {SELECTION_NOTE}", markup=False)
+    res = search.best
+    res.timings["target_search"] = found.seconds
+    return {"target": found.to_json()}, res
 
 
 def print_compensation(c, comp) -> None:
@@ -113,15 +166,17 @@ def print_compensation(c, comp) -> None:
 def run(args) -> int:
     ex = EXECUTION.parse(args)
     calib_spec = CALIB.parse(args)
+    targets = TARGETS.parse(args, data=calib_spec is not None)
     comp = COMPENSATE.parse(args, data=calib_spec is not None)
     req = PLAN.parse(args, ep=ex.ep, data=calib_spec is not None, compensated=comp is not None)
     output = OUTPUT.parse(args, source=args.model)
     report = REPORT.parse(args, protect=(args.model, output))
     files = PLAN_FILES.parse(args, protect=(args.model, output, report))
     inputs = INPUTS.parse(args)
-    targets, timing, verify = TARGETS.parse(args), TIMING.parse(args), VERIFY.parse(args)
+    timing, verify = TIMING.parse(args), VERIFY.parse(args)
     if targets.given and files.load is not None:
-        raise UserError("--target-macs/--target-latency search a plan; they cannot be used with --load-plan")
+        raise UserError("--target-macs/--target-latency/--target-fidelity search a plan; they cannot be used with "
+                        "--load-plan")
     c = console()
     print_round_to(c, req)
     opts, extra, an = req.options, req.report(), None
@@ -133,19 +188,30 @@ def run(args) -> int:
                                         input_arrays=inputs.arrays, bias_inputs=comp is not None)
         analyzed = time.perf_counter() - t0
         calib = open_calib(an.model, calib_spec)
-    if targets.given:
-        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an)
-        extra.update(found)
+    metric = None
+    if targets.fidelity is not None:  # before any capture: --metric agreement on a non-classifier fails here
+        with c.status("reading the outputs on the held-out share...", spinner="dots"):
+            metric = choose_metric(output_kinds(an.model, calib.holdout, ep=ex.ep), targets.metric)
     if calib is not None and files.load is None and opts.importance in DATA_IMPORTANCES:
         with progress_bar(c, f"activations on {calib.fit.n} fit samples") as progress:
             acts = pipeline.capture_activations(an, calib.fit, ex.ep, progress, opts=opts)
-    with c.status("pruning...", spinner="dots"):
-        res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
-                           plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an, calib=acts,
-                           compensation=comp, fit=calib.fit if calib is not None else None)
+    res = None
+    if targets.fidelity is not None:
+        found, res = search_fidelity(args.model, opts, targets, metric, an, calib, acts, comp, c, ep=ex.ep,
+                                     tol=ex.tol, verify=verify, shapes=inputs.shapes, arrays=inputs.arrays)
+        extra.update(found)
+    elif targets.given:
+        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an,
+                                        acts)
+        extra.update(found)
+    if res is None:
+        with c.status("pruning...", spinner="dots"):
+            res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
+                               plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an, calib=acts,
+                               compensation=comp, fit=calib.fit if calib is not None else None)
     if analyzed:
         res.timings["analyze"] = analyzed
-    if calib is not None:
+    if calib is not None and res.fidelity is None:
         with progress_bar(c, f"fidelity on {calib.holdout.n} held-out samples") as progress:
             pipeline.measure_holdout(res, calib.holdout, ex.ep, progress)
     ok = res.verification is None or res.verification.passed

@@ -20,6 +20,11 @@ class vector per sample), or (b) the original's values along the last axis are p
 on every held-out sample (all >= 0, each summing to 1 within 1e-3: a softmax over classes at every
 position, e.g. a CTC recognizer's ``[N, T, C]``). Anything else (feature maps, embeddings, logits of
 sequence models) gets no top-1: its relative error and cosine say what is kept.
+
+One number per model, for ``--target-fidelity`` and ``sweep`` (``score``): ``agreement`` is the
+smallest top-1 agreement over the classifier-shaped outputs (the others do not count; a model
+without one has no agreement: ``choose_metric`` says to use cosine), ``cosine`` the smallest mean
+cosine over all outputs. The worst output decides, so a model with several heads keeps all of them.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxprune.errors import UserError
 from onnxprune.runtime.calib import Batch, CalibView
 from onnxprune.runtime.capture import DEFAULT_BUDGET, MAX_BATCH, Progress, run_batched
 from onnxprune.runtime.session import make_session
 
 PROB_TOL = 1e-3
+METRICS = ("agreement", "cosine")  # what --target-fidelity judges (``score``)
 
 
 @dataclass
@@ -164,3 +171,53 @@ def measure_fidelity(original: onnx.ModelProto, pruned: onnx.ModelProto, view: C
     run = run_batched([so, sp], view, [names, names], consume, budget_bytes=budget_bytes, max_batch=max_batch,
                       progress=progress)
     return Fidelity(view.n, [a.result() for a in accs], tuple(run.batches), view.data.to_json())
+
+
+def score(fid: Fidelity, metric: str) -> float | None:
+    """The model's ``metric`` (module docstring): the worst output's top-1 agreement (None: no
+    classifier-shaped output) or mean cosine."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown fidelity metric {metric!r} (one of {', '.join(METRICS)})")
+    s = fid.summary()
+    return s["min_top1_agreement"] if metric == "agreement" else s["min_cosine"]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What fidelity can say about one graph output on a view: its per-sample shape and whether it
+    is classifier-shaped (module docstring's rule, decided on the original's values)."""
+
+    name: str
+    shape: tuple[int, ...]
+    classifier: bool
+
+
+def output_kinds(model: onnx.ModelProto, view: CalibView, *, ep: str = "auto", budget_bytes: int = DEFAULT_BUDGET,
+                 max_batch: int = MAX_BATCH, progress: Progress | None = None) -> list[OutputKind]:
+    """Which outputs of ``model`` are classifier-shaped on ``view``: one run of the model alone (the
+    same rule ``measure_fidelity`` applies, so the two never disagree)."""
+    sess, _ = make_session(model, ep, precise=True)
+    names = [o.name for o in sess.get_outputs()]
+    accs = [_Acc(n) for n in names]
+
+    def consume(batch: Batch, outs: list[list[np.ndarray]]) -> None:
+        for acc, o in zip(accs, outs[0], strict=True):
+            acc.update(o, o, batch.n)
+
+    run_batched([sess], view, [names], consume, budget_bytes=budget_bytes, max_batch=max_batch, progress=progress)
+    return [OutputKind(a.name, a.shape or (), a.classifier()) for a in accs]
+
+
+def choose_metric(kinds: list[OutputKind], metric: str | None) -> str:
+    """``metric`` checked against the model's outputs; None: agreement when an output is
+    classifier-shaped, else cosine. UserError for agreement on a model without a classifier output."""
+    if metric is not None and metric not in METRICS:
+        raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    classifiers = [k for k in kinds if k.classifier]
+    if metric is None:
+        return "agreement" if classifiers else "cosine"
+    if metric == "agreement" and not classifiers:
+        seen = ", ".join(f"{k.name} {list(k.shape)}" for k in kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        raise UserError("--metric agreement needs a classifier-shaped output (one class vector per sample, or "
+                        f"probability vectors on the last axis); this model has none ({seen}): use --metric cosine")
+    return metric
