@@ -4,12 +4,13 @@ Run::
 
     python bench/compensation.py MODEL.onnx --calib calib.npz [--holdout 0.6] [--ratios 0.3 0.5]
         [--modes none bias lsq] [--ridge auto 1e-2] [--importance act] [--downstream] [--layerwise]
-        [--json out.json]
+        [--json out.json] [--eval EVAL.npz]
 
 One analysis (with zero biases added: ``bias_inputs``), one activation capture for the data-aware
 importance, then per ratio one plan, and per compensation mode: compensate on the fit share, prune,
 verify (exactness against the compensated original, on generated inputs) and measure fidelity on the
-held-out share. Prints one row per (ratio, mode): MACs ratio, top-1 agreement (classifier outputs),
+held-out share (``--eval EVAL.npz``: all of the calibration file is fit data, and fidelity is measured
+on every sample of EVAL instead, data from another source). Prints one row per (ratio, mode): MACs ratio, top-1 agreement (classifier outputs),
 mean cosine, relative L2 error, whether verification passed, and the seconds compensation took.
 """
 
@@ -23,7 +24,9 @@ from onnxprune import pipeline
 from onnxprune.planning.importance import DEFAULT_DATA_IMPORTANCE
 from onnxprune.planning.options import PlanOptions
 from onnxprune.rewrite.compensate import DEFAULT_RIDGE, CompensateOptions
-from onnxprune.runtime.calib import CalibSpec, open_calib
+import numpy as np
+
+from onnxprune.runtime.calib import CalibSpec, CalibView, open_calib
 
 
 def _ridge(r) -> str:
@@ -47,15 +50,21 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="positions per sample for second moments")
     ap.add_argument("--allow-approximate", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--eval", default=None, help="measure fidelity on every sample of this file; all of --calib is fit")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     an = pipeline.analyze_model(args.model, bias_inputs=True)
     data = open_calib(an.model, CalibSpec(path=args.calib, samples=args.samples, holdout=args.holdout))
+    fit_view, held = data.fit, data.holdout
+    if args.eval:
+        fit_view = CalibView(data, "fit", np.arange(data.n if args.samples else data.available))
+        ev = open_calib(an.model, CalibSpec(path=args.eval, holdout=0.5))
+        held = CalibView(ev, "eval", np.arange(ev.available))
     t1 = time.perf_counter()
-    acts = pipeline.capture_activations(an, data.fit, "cpu")
+    acts = pipeline.capture_activations(an, fit_view, "cpu")
     t2 = time.perf_counter()
-    print(f"{args.model}: {data.fit.n} fit, {data.holdout.n} held-out samples; analysis {t1 - t0:.1f}s, "
+    print(f"{args.model}: {fit_view.n} fit, {held.n} {'evaluation' if args.eval else 'held-out'} samples; analysis {t1 - t0:.1f}s, "
           f"importance capture {t2 - t1:.1f}s")
     head = f"{'ratio':>5} {'mode':>5} {'ridge':>7} {'MACs':>6} {'top-1':>7} {'cosine':>7} {'rel.err':>8} {'verify':>6} {'comp s':>7} {'fit err':>15}"
     print(head)
@@ -67,8 +76,8 @@ def main() -> None:
                 kw = {} if args.rows is None else {"rows_per_sample": args.rows}
                 comp = CompensateOptions(mode=mode, ridge=ridge, layerwise=args.layerwise, downstream=args.downstream, **kw)
                 res = pipeline.run(args.model, opts, verify=True, ep="cpu", analysis=an, calib=acts,
-                                   compensation=comp, fit=data.fit)
-                fid = pipeline.measure_holdout(res, data.holdout, "cpu").summary()
+                                   compensation=comp, fit=fit_view)
+                fid = pipeline.measure_holdout(res, held, "cpu").summary()
                 macs = res.after.macs / max(res.before.macs, 1)
                 c = res.compensation
                 errs = [(r.fit_rel_error_before, r.fit_rel_error_after) for r in (c.consumers if c else [])
@@ -86,7 +95,7 @@ def main() -> None:
                       f"{fit:>15}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "fit": data.fit.n, "held_out": data.holdout.n, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "fit": fit_view.n, "held_out": held.n, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
