@@ -21,7 +21,7 @@ from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
 from onnxprune.measure.stats import ModelStats, model_stats
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
-from onnxprune.planning.data_importance import Activations, consumer_taps
+from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
 from onnxprune.planning.importance import DATA_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import Plan, build_plan
@@ -151,10 +151,13 @@ def capture_activations(an: Analysis, view: CalibView, ep: str = "auto", progres
     t0 = time.perf_counter()
     groups = [g for g in an.cg.groups
               if g.prunable and (opts is None or opts.allow_approximate or not g.is_approximate)]
-    taps = consumer_taps(an.cg, groups).taps
+    plan = consumer_taps(an.cg, groups)
+    taps = plan.taps
     if not taps:
         return Activations({}, view.n, 0.0)
-    cap = capture(an.model, taps, view, ep=ep, budget_bytes=budget_bytes, progress=progress)
+    # recon's Gram sums in the same run (the first gram budget's worth; the rest in later passes)
+    grams = recon_specs(an.cg, groups, plan) if opts is not None and opts.importance == "recon" else ()
+    cap = capture(an.model, taps, view, ep=ep, budget_bytes=budget_bytes, progress=progress, grams=grams)
     log.info("captured %d tensors on %d samples in %.2fs", len(taps), view.n, time.perf_counter() - t0)
     return Activations.of(cap, time.perf_counter() - t0)
 
