@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -19,20 +20,23 @@ from onnxprune.analysis.shapes import Shapes
 from onnxprune.errors import UserError
 from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
-from onnxprune.measure.stats import ModelStats, model_stats
+from onnxprune.measure.stats import ModelStats, model_stats, node_macs, real_shapes
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
-from onnxprune.planning.importance import DATA_IMPORTANCES
-from onnxprune.planning.options import PlanOptions
-from onnxprune.planning.plan import Plan, build_plan
+from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
+from onnxprune.planning.options import GradientSettings, PlanOptions
+from onnxprune.planning.plan import Plan, build_plan, grad_options
 from onnxprune.rewrite.check import apply_plan
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture
 from onnxprune.runtime.inputs import make_inputs
 
+if TYPE_CHECKING:
+    from onnxprune.planning.grad_importance import GradScores
+
 __all__ = ["Activations", "Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan",
-           "capture_activations", "run", "verify_plan"]
+           "capture_activations", "gradient_scores_for", "run", "verify_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,8 @@ def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
 def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, input_arrays=None,
         plan_json: dict | None = None, verify: bool = False, ep: str = "auto", tol: float = DEFAULT_TOL,
         analysis: Analysis | None = None, calib: CalibView | Capture | Activations | None = None,
-        compensation: CompensateOptions | None = None, fit: CalibView | None = None, progress=None) -> Result:
+        compensation: CompensateOptions | None = None, fit: CalibView | None = None, progress=None,
+        gradients: GradScores | None = None, grad_settings: GradientSettings | None = None) -> Result:
     """The whole pipeline. ``analysis``: one already made of this model in the mode this run needs
     (a target search made it), reused instead of analysing again. ``calib``: for the data-aware
     importances, the fit share of the calibration data (captured here) or activations captured
@@ -99,7 +104,10 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     ``compensation`` (mode bias or lsq): the consumers of the removed channels are refitted on
     ``fit`` (the fit share; ``calib`` when that is a view) before the rewrite (``rewrite.compensate``);
     P is cut from the compensated original and verified against it. An analysis made here then gets
-    zero biases first (``bias_inputs``); pass one made with ``bias_inputs=True``."""
+    zero biases first (``bias_inputs``); pass one made with ``bias_inputs=True``. A gradient criterion
+    (``taylor``, ``hessian``, ``fisher``, ``group-fisher``) scores on ``gradients``
+    (``gradient_scores_for``, made once for every ratio of a search) or, without them, on gradients
+    collected here on ``fit`` as ``grad_settings`` say."""
     t0 = time.perf_counter()
     opts.validate()
     mode = head_mode_for(opts, plan_json)
@@ -116,8 +124,13 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     if plan_json is None and opts.importance in DATA_IMPORTANCES and calib is not None:
         acts = (calib if isinstance(calib, Activations) else Activations.of(calib) if isinstance(calib, Capture)
                 else capture_activations(an, calib, ep, opts=opts))
+    if plan_json is None and opts.importance in GRADIENT_IMPORTANCES and gradients is None:
+        if fit is None:
+            raise UserError(f"--importance {opts.importance} needs gradients on calibration data (--calib or "
+                            "--calib-images)")
+        gradients = gradient_scores_for(an, fit, opts, grad_settings, progress=progress)
     t1b = time.perf_counter()
-    plan = build_plan(an, opts, plan_json, acts)
+    plan = build_plan(an, opts, plan_json, acts, gradients)
     comp = compensate(an, plan, fit, compensation, ep, progress) if comp_on else None
     cut = comp.analysis if comp is not None else an  # O' (same graph, refitted constants) or O
     t2 = time.perf_counter()
@@ -132,6 +145,8 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
         res.timings["compensate"] = comp.seconds
     if acts is not None and acts.seconds is not None:
         res.timings["capture"] = acts.seconds
+    if gradients is not None and gradients.gradients is not None:
+        res.timings["gradients"] = float(gradients.gradients.get("seconds", {}).get("total", 0.0))
     if verify:
         feeds = make_inputs(an.model, input_shapes, arrays=input_arrays)
         res.verification = verify_plan(cut, plan, pruned, feeds, ep, tol)
@@ -160,6 +175,77 @@ def capture_activations(an: Analysis, view: CalibView, ep: str = "auto", progres
     cap = capture(an.model, taps, view, ep=ep, budget_bytes=budget_bytes, progress=progress, grams=grams)
     log.info("captured %d tensors on %d samples in %.2fs", len(taps), view.n, time.perf_counter() - t0)
     return Activations.of(cap, time.perf_counter() - t0)
+
+
+_SHAPE_OPS = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+_EMBEDDING_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                  "ReduceMean", "ReduceSum", "ReduceL2", "LpNormalization")
+
+
+def embedding_outputs(model: onnx.ModelProto) -> dict[str, bool]:
+    """Outputs that the classifier-shape rule would take for class vectors but that are embeddings:
+    produced (through shape ops) by a normalization, a mean/sum pooling, or a Div by a computed
+    tensor (L2 normalization, masked mean pooling), unless it divides an Exp (a softmax written out,
+    as jax2tf writes magika's). Name -> False, for ``collect_gradients``'
+    ``kinds``: these get the Gaussian likelihood, not cross-entropy against their argmax."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    inits = {t.name for t in model.graph.initializer}
+    consts = {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+    out: dict[str, bool] = {}
+    for o in model.graph.output:
+        node = producer.get(o.name)
+        for _ in range(16):
+            if node is None or node.op_type not in _SHAPE_OPS or not node.input:
+                break
+            node = producer.get(node.input[0])
+        if node is None:
+            continue
+        num = producer.get(node.input[0]) if node.input else None
+        if node.op_type in _EMBEDDING_OPS or (node.op_type == "Div" and len(node.input) > 1
+                                              and node.input[1] not in inits | consts
+                                              and (num is None or num.op_type != "Exp")):  # Exp / sum: a softmax
+            out[o.name] = False
+    return out
+
+
+def _grad_groups(an: Analysis, opts: PlanOptions) -> list:
+    """The groups a plan with ``opts`` may prune (any ratio): what gradients are collected for."""
+    return [g for g in an.cg.groups if g.prunable and g.size > 1
+            and (opts.allow_approximate or not g.is_approximate)]
+
+
+def gradient_scores_for(an: Analysis, view: CalibView, opts: PlanOptions, settings: GradientSettings | None = None,
+                        progress=None) -> GradScores:
+    """Scores of ``opts.importance`` (a gradient criterion) for every group a plan with ``opts`` may
+    prune, from one collection of gradients on ``view`` (the fit share) in the torch executor, on the
+    analysed model (its tensor names are the coupling graph's). ``group-fisher --normalize flops``
+    divides by MACs at the real input shapes (``measure.stats``). A model whose gradients cannot be
+    had (an op without a torch forward, no torch) is scored by l2: ``GradScores.disabled`` says why."""
+    from onnxprune.planning.grad_importance import gradient_request, gradient_scores  # optional torch
+    from onnxprune.runtime.gradients import collect_gradients
+
+    settings = settings or GradientSettings()
+    t0 = time.perf_counter()
+    groups = _grad_groups(an, opts)
+    gopts = grad_options(opts)
+    req = gradient_request(an.cg, groups, gopts)
+    kinds = embedding_outputs(an.model) if settings.labels is None and settings.loss != "gaussian" else None
+    grads = collect_gradients(an.model, an.registry, view, req, batch_size=settings.batch_size, loss=settings.loss,
+                              labels=settings.labels, kinds=kinds or None, device=settings.device, seed=settings.seed,
+                              max_samples=settings.samples_for(opts.importance), progress=progress)
+    shape_of = real_shapes(an.model, an.shapes)
+    cg = an.cg
+
+    def macs_of(node: onnx.NodeProto) -> float:
+        return float(node_macs(node, cg.opset, shape_of, cg.consts.get, an.registry))
+
+    sc = gradient_scores(cg, groups, gopts, grads, macs_of=macs_of, seed=opts.seed)
+    if sc.gradients is not None:
+        sc.gradients["settings"] = settings.to_json(opts.importance)
+        sc.gradients.setdefault("seconds", {})["total"] = round(time.perf_counter() - t0, 3)
+    if sc.disabled:
+        log.info("gradient criteria disabled for this model: %s", sc.disabled)
+    return sc
 
 
 def measure_holdout(res: Result, holdout: CalibView, ep: str = "auto", progress=None) -> Fidelity:

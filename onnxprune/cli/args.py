@@ -44,14 +44,25 @@ from onnxprune.errors import UserError
 from onnxprune.measure.fidelity import METRICS
 from onnxprune.measure.verify import DEFAULT_TOL
 from onnxprune.planning.importance import (
-    DATA_IMPORTANCES,
     DEFAULT_DATA_IMPORTANCE,
     DEFAULT_IMPORTANCE,
     DEFAULT_UNCOMPENSATED_IMPORTANCE,
+    GRADIENT_IMPORTANCES,
     IMPORTANCES,
+    NEEDS_DATA,
     default_importance,
 )
-from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.options import (
+    GROUP_FISHER_NORMALIZE,
+    GROUP_REDUCTIONS,
+    HESSIAN_DEFAULT_SAMPLES,
+    NORMALIZERS,
+    TAYLOR_FORMS,
+    TP_MEMBERS,
+    GradientSettings,
+    PlanOptions,
+    grad_option_conflicts,
+)
 from onnxprune.rewrite.compensate import MODES as COMPENSATIONS
 from onnxprune.rewrite.compensate import CompensateOptions
 from onnxprune.runtime.calib import CHANNEL_ORDERS, DEFAULT_HOLDOUT, LAYOUTS, CalibSpec, ImageSpec
@@ -238,8 +249,24 @@ class PlanArgs(ArgGroup):
         g.add_argument("--importance", default=None, choices=sorted(IMPORTANCES),
                        help=f"unit scores (default {DEFAULT_IMPORTANCE}; with calibration data {DEFAULT_DATA_IMPORTANCE}, "
                             f"{DEFAULT_UNCOMPENSATED_IMPORTANCE} with --compensate none; bn: |gamma| of BatchNorm members, else l2; act: activation energy fed into each "
-                            "consumer, act-var: its variance (what is lost after bias compensation); act* need "
-                            "--calib or --calib-images)")
+                            "consumer, act-var: its variance (what is lost after bias compensation); recon: the "
+                            "reconstruction error left after refitting the consumers; taylor |w*dL/dw|, hessian "
+                            "(OBD, diagonal Fisher), fisher (of a mask on each consumer input), group-fisher (one "
+                            "mask per group, divided by --normalize); act*, recon and the gradient criteria need "
+                            "--calib or --calib-images; lamp and fpgm: Torch-Pruning's weight criteria, no data)")
+        g.add_argument("--group-reduction", default=None, choices=list(GROUP_REDUCTIONS),
+                       help="gradient/Torch-Pruning criteria: how a group's members' scores combine (default mean)")
+        g.add_argument("--normalizer", default=None, choices=list(NORMALIZERS),
+                       help="gradient/Torch-Pruning criteria: per-group normalization of the scores (default mean; "
+                            "group-fisher none; lamp has its own)")
+        g.add_argument("--taylor-form", default=None, choices=list(TAYLOR_FORMS),
+                       help="taylor: param |w*dL/dw| (Torch-Pruning's, default) or activation |a*dL/da|")
+        g.add_argument("--normalize", default=None, choices=list(GROUP_FISHER_NORMALIZE),
+                       help="group-fisher: divide a unit's Fisher by the MACs (flops, default) or tensor elements "
+                            "(memory) its removal saves, or not (none)")
+        g.add_argument("--tp-members", default=None, choices=list(TP_MEMBERS),
+                       help="taylor/hessian/lamp: the weight members Torch-Pruning 1.6.1 scores (tp, default: no "
+                            "depthwise convolutions) or every weight axis of the group (all)")
         g.add_argument("--allow-approximate", action="store_true",
                        help="also prune groups mixed by LayerNorm/Softmax/reductions (changes the function)")
         g.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of --importance random (default 0)")
@@ -252,8 +279,12 @@ class PlanArgs(ArgGroup):
         ``compensated``: the removed channels' consumers are compensated (the default is then act-var:
         ``planning.importance.default_importance``)."""
         importance = ns.importance or default_importance(data, compensated)
-        if importance in DATA_IMPORTANCES and not data:
+        if importance in NEEDS_DATA and not data:
             raise UserError(f"--importance {importance} needs calibration data (--calib or --calib-images)")
+        for flag, why in grad_option_conflicts(importance, ns.group_reduction is not None, ns.normalizer is not None,
+                                               ns.taylor_form is not None, ns.normalize is not None,
+                                               ns.tp_members is not None):
+            raise UserError(f"{flag} {why}")
         head_ratio = ns.head_ratio if self.amounts else None
         head_dim_ratio = ns.head_dim_ratio if self.amounts else None
         if self.amounts:
@@ -267,9 +298,81 @@ class PlanArgs(ArgGroup):
         opts = PlanOptions(ratio=ratio, layer_ratios=parse_layer_ratios(ns.layer_ratio) if self.amounts else [],
                            ignore=list(ns.ignore), head_ratio=head_ratio, head_dim_ratio=head_dim_ratio,
                            round_to=round_to, global_=ns.global_, max_ratio=ns.max_ratio, importance=importance,
-                           allow_approximate=ns.allow_approximate, seed=ns.seed)
+                           allow_approximate=ns.allow_approximate, seed=ns.seed,
+                           group_reduction=ns.group_reduction or "mean", normalizer=ns.normalizer,
+                           taylor_form=ns.taylor_form or "param", normalize=ns.normalize or "flops",
+                           tp_members=ns.tp_members or "tp")
         opts.validate()
         return PlanRequest(opts, why)
+
+
+GRAD_LOSSES = ("pseudo", "sampled", "gaussian")  # runtime.gradients.LOSSES (repeated: it imports torch)
+
+
+class GradientArgs(ArgGroup):
+    """How the gradient criteria collect gradients (``runtime.gradients``): loss, labels, batch,
+    samples. Only with a gradient criterion (``taylor``, ``hessian``, ``fisher``, ``group-fisher``)."""
+
+    title = "gradients"
+
+    def add(self, g) -> None:
+        g.add_argument("--grad-loss", default=None, choices=list(GRAD_LOSSES),
+                       help="loss differentiated without --labels (default pseudo): classifier-shaped outputs (the "
+                            "fidelity rule: last axis C >= 2, no other per-sample axis; not those produced by a "
+                            "normalization, mean/sum pooling or a division by a computed tensor, which are taken "
+                            "for embeddings) get cross-entropy against the original's argmax (pseudo) or labels "
+                            "drawn from its softmax (sampled: the true Fisher); every other float output a "
+                            "Gaussian likelihood around its own value (gaussian: for every output)")
+        g.add_argument("--labels", metavar="FILE.npy",
+                       help="integer class per calibration sample (by its index in the calibration file): "
+                            "cross-entropy against them for the model's classifier-shaped output")
+        g.add_argument("--grad-batch", type=positive_int, default=None, metavar="N",
+                       help="samples per forward/backward pass (default 32; hessian runs one per pass)")
+        g.add_argument("--grad-samples", type=positive_int, default=None, metavar="N",
+                       help=f"differentiate only the first N fit samples (default all; hessian "
+                            f"{HESSIAN_DEFAULT_SAMPLES}: one pass per sample)")
+
+    def parse(self, ns, importance: str, ep: str = "auto", seed: int = 0) -> GradientSettings | None:
+        """None unless ``importance`` needs gradients (then no option of this group may be given)."""
+        given = [flag for flag, v in (("--grad-loss", ns.grad_loss), ("--labels", ns.labels),
+                                      ("--grad-batch", ns.grad_batch), ("--grad-samples", ns.grad_samples))
+                 if v is not None]
+        if importance not in GRADIENT_IMPORTANCES:
+            if given:
+                raise UserError(f"{given[0]} applies to the gradient criteria ({', '.join(GRADIENT_IMPORTANCES)}), "
+                                f"not to --importance {importance}")
+            return None
+        if ns.labels is not None and ns.grad_loss is not None:
+            raise UserError("--grad-loss chooses the loss without labels; with --labels the loss is cross-entropy "
+                            "against them: give one of the two")
+        labels = load_labels(ns.labels) if ns.labels is not None else None
+        return GradientSettings(loss=ns.grad_loss or "pseudo", batch_size=ns.grad_batch or 32,
+                                max_samples=ns.grad_samples, labels=labels,
+                                device={"cpu": "cpu", "cuda": "cuda"}.get(ep, "auto"), seed=seed)
+
+
+def load_labels(path: str) -> np.ndarray:
+    """``--labels FILE.npy``: integer class indices, one per calibration sample (axis 0)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no such labels file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--labels {path}: not a .npy array ({str(exc)[:120]})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim == 0:
+        raise UserError(f"--labels {path}: expected an array with one entry per calibration sample")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(f"--labels {path}: labels must be integer class indices, got {arr.dtype}")
+    if arr.size and int(arr.min()) < 0:
+        raise UserError(f"--labels {path}: class indices must be >= 0, got {int(arr.min())}")
+    return arr
+
+
+def check_labels(labels: np.ndarray | None, samples: int, path: str | None = None) -> None:
+    """The labels hold one entry per sample of the calibration file (``CalibData.available``)."""
+    if labels is not None and labels.shape[0] != samples:
+        raise UserError(f"--labels{' ' + path if path else ''} holds {labels.shape[0]} labels; the calibration "
+                        f"data has {samples} samples (one label per sample, in the file's order)")
 
 
 class PlanFileArgs(ArgGroup):

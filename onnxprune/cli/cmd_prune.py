@@ -19,6 +19,7 @@ from onnxprune.cli.args import (
     CalibArgs,
     CompensateArgs,
     ExecutionArgs,
+    GradientArgs,
     ModelInputArgs,
     OutputArgs,
     PlanArgs,
@@ -30,6 +31,7 @@ from onnxprune.cli.args import (
     TimingArgs,
     VerbosityArgs,
     VerifyArgs,
+    check_labels,
 )
 from onnxprune.cli.common import console
 from onnxprune.cli.render import (
@@ -51,7 +53,7 @@ from onnxprune.measure.targets import (
     evaluation_line,
 )
 from onnxprune.measure.verify import DEFAULT_TOL
-from onnxprune.planning.importance import DATA_IMPORTANCES
+from onnxprune.planning.importance import DATA_IMPORTANCES, GRAD_CRITERIA, GRADIENT_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
 from onnxprune.rewrite.compensate import CompensateOptions
 from onnxprune.runtime.calib import CalibData, open_calib
@@ -68,7 +70,8 @@ TARGETS = TargetArgs()
 TIMING = TimingArgs(warmup=3, repeat=20)  # for --target-latency
 CALIB = CalibArgs()
 COMPENSATE = CompensateArgs()
-GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE)
+GRADIENTS = GradientArgs()
+GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS)
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
 
@@ -78,11 +81,12 @@ POSITIONALS = (("model", {}),)
 
 def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes,
                   c, arrays=None, an: pipeline.Analysis | None = None,
-                  acts: pipeline.Activations | None = None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+                  acts: pipeline.Activations | None = None, grads=None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
     """Searches the uniform ratio for the MAC/latency ``targets`` on one analysis (``an``, or made here).
     Returns (the options at the ratio found, what goes into the report, the analysis, for
     ``pipeline.run`` to prune). A data-aware importance plans on ``acts`` (captured before the search),
-    so every ratio is planned as the run prunes it, with ``--global`` too."""
+    so every ratio is planned as the run prunes it, with ``--global`` too; a gradient one on ``grads``
+    (``pipeline.gradient_scores_for``, collected once)."""
     if targets.latency is not None:
         ep = resolve_ep(ep)
     with c.status("searching the ratio for the target...", spinner="dots") as status:
@@ -95,7 +99,8 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
 
         search = RatioSearch(an, opts, target_macs=targets.macs, target_latency=targets.latency, ep=ep,
                              threads=timing.threads, batch=timing.batch, input_shapes=shapes,
-                             warmup=timing.warmup, repeat=timing.repeat, progress=progress, activations=acts)
+                             warmup=timing.warmup, repeat=timing.repeat, progress=progress, activations=acts,
+                             gradients=grads)
         res = search.search()
     c.print(res.summary())
     return dataclasses.replace(opts, ratio=res.ratio), {"target": res.to_json()}, an
@@ -103,11 +108,13 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
 
 def holdout_trial(model: str, opts: PlanOptions, an: pipeline.Analysis, calib: CalibData,
                   acts: pipeline.Activations | None, comp: CompensateOptions | None, *, ep: str = "auto",
-                  tol: float = DEFAULT_TOL, verify: bool = False, input_shapes=None, input_arrays=None, c=None):
+                  tol: float = DEFAULT_TOL, verify: bool = False, input_shapes=None, input_arrays=None, c=None,
+                  grads=None):
     """``trial(ratio)``: the run ``prune`` makes at ``ratio`` (``opts`` otherwise) on the analysis
     ``an``, units scored on ``acts``, the consumers refitted on the fit share, then its fidelity on
     the held-out share (``Result.fidelity``). ``sweep --calib`` and ``--target-fidelity`` evaluate
-    ratios with it, so their figures are prune's."""
+    ratios with it, so their figures are prune's. ``grads``: a gradient criterion's scores, collected
+    once for every ratio (``pipeline.gradient_scores_for``)."""
 
     def trial(ratio: float) -> pipeline.Result:
         o = dataclasses.replace(opts, ratio=float(ratio))
@@ -115,7 +122,7 @@ def holdout_trial(model: str, opts: PlanOptions, an: pipeline.Analysis, calib: C
             f"held-out fidelity on {calib.holdout.n} samples..."
         with c.status(what, spinner="dots") if c is not None else contextlib.nullcontext():
             res = pipeline.run(model, o, input_shapes=input_shapes, input_arrays=input_arrays, verify=verify, ep=ep,
-                               tol=tol, analysis=an, calib=acts, compensation=comp, fit=calib.fit)
+                               tol=tol, analysis=an, calib=acts, compensation=comp, fit=calib.fit, gradients=grads)
             pipeline.measure_holdout(res, calib.holdout, ep)
         return res
 
@@ -124,11 +131,11 @@ def holdout_trial(model: str, opts: PlanOptions, an: pipeline.Analysis, calib: C
 
 def search_fidelity(model: str, opts: PlanOptions, targets: Targets, metric: str, an: pipeline.Analysis,
                     calib: CalibData, acts, comp: CompensateOptions | None, c, *, ep: str, tol: float, verify: bool,
-                    shapes=None, arrays=None) -> tuple[dict, pipeline.Result]:
+                    shapes=None, arrays=None, grads=None) -> tuple[dict, pipeline.Result]:
     """``--target-fidelity``: the largest ratio whose held-out ``metric`` stays >= the target (with
     ``--target-macs`` as a cap). Returns (what goes into the report, the chosen ratio's run)."""
     trial = holdout_trial(model, opts, an, calib, acts, comp, ep=ep, tol=tol, verify=verify, input_shapes=shapes,
-                          input_arrays=arrays, c=c)
+                          input_arrays=arrays, c=c, grads=grads)
 
     def progress(ev: FidelityEvaluation) -> None:
         took = f" ({ev.seconds:.1f}s)" if not ev.same_plan_as else ""
@@ -139,7 +146,7 @@ def search_fidelity(model: str, opts: PlanOptions, targets: Targets, metric: str
             f"({calib.holdout.n} held-out samples; every ratio "
             + (f"compensated ({comp.mode}) and " if comp is not None else "") + "measured):", markup=False)
     search = FidelitySearch(an, opts, trial, target=targets.fidelity, metric=metric, target_macs=targets.macs,
-                            activations=acts, progress=progress)
+                            activations=acts, progress=progress, gradients=grads)
     found = search.search()
     c.print(found.summary(), markup=False)
     c.print(f"note: {SELECTION_NOTE}", markup=False)
@@ -163,6 +170,27 @@ def print_compensation(c, comp) -> None:
             markup=False)
 
 
+def print_grad_importance(c, imp: dict) -> None:
+    """One line: the criterion, how many groups it scored, the gradient pass, and any l2 fallback."""
+    n_l2 = int(imp.get("fallback_l2") or 0)
+    groups = int(imp.get("groups") or 0)
+    g = imp.get("gradients") or {}
+    how = ""
+    if g and not imp.get("disabled"):
+        total = (g.get("seconds") or {}).get("total")
+        how = (f" on gradients of {g.get('samples')} fit samples ({g.get('batches')} passes on {g.get('device')}"
+               + (f", {total:.1f}s" if total is not None else "") + ")")
+        losses = sorted(set((g.get("loss") or {}).values()))
+        if losses:
+            how += "; loss: " + ", ".join(losses)
+    line = f"importance {imp['criterion']}: {groups - n_l2} of {groups} groups scored{how}"
+    if imp.get("disabled"):
+        line += f"; disabled ({imp['disabled']}): all {n_l2} by l2"
+    elif n_l2:
+        line += f"; {n_l2} by l2 (e.g. {imp['fallback'][0]['reason']})"
+    c.print(line, markup=False)
+
+
 def run(args) -> int:
     ex = EXECUTION.parse(args)
     calib_spec = CALIB.parse(args)
@@ -174,6 +202,7 @@ def run(args) -> int:
     files = PLAN_FILES.parse(args, protect=(args.model, output, report))
     inputs = INPUTS.parse(args)
     timing, verify = TIMING.parse(args), VERIFY.parse(args)
+    grad_settings = GRADIENTS.parse(args, req.options.importance, ex.ep, req.options.seed)
     if targets.given and files.load is not None:
         raise UserError("--target-macs/--target-latency/--target-fidelity search a plan; they cannot be used with "
                         "--load-plan")
@@ -188,6 +217,7 @@ def run(args) -> int:
                                         input_arrays=inputs.arrays, bias_inputs=comp is not None)
         analyzed = time.perf_counter() - t0
         calib = open_calib(an.model, calib_spec)
+        check_labels(grad_settings.labels if grad_settings is not None else None, calib.available, args.labels)
     metric = None
     if targets.fidelity is not None:  # before any capture: --metric agreement on a non-classifier fails here
         with c.status("reading the outputs on the held-out share...", spinner="dots"):
@@ -195,20 +225,29 @@ def run(args) -> int:
     if calib is not None and files.load is None and opts.importance in DATA_IMPORTANCES:
         with progress_bar(c, f"activations on {calib.fit.n} fit samples") as progress:
             acts = pipeline.capture_activations(an, calib.fit, ex.ep, progress, opts=opts)
+    grads = None
+    if calib is not None and files.load is None and opts.importance in GRADIENT_IMPORTANCES:
+        limit = grad_settings.samples_for(opts.importance)
+        n = calib.fit.n if limit is None else min(limit, calib.fit.n)
+        with progress_bar(c, f"gradients ({opts.importance}) on {n} fit samples") as progress:
+            grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, progress)
+        if grads.disabled:
+            c.print(f"warning: gradient criteria disabled for this model: {grads.disabled}; scored by l2", markup=False)
     res = None
     if targets.fidelity is not None:
         found, res = search_fidelity(args.model, opts, targets, metric, an, calib, acts, comp, c, ep=ex.ep,
-                                     tol=ex.tol, verify=verify, shapes=inputs.shapes, arrays=inputs.arrays)
+                                     tol=ex.tol, verify=verify, shapes=inputs.shapes, arrays=inputs.arrays,
+                                     grads=grads)
         extra.update(found)
     elif targets.given:
         opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an,
-                                        acts)
+                                        acts, grads)
         extra.update(found)
     if res is None:
         with c.status("pruning...", spinner="dots"):
             res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
                                plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an, calib=acts,
-                               compensation=comp, fit=calib.fit if calib is not None else None)
+                               compensation=comp, fit=calib.fit if calib is not None else None, gradients=grads)
     if analyzed:
         res.timings["analyze"] = analyzed
     if calib is not None and res.fidelity is None:
@@ -229,6 +268,8 @@ def run(args) -> int:
                 f"({imp['tapped_tensors']} tensors captured in {imp['capture_s'] or 0:.1f}s)"
                 + (f"; {imp['fallback_l2']} by l2 (e.g. {imp['fallback'][0]['reason']})" if imp["fallback_l2"] else ""),
                 markup=False)
+    if imp.get("criterion") in GRAD_CRITERIA:
+        print_grad_importance(c, imp)
     if res.compensation is not None:
         print_compensation(c, res.compensation)
     if res.verification is not None:

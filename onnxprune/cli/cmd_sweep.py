@@ -15,11 +15,13 @@ from onnxprune.cli.args import (
     CalibArgs,
     CompensateArgs,
     ExecutionArgs,
+    GradientArgs,
     ModelInputArgs,
     PlanArgs,
     ReportArgs,
     SweepArgs,
     TimingArgs,
+    check_labels,
 )
 from onnxprune.cli.cmd_prune import holdout_trial
 from onnxprune.cli.common import console
@@ -27,7 +29,7 @@ from onnxprune.cli.render import print_round_to, progress_bar
 from onnxprune.ir.io import write_json
 from onnxprune.measure.stats import human
 from onnxprune.measure.sweep import Row, plot, sweep
-from onnxprune.planning.importance import DATA_IMPORTANCES
+from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
 from onnxprune.runtime.calib import open_calib
 from onnxprune.runtime.machine import describe
 from onnxprune.runtime.session import resolve_ep
@@ -40,7 +42,8 @@ PLAN = PlanArgs(amounts=False)  # --ratios says how much
 REPORT = ReportArgs()
 CALIB = CalibArgs()
 COMPENSATE = CompensateArgs()
-GROUPS = (SWEEP, INPUTS, EXECUTION, TIMING, PLAN, REPORT, CALIB, COMPENSATE)
+GRADIENTS = GradientArgs()
+GROUPS = (SWEEP, INPUTS, EXECUTION, TIMING, PLAN, REPORT, CALIB, COMPENSATE, GRADIENTS)
 
 
 TABLE_WIDTH = 132
@@ -84,6 +87,7 @@ def run(args) -> int:
     comp = COMPENSATE.parse(args, data=calib_spec is not None)
     req = PLAN.parse(args, ep=ep, ratio=max(spec.ratios), data=calib_spec is not None, compensated=comp is not None)
     opts = req.options
+    grad_settings = GRADIENTS.parse(args, opts.importance, EXECUTION.parse(args).ep, opts.seed)
     inputs = INPUTS.parse(args)
     c = console()
     print_round_to(c, req)
@@ -96,8 +100,16 @@ def run(args) -> int:
         if opts.importance in DATA_IMPORTANCES:
             with progress_bar(c, f"activations on {calib.fit.n} fit samples") as bar:
                 acts = pipeline.capture_activations(an, calib.fit, ep, bar, opts=opts)
+        grads = None
+        if opts.importance in GRADIENT_IMPORTANCES:  # one collection for every ratio
+            check_labels(grad_settings.labels, calib.available, args.labels)
+            with progress_bar(c, f"gradients ({opts.importance}) on the fit samples") as bar:
+                grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, bar)
+            if grads.disabled:
+                c.print(f"warning: gradient criteria disabled for this model: {grads.disabled}; scored by l2",
+                        markup=False)
         trial = holdout_trial(args.model, opts, an, calib, acts, comp, ep=ep, input_shapes=inputs.shapes,
-                              input_arrays=inputs.arrays, c=c)
+                              input_arrays=inputs.arrays, c=c, grads=grads)
 
     def progress(row: Row) -> None:
         fid = (f", held-out agreement {_fmt(row.agreement, pct=True)}, cosine {_fmt(row.cosine)}"

@@ -12,7 +12,7 @@ target lands just below F: within a fraction of a percent on ResNets.
 fidelity (``measure.fidelity.score``: top-1 agreement or mean cosine, worst output) stays >= F.
 An evaluation there is a whole data-aware run (plan, compensation, rewrite, held-out fidelity), which
 the caller supplies as ``trial(ratio)`` (``pipeline.run`` and ``pipeline.measure_holdout`` sit above
-this floor): the activations the plan is scored on are captured once, by the caller, and only the
+this floor): the activations (or gradients) the plan is scored on are captured once, by the caller, and only the
 compensation and the fidelity pass repeat per ratio. Fidelity is not monotone in the ratio, so the
 bisection keeps every evaluation and returns the largest evaluated ratio that meets F (bisection
 moves up only from a ratio that meets it, so that is where it ends); the ratio one step
@@ -104,11 +104,12 @@ class TargetResult:
                 f"({got}; {len(self.evaluations)} ratios evaluated)")
 
 
-def prune_at(an: Analysis, opts: PlanOptions, ratio: float, activations: Activations | None = None):
+def prune_at(an: Analysis, opts: PlanOptions, ratio: float, activations: Activations | None = None,
+             gradients=None):
     """Plan and rewrite at ``ratio`` (everything else from ``opts``; ``activations`` for a data-aware
-    importance): (pruned, shapes, plan)."""
+    importance, ``gradients`` (``pipeline.gradient_scores_for``) for a gradient one): (pruned, shapes, plan)."""
     o = dataclasses.replace(opts, ratio=float(ratio))
-    plan = build_plan(an, o, None, activations)
+    plan = build_plan(an, o, None, activations, gradients)
     pruned, shapes = apply_plan(an, plan)
     return pruned, shapes, plan
 
@@ -128,7 +129,8 @@ class RatioSearch:
 
     def __init__(self, an, opts, *, target_macs: float | None = None, target_latency: float | None = None,
                  ep: str = "auto", threads: int | None = None, batch: int = 1, input_shapes=None,
-                 warmup: int = 3, repeat: int = 20, progress=None, activations: Activations | None = None):
+                 warmup: int = 3, repeat: int = 20, progress=None, activations: Activations | None = None,
+                 gradients=None):
         if target_macs is None and target_latency is None:
             raise UserError("no target given (--target-macs or --target-latency)")
         for name, f in (("--target-macs", target_macs), ("--target-latency", target_latency)):
@@ -141,6 +143,7 @@ class RatioSearch:
         self.warmup, self.repeat = warmup, repeat
         self.progress = progress
         self.activations = activations
+        self.gradients = gradients  # a gradient criterion's scores: collected once, planned at every ratio
         self.base = model_stats(an.model, an.shapes, registry=an.registry)
         self.cache: dict[float, Evaluation] = {}
         self.by_signature: dict[tuple, Evaluation] = {}
@@ -165,7 +168,7 @@ class RatioSearch:
             pruned, sig = self.an.model, ()
             macs, params = self.base.macs, self.base.params
         else:
-            pruned, shapes, plan = prune_at(self.an, self.opts, key, self.activations)
+            pruned, shapes, plan = prune_at(self.an, self.opts, key, self.activations, self.gradients)
             sig = plan_signature(plan)
             known = self.by_signature.get(sig)
             if known is not None:
@@ -305,7 +308,7 @@ class FidelitySearch:
     def __init__(self, an: Analysis, opts: PlanOptions, trial: Callable[[float], Trial], *, target: float,
                  metric: str, target_macs: float | None = None, activations: Activations | None = None,
                  progress: Callable[[FidelityEvaluation], None] | None = None, hi: float = MAX_RATIO,
-                 tol: float = FIDELITY_TOL):
+                 tol: float = FIDELITY_TOL, gradients=None):
         if not 0.0 < target <= 1.0:
             raise UserError(f"--target-fidelity must be in (0, 1], got {target:g}")
         if target_macs is not None and not 0.0 < target_macs:
@@ -315,6 +318,7 @@ class FidelitySearch:
         self.an, self.opts, self.trial = an, opts, trial
         self.target, self.metric, self.target_macs = target, metric, target_macs
         self.activations, self.progress = activations, progress
+        self.gradients = gradients  # a gradient criterion's scores, the ones the trial plans on
         self.hi, self.tol = hi, tol
         self.cache: dict[float, FidelityEvaluation] = {}
         self.by_identity: dict[tuple, FidelityEvaluation] = {}
@@ -325,7 +329,7 @@ class FidelitySearch:
         key = round(float(ratio), 6)
         if key in self.cache:
             return self.cache[key]
-        plan = build_plan(self.an, dataclasses.replace(self.opts, ratio=key), None, self.activations)
+        plan = build_plan(self.an, dataclasses.replace(self.opts, ratio=key), None, self.activations, self.gradients)
         ident = plan_identity(plan)
         known = self.by_identity.get(ident)
         if known is not None:
@@ -361,7 +365,8 @@ class FidelitySearch:
     def _cap(self) -> TargetResult | None:
         if self.target_macs is None:
             return None
-        return RatioSearch(self.an, self.opts, target_macs=self.target_macs, activations=self.activations).search()
+        return RatioSearch(self.an, self.opts, target_macs=self.target_macs, activations=self.activations,
+                           gradients=self.gradients).search()
 
     def search(self) -> FidelityTargetResult:
         t0 = time.perf_counter()

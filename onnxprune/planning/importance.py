@@ -1,6 +1,10 @@
 """Importance criteria: one score per unit of a group. The weight criteria (here) read the weights of
 every member; the data-aware ones (``act``, ``act-var``, ``recon``: ``planning.data_importance``) read
-the activations captured on calibration data too, and are the default when there is data."""
+the activations captured on calibration data too, and are the default when there is data. The
+gradient criteria (``taylor``, ``hessian``, ``fisher``, ``group-fisher``) read gradients collected on
+calibration data, and Torch-Pruning's weight criteria ``lamp`` and ``fpgm`` read weights only; both
+live in ``planning.grad_importance`` (which imports torch: the names are here so that choosing
+among criteria does not)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ from onnxprune.errors import UserError
 
 WEIGHT_IMPORTANCES = ("l1", "l2", "bn", "random")
 DATA_IMPORTANCES = ("act", "act-var", "recon")  # need activations: planning.data_importance
-IMPORTANCES = WEIGHT_IMPORTANCES + DATA_IMPORTANCES
+GRADIENT_IMPORTANCES = ("taylor", "hessian", "fisher", "group-fisher")  # need gradients on calibration data
+TP_WEIGHT_IMPORTANCES = ("lamp", "fpgm")  # Torch-Pruning's weight-only criteria (planning.grad_importance)
+GRAD_CRITERIA = GRADIENT_IMPORTANCES + TP_WEIGHT_IMPORTANCES  # scored by planning.grad_importance
+NEEDS_DATA = DATA_IMPORTANCES + GRADIENT_IMPORTANCES  # criteria that need --calib / --calib-images
+IMPORTANCES = WEIGHT_IMPORTANCES + DATA_IMPORTANCES + GRAD_CRITERIA
 DEFAULT_IMPORTANCE = "l2"  # without calibration data
 # With calibration data the criterion follows the compensation, as measured (held-out top-1
 # agreement, bench/orientation_calib.py and bench/magika_calib.py data; l2 / act / act-var):
@@ -55,7 +63,11 @@ def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: in
     if kind in DATA_IMPORTANCES:
         raise UserError(f"importance '{kind}' needs activations from calibration data "
                         "(planning.data_importance.data_scores; on the command line: --calib)")
-    if kind not in IMPORTANCES:
+    if kind in GRAD_CRITERIA:
+        raise UserError(f"importance '{kind}' is scored by planning.grad_importance.gradient_scores"
+                        + (" on gradients from calibration data (on the command line: --calib)"
+                           if kind in GRADIENT_IMPORTANCES else ""))
+    if kind not in WEIGHT_IMPORTANCES:
         raise UserError(f"unknown importance '{kind}' (one of {', '.join(IMPORTANCES)})")
     roles = (Role.SCALE,) if kind == "bn" else _MAGNITUDE_ROLES
     slots = [s for s in group.slots if s.role in roles]

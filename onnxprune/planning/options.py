@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from onnxprune.errors import UserError
-from onnxprune.planning.importance import IMPORTANCES
+from onnxprune.planning.importance import GRAD_CRITERIA, GRADIENT_IMPORTANCES, IMPORTANCES
+
+# the choices of planning.grad_importance.GradOptions (checked there too; repeated here so that
+# validating options does not import torch)
+GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first")
+NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "none")
+GROUP_FISHER_NORMALIZE = ("flops", "memory", "none")
+TAYLOR_FORMS = ("param", "activation")
+TP_MEMBERS = ("tp", "all")
+HESSIAN_DEFAULT_SAMPLES = 64  # hessian runs one sample per pass: its default cap on the fit samples
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,13 @@ class PlanOptions:
     seed: int = 0
     head_ratio: float | None = None  # whole attention heads (analysis in "heads" mode)
     head_dim_ratio: float | None = None  # head-dimension positions (analysis in "dim" mode)
+    # how the gradient and Torch-Pruning criteria score (planning.grad_importance.GradOptions); each
+    # only with the criteria it applies to (validate)
+    group_reduction: str = "mean"  # over a group's members (not group-fisher: one shared mask)
+    normalizer: str | None = None  # None: the criterion's default (mean; group-fisher none; lamp its own)
+    taylor_form: str = "param"  # taylor only
+    normalize: str = "flops"  # group-fisher only: what a unit's score is divided by
+    tp_members: str = "tp"  # weight members: Torch-Pruning 1.6.1's or every weight axis
 
     @property
     def head_mode(self) -> str:
@@ -51,11 +67,88 @@ class PlanOptions:
             raise UserError(f"--round-to must be >= 1, got {self.round_to}")
         if self.importance not in IMPORTANCES:
             raise UserError(f"unknown importance '{self.importance}' (one of {', '.join(IMPORTANCES)})")
+        self._validate_grad()
+
+    def _validate_grad(self) -> None:
+        for flag, value, choices in (("--group-reduction", self.group_reduction, GROUP_REDUCTIONS),
+                                     ("--taylor-form", self.taylor_form, TAYLOR_FORMS),
+                                     ("--normalize", self.normalize, GROUP_FISHER_NORMALIZE),
+                                     ("--tp-members", self.tp_members, TP_MEMBERS)):
+            if value not in choices:
+                raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        if self.normalizer is not None and self.normalizer not in NORMALIZERS:
+            raise UserError(f"--normalizer must be one of {', '.join(NORMALIZERS)}, got {self.normalizer!r}")
+        for flag, bad in grad_option_conflicts(self.importance, self.group_reduction != "mean",
+                                               self.normalizer is not None, self.taylor_form != "param",
+                                               self.normalize != "flops", self.tp_members != "tp"):
+            raise UserError(f"{flag} {bad}")
+
+
+def grad_option_conflicts(importance: str, group_reduction: bool, normalizer: bool, taylor_form: bool,
+                          normalize: bool, tp_members: bool) -> list[tuple[str, str]]:
+    """(flag, why) for each gradient-criterion option given (True) that ``importance`` does not use."""
+    out = []
+    if importance not in GRAD_CRITERIA:
+        for flag, given in (("--group-reduction", group_reduction), ("--normalizer", normalizer),
+                            ("--taylor-form", taylor_form), ("--normalize", normalize), ("--tp-members", tp_members)):
+            if given:
+                out.append((flag, f"applies to the gradient and Torch-Pruning criteria "
+                                  f"({', '.join(GRAD_CRITERIA)}), not to --importance {importance}"))
+        return out
+    if taylor_form and importance != "taylor":
+        out.append(("--taylor-form", f"applies to --importance taylor, not {importance}"))
+    if normalize and importance != "group-fisher":
+        out.append(("--normalize", f"applies to --importance group-fisher, not {importance} (--normalizer "
+                                   "normalizes the others' scores)"))
+    if group_reduction and importance == "group-fisher":
+        out.append(("--group-reduction", "does not apply to --importance group-fisher (one mask shared by the "
+                                         "group's members: nothing to reduce)"))
+    if normalizer and importance == "lamp":
+        out.append(("--normalizer", "does not apply to --importance lamp (LAMP's normalization is the criterion)"))
+    if tp_members and importance in ("fisher", "group-fisher", "fpgm") or (
+            tp_members and importance == "taylor" and taylor_form):
+        out.append(("--tp-members", f"applies to the weight members of taylor (parameter form), hessian and "
+                                    f"lamp, not to {importance}"))
+    return out
+
+
+def needs_gradients(opts: PlanOptions) -> bool:
+    return opts.importance in GRADIENT_IMPORTANCES
 
 
 def options_json(opts: PlanOptions) -> dict:
     return {"ratio": opts.ratio, "layer_ratios": [list(x) for x in opts.layer_ratios], "ignore": opts.ignore,
             "round_to": opts.round_to, "global": opts.global_, "max_ratio": opts.max_ratio,
             "importance": opts.importance, "allow_approximate": opts.allow_approximate, "seed": opts.seed,
-            "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio}
+            "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio,
+            **({"group_reduction": opts.group_reduction, "normalizer": opts.normalizer, "taylor_form": opts.taylor_form,
+                "normalize": opts.normalize, "tp_members": opts.tp_members}
+               if opts.importance in GRAD_CRITERIA else {})}
+
+
+@dataclass(frozen=True, eq=False)
+class GradientSettings:
+    """How gradients are collected for a gradient criterion (``runtime.gradients.collect_gradients``):
+    the loss of classifier-shaped outputs without labels (``pseudo``, ``sampled``, or ``gaussian`` for
+    every output), the batch, how many fit samples (None: all; ``hessian``: HESSIAN_DEFAULT_SAMPLES),
+    integer labels by global sample index, the device (``auto``: CUDA when torch sees one) and the seed
+    of sampled labels and Gaussian targets."""
+
+    loss: str = "pseudo"
+    batch_size: int = 32
+    max_samples: int | None = None
+    labels: object = None  # np.ndarray of integers, or None
+    device: str = "auto"
+    seed: int = 0
+
+    def samples_for(self, importance: str) -> int | None:
+        if self.max_samples is not None:
+            return self.max_samples
+        return HESSIAN_DEFAULT_SAMPLES if importance == "hessian" else None
+
+    def to_json(self, importance: str) -> dict:
+        lab = self.labels
+        return {"loss": "labels" if lab is not None else self.loss, "batch_size": self.batch_size,
+                "max_samples": self.samples_for(importance), "device": self.device, "seed": self.seed,
+                "labels": None if lab is None else int(len(lab))}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,8 +15,16 @@ from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.errors import NothingToPrune, UserError
 from onnxprune.planning.data_importance import Activations, data_scores
-from onnxprune.planning.importance import DATA_IMPORTANCES, group_importance
+from onnxprune.planning.importance import (
+    DATA_IMPORTANCES,
+    GRAD_CRITERIA,
+    GRADIENT_IMPORTANCES,
+    group_importance,
+)
 from onnxprune.planning.options import PlanOptions, options_json
+
+if TYPE_CHECKING:
+    from onnxprune.planning.grad_importance import GradOptions, GradScores
 
 _MAX_INDEX = 2**62  # channel indices and axes beyond this are nonsense (and overflow int64)
 
@@ -157,9 +167,43 @@ def _round_keep(size: int, keep: int, round_to: int) -> int:
     return keep
 
 
-def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | None = None) -> Plan:
+def grad_options(opts: PlanOptions) -> GradOptions:
+    """The ``planning.grad_importance`` options of a gradient or Torch-Pruning criterion (imports torch)."""
+    from onnxprune.planning.grad_importance import GradOptions  # optional torch: only for these criteria
+
+    return GradOptions(opts.importance, group_reduction=opts.group_reduction, normalizer=opts.normalizer,
+                       taylor_form=opts.taylor_form, normalize=opts.normalize, members=opts.tp_members)
+
+
+def _grad_scores(cg: CouplingGraph, opts: PlanOptions, groups: list[Group],
+                 gradients: GradScores | None) -> tuple[dict[int, np.ndarray], dict]:
+    """Scores of ``groups`` by a gradient criterion (``gradients``: scored on every group a plan may
+    prune, by ``pipeline.gradient_scores_for``) or a Torch-Pruning weight criterion (scored here when
+    ``gradients`` is None); and the report entry, on ``groups`` only."""
+    if gradients is None:
+        if opts.importance in GRADIENT_IMPORTANCES:
+            raise UserError(f"--importance {opts.importance} needs gradients on calibration data (--calib or "
+                            "--calib-images)")
+        from onnxprune.planning.grad_importance import gradient_scores  # optional torch
+
+        gradients = gradient_scores(cg, groups, grad_options(opts), None, seed=opts.seed)
+    elif gradients.kind != opts.importance:
+        raise UserError(f"gradient scores are {gradients.kind}'s, the plan asks for {opts.importance}")
+    missing = [g.id for g in groups if g.id not in gradients.scores]
+    if missing:
+        raise UserError(f"gradient scores do not cover group {missing[0]} (scored on other groups)")
+    ids = {g.id for g in groups}
+    mine = dataclasses.replace(gradients, scores={k: v for k, v in gradients.scores.items() if k in ids},
+                               fallback={k: v for k, v in gradients.fallback.items() if k in ids})
+    return mine.scores, mine.report(cg)
+
+
+def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | None = None,
+              gradients: GradScores | None = None) -> Plan:
     """The plan ``opts`` asks for. ``activations``: what the data-aware importances (``act``,
-    ``act-var``) read, captured on the fit share of the calibration data (``pipeline.capture_activations``)."""
+    ``act-var``) read, captured on the fit share of the calibration data (``pipeline.capture_activations``);
+    ``gradients``: the scores of a gradient criterion (``pipeline.gradient_scores_for``: collected
+    once, reused at every ratio), at least on every group this plan may prune."""
     opts.validate()
     if opts.importance in DATA_IMPORTANCES and activations is None:
         raise UserError(f"--importance {opts.importance} needs calibration data (--calib or --calib-images)")
@@ -193,6 +237,8 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
     if opts.importance in DATA_IMPORTANCES:
         ds = data_scores(cg, [g for g, _ in candidates], opts.importance, activations)
         scores, importance = ds.scores, ds.report(cg, activations)
+    elif opts.importance in GRAD_CRITERIA:
+        scores, importance = _grad_scores(cg, opts, [g for g, _ in candidates], gradients)
     else:
         scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
         importance = {"criterion": opts.importance, "groups": len(candidates)}
@@ -270,12 +316,12 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> di
 
 
 def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None,
-               activations: Activations | None = None) -> Plan:
+               activations: Activations | None = None, gradients: GradScores | None = None) -> Plan:
     """The plan for ``an``: loaded from ``plan_json`` (checked against the model) or made from
-    ``opts`` (``activations``: see ``make_plan``); NothingToPrune when every group is frozen."""
+    ``opts`` (``activations``, ``gradients``: see ``make_plan``); NothingToPrune when every group is frozen."""
     if plan_json is not None:
         return Plan.from_json(plan_json, an.cg)
-    plan = make_plan(an.cg, opts, activations)
+    plan = make_plan(an.cg, opts, activations, gradients)
     if not plan.groups:
         lines = barrier_summary(an.cg)
         raise NothingToPrune("nothing to prune: every group is frozen: " + "; ".join(lines))
