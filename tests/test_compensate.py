@@ -22,8 +22,10 @@ import pytest
 from onnxprune import pipeline
 from onnxprune.analysis.passes import add_bias_inputs
 from onnxprune.planning.options import PlanOptions
-from onnxprune.rewrite.compensate import CompensateOptions, find_consumers
+from onnxprune.planning.plan import Plan
+from onnxprune.rewrite.compensate import CompensateOptions, find_batchnorms, find_consumers
 from onnxprune.runtime.calib import CalibSpec, open_calib
+from onnxprune.runtime.capture import with_outputs
 from onnxprune.testing import from_text
 from onnxprune.testing.checks import run, run_cli
 
@@ -330,3 +332,170 @@ def test_padding_positions_are_left_out_of_the_fit(tmp_path, row_mask, exact):
     real = held["attention_mask"] == 1
     err = float(np.max(np.abs(p - o)[real]) / np.max(np.abs(o)[real]))
     assert (err < 1e-5) == exact, err
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNormalization statistics after a changed consumer
+
+# channel 1 of r is twice channel 0 (planted), and c2 reads those two only, channel 1 at half the
+# weight: removing it scales c2 by exactly 1/2 per channel (bias compensation adds the mean), which a
+# BatchNorm with matched statistics undoes exactly
+BN_AFTER = """
+<ir_version: 8, opset_import: ["" : 17]>
+bnx (float[N,3,8,8] x) => (float[N,5,8,8] y)
+<float[4,3,3,3] w1, float[4] b1, float[5,4,1,1] w2, float[5] b2, float[5] s, float[5] bb, float[5] mean,
+ float[5] var>
+{
+  c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu (c1)
+  c2 = Conv (r, w2, b2)
+  y = BatchNormalization (c2, s, bb, mean, var)
+}
+"""
+
+# three BatchNorms in a chain: n0 after a conv that loses nothing, n1 and n2 after pruned consumers
+BN_CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+chain (float[N,3,8,8] x) => (float[N,4,8,8] y)
+<float[6,3,3,3] w0, float[6] b0, float[6] s0, float[6] t0, float[6] m0, float[6] v0,
+ float[6,6,3,3] w1, float[6] b1, float[6] s1, float[6] t1, float[6] m1, float[6] v1,
+ float[6,6,1,1] w2, float[6] b2, float[6] s2, float[6] t2, float[6] m2, float[6] v2, float[4,6,1,1] w3, float[4] b3>
+{
+  c0 = Conv <pads=[1,1,1,1]> (x, w0, b0)
+  n0 = BatchNormalization (c0, s0, t0, m0, v0)
+  r0 = Relu (n0)
+  c1 = Conv <pads=[1,1,1,1]> (r0, w1, b1)
+  n1 = BatchNormalization (c1, s1, t1, m1, v1)
+  r1 = Relu (n1)
+  c2 = Conv (r1, w2, b2)
+  n2 = BatchNormalization (c2, s2, t2, m2, v2)
+  r2 = Relu (n2)
+  y = Conv (r2, w3, b3)
+}
+"""
+
+
+def _stats_in(model: onnx.ModelProto, tensor: str, feeds) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) variance of ``tensor`` in ``model`` on ``feeds``, numpy."""
+    v = run(with_outputs(model, [tensor]), feeds)[-1].astype(np.float64)
+    return v.mean(axis=(0, 2, 3)), v.var(axis=(0, 2, 3))
+
+
+def _const(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def _rel_vec(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def _run_planned(m: onnx.ModelProto, calib: str, keep: dict[str, list[int]], comp: CompensateOptions,
+                 holdout: float = 0.3):
+    """(result, fit feeds, held-out feeds) of one verified run whose groups keep ``keep`` (by the
+    group's producing node; other groups are left whole)."""
+    an = pipeline.analyze_model(m, bias_inputs=True)
+    data = open_calib(an.model, CalibSpec(path=calib, holdout=holdout))
+    opts = PlanOptions(ratio=0.5)
+    plan = pipeline.build_plan(an, opts).to_json(an.cg)
+    for entry in plan["groups"]:
+        (producer,) = [p for p in entry["producers"] if p in keep] or [None]
+        entry["keep"] = keep[producer] if producer else list(range(entry["channels"]))
+    res = pipeline.run(m, opts, verify=True, ep="cpu", analysis=an, plan_json=plan, fit=data.fit, compensation=comp)
+    fit = data.fit.read(0, data.fit.n).feeds
+    return res, fit, data.holdout.read(0, data.holdout.n).feeds
+
+
+@pytest.mark.parametrize("bn_stats,exact", [("match", True), ("recompute", False), ("off", False)])
+def test_matched_batchnorm_undoes_a_per_channel_scale(tmp_path, bn_stats, exact):
+    """c2 of the pruned model is exactly (c2 of the original) / 2 + a constant per channel: matched
+    statistics make the BatchNorm after it give the original's output on unseen data; recomputed
+    ones normalize to the data's statistics, which are not the original's running ones."""
+    rng = np.random.default_rng(21)
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b1 = rng.uniform(0.2, 0.6, 4).astype(np.float32)
+    w1[1], b1[1] = 2 * w1[0], 2 * b1[0]  # r1 = 2 r0
+    w2 = rng.standard_normal((5, 4, 1, 1)).astype(np.float32)
+    w2[:, 1] = 0.5 * w2[:, 0]  # c2 = 2 w2[:, 0] r0 + b2; without r1: w2[:, 0] r0 + b2 + mean
+    w2[:, 2:] = 0.0
+    m = _model(BN_AFTER, seed=22, w1=w1, b1=b1, w2=w2, mean=rng.standard_normal(5),
+               var=rng.uniform(0.5, 1.5, 5), s=rng.uniform(0.5, 1.5, 5))
+    calib = _calib(tmp_path, rng.standard_normal((80, 3, 8, 8)))
+    comp = CompensateOptions(mode="bias", bn_stats=bn_stats, bn_samples=None)
+    res, _, held = _run_planned(m, calib, {"conv_0": [0, 2, 3]}, comp)
+    assert res.verification.passed and max(o.rel_error for o in res.verification.outputs) < 1e-5
+    err = _rel(res.pruned, m, held)
+    assert (err < 1e-4) == exact, (bn_stats, err)
+    bns = [b.to_json() for b in res.compensation.batchnorms]
+    if bn_stats == "off":
+        assert bns == [] and np.array_equal(_const(res.pruned, "mean"), _const(m, "mean"))
+    else:
+        (b,) = bns
+        assert (b["node"], b["after"], b["how"], b["mode"], b["channels"]) == ("batchnormalization_3", "conv_2",
+                                                                             "recomputed", bn_stats, 5)
+        assert abs(b["std_ratio"] - 0.5) < 1e-3 if exact else True  # the scale it undid
+        assert res.to_json()["compensation"]["batchnorms"][0]["node"] == "batchnormalization_3"
+
+
+def test_batchnorm_statistics_are_recomputed_in_layer_order(tmp_path):
+    """``recompute``: each BatchNorm of the pruned model holds the mean and variance of its input in
+    that same pruned model on the fit samples, n2's taken after n1 changed (its statistics with n1's
+    old ones differ); n0, after a conv that lost nothing, keeps the original's."""
+    rng = np.random.default_rng(23)
+    planted = {f"v{i}": rng.uniform(0.5, 1.5, 6) for i in range(3)}
+    m = _model(BN_CHAIN, seed=24, **planted)
+    calib = _calib(tmp_path, rng.standard_normal((60, 3, 8, 8)))
+    comp = CompensateOptions(mode="lsq", bn_stats="recompute", bn_samples=None)
+    res, fit, _ = _run_planned(m, calib, {"conv_0": [0, 2, 4], "conv_3": [1, 2, 3, 5], "conv_6": [0, 1, 3]}, comp)
+    assert res.verification.passed and max(o.rel_error for o in res.verification.outputs) < 1e-5
+    p = res.pruned
+    by = {b.node: b for b in res.compensation.batchnorms}
+    names = {n.name: n for n in m.graph.node if n.op_type == "BatchNormalization"}
+    assert sorted(by) == sorted(k for k, n in names.items() if n.input[0] in ("c1", "c2"))
+    assert by[next(k for k, n in names.items() if n.input[0] == "c2")].level == 1
+    for x, mean, var in (("c1", "m1", "v1"), ("c2", "m2", "v2")):
+        mu, var_x = _stats_in(p, x, fit)
+        assert _rel_vec(_const(p, mean), mu) < 1e-5 and _rel_vec(_const(p, var), var_x) < 1e-5, x
+    kept0 = [0, 2, 4]
+    assert np.array_equal(_const(p, "m0"), _const(m, "m0")[kept0])
+    assert np.array_equal(_const(p, "v0"), _const(m, "v0")[kept0])
+    # had n2's statistics been taken before n1 changed, they would be these: far from what it holds
+    old = onnx.ModelProto()
+    old.CopyFrom(p)
+    kept1 = [1, 2, 3, 5]
+    for init in old.graph.initializer:
+        if init.name in ("m1", "v1"):
+            init.CopyFrom(onnx.numpy_helper.from_array(_const(m, init.name)[kept1], init.name))
+    mu_old, _ = _stats_in(old, "c2", fit)
+    assert _rel_vec(mu_old, _const(p, "m2")) > 1e-2
+
+
+# which BatchNorms follow a changed consumer: through per-channel ops, not through a sum of two tensors
+BN_PATHS = """
+<ir_version: 8, opset_import: ["" : 17]>
+paths (float[N,3,8,8] x) => (float[N,6,8,8] y, float[N,6,8,8] z, float[N,6,8,8] u)
+<float[6,3,3,3] w0, float[6] b0, float[6,6,1,1] w1, float[6] b1, float[1,6,1,1] k,
+ float[6] s0, float[6] t0, float[6] m0, float[6] v0, float[6] s1, float[6] t1, float[6] m1, float[6] v1,
+ float[6] s2, float[6] t2, float[6] m2, float[6] v2>
+{
+  c0 = Conv <pads=[1,1,1,1]> (x, w0, b0)
+  r0 = Relu (c0)
+  c1 = Conv (r0, w1, b1)
+  a = Relu (c1)
+  b = Mul (a, k)
+  y = BatchNormalization (b, s0, t0, m0, v0)
+  d = Add (c1, c0)
+  z = BatchNormalization (d, s1, t1, m1, v1)
+  u = BatchNormalization (c0, s2, t2, m2, v2)
+}
+"""
+
+
+def test_batchnorms_after_a_changed_consumer_are_found_through_per_channel_ops():
+    m = _model(BN_PATHS, seed=25, v0=np.ones(6), v1=np.ones(6), v2=np.ones(6))
+    an = pipeline.analyze_model(m, bias_inputs=True)
+    plan = Plan({}, {}, {})  # nothing removed: which BNs follow which nodes does not depend on it
+    found, skipped = find_batchnorms(an, plan, {"conv_2"})
+    assert [(t.node, t.x, t.after, t.level) for t in found] == [("batchnormalization_5", "b", "conv_2", 0)]
+    assert skipped == []
+    found, _ = find_batchnorms(an, plan, {"conv_0"})
+    assert [t.node for t in found] == ["batchnormalization_8"]  # u reads c0 directly; z reads a sum
