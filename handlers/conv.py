@@ -196,13 +196,18 @@ def torch_pad_order(pads: list[int]) -> list[int]:
     return out
 
 
-def conv_forward(node: Node, xs: list, op):
+def _operands(xs: list, op, what: str):
+    """(x, w, b, spatial rank, kernel, strides, dilations) of a Conv or ConvTranspose."""
     x, w = xs[0], xs[1]
     b = xs[2] if len(xs) > 2 else None
     n = x.dim() - 2
     if n not in (1, 2, 3):
-        op.refuse(f"{n}-D convolution")
-    k, strides, dil = _geometry(op, w.shape, n)
+        op.refuse(f"{n}-D {what}")
+    return (x, w, b, n, *_geometry(op, w.shape, n))
+
+
+def conv_forward(node: Node, xs: list, op):
+    x, w, b, n, k, strides, dil = _operands(xs, op, "convolution")
     pads = spatial_pads(op, list(x.shape[2:]), k, strides, dil)
     if any(pads):
         x = op.F.pad(x, torch_pad_order(pads))
@@ -211,12 +216,7 @@ def conv_forward(node: Node, xs: list, op):
 
 
 def conv_transpose_forward(node: Node, xs: list, op):
-    x, w = xs[0], xs[1]
-    b = xs[2] if len(xs) > 2 else None
-    n = x.dim() - 2
-    if n not in (1, 2, 3):
-        op.refuse(f"{n}-D transposed convolution")
-    k, strides, dil = _geometry(op, w.shape, n)
+    x, w, b, n, k, strides, dil = _operands(xs, op, "transposed convolution")
     out_pad = list(op.attr("output_padding") or [0] * n)
     full = [(i - 1) * s + (kk - 1) * d + 1 for i, s, kk, d in zip(x.shape[2:], strides, k, dil, strict=True)]
     out_shape = op.attr("output_shape")

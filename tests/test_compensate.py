@@ -28,6 +28,7 @@ from onnxprune.runtime.calib import CalibSpec, open_calib
 from onnxprune.runtime.capture import with_outputs
 from onnxprune.testing import from_text
 from onnxprune.testing.checks import run, run_cli
+from onnxprune.testing.graphs import CONV_1X1
 
 MLP = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -41,16 +42,7 @@ mlp (float[N,6] x) => (float[N,4] y)
 """
 
 # the consumer is a 1x1 Conv without a bias (the normalization pass gives it one)
-CONV = """
-<ir_version: 8, opset_import: ["" : 17]>
-cnn (float[N,3,6,6] x) => (float[N,5,6,6] y)
-<float[8,3,3,3] w1, float[8] b1, float[5,8,1,1] w2>
-{
-  c = Conv <pads=[1,1,1,1]> (x, w1, b1)
-  r = Relu (c)
-  y = Conv (r, w2)
-}
-"""
+CONV = CONV_1X1
 
 # linear: h has 8 channels computed from 6 inputs, so every channel is an affine combination of others
 LINEAR = """

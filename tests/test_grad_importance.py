@@ -55,27 +55,7 @@ F64 = torch.float64
 
 # x -> conv1 -> BN -> tanh = a1 -> conv2 -> tanh = a2; r = a1 + a2 (a1 feeds conv2 and the Add: the
 # mask must sit on conv2's edge only) -> depthwise -> tanh -> conv3 (12 ch) -> tanh -> GAP -> Gemm
-CNN = """
-<ir_version: 8, opset_import: ["" : 17]>
-cnn (float[N,3,8,8] x) => (float[N,5] y)
-<float[8,3,3,3] w1, float[8] b1, float[8] s1, float[8] bb1, float[8] m1, float[8] v1,
- float[8,8,3,3] w2, float[8] b2, float[8,1,3,3] wd, float[12,8,1,1] w3, float[5,12] wf, float[5] bf>
-{
-  c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
-  n1 = BatchNormalization (c1, s1, bb1, m1, v1)
-  a1 = Tanh (n1)
-  c2 = Conv <pads=[1,1,1,1]> (a1, w2, b2)
-  a2 = Tanh (c2)
-  r = Add (a1, a2)
-  d = Conv <group=8, pads=[1,1,1,1]> (r, wd)
-  a3 = Tanh (d)
-  c3 = Conv (a3, w3)
-  a4 = Tanh (c3)
-  p = GlobalAveragePool (a4)
-  f = Flatten (p)
-  y = Gemm <transB=1> (f, wf, bf)
-}
-"""
+CNN = graphs.GRAD_CNN.replace("TAIL", graphs.GRAD_CNN_HEAD)
 GRAD_KINDS = [("taylor", {}), ("taylor", {"taylor_form": "activation"}), ("hessian", {}), ("fisher", {}),
               ("group-fisher", {}), ("group-fisher", {"normalize": "memory"}), ("lamp", {})]
 

@@ -34,19 +34,10 @@ from onnxprune.measure.targets import FIDELITY_TOL, MAX_RATIO, FidelitySearch, p
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.calib import CalibSpec, open_calib
 from onnxprune.testing import from_text
-from onnxprune.testing.graphs import MLP
+from onnxprune.testing.graphs import CONV_1X1, MLP
 
 # a feature map out ([N, 5, 6, 6]): no classifier-shaped output, so no top-1 agreement
-CNN = """
-<ir_version: 8, opset_import: ["" : 17]>
-cnn (float[N,3,6,6] x) => (float[N,5,6,6] y)
-<float[8,3,3,3] w1, float[8] b1, float[5,8,1,1] w2>
-{
-  c = Conv <pads=[1,1,1,1]> (x, w1, b1)
-  r = Relu (c)
-  y = Conv (r, w2)
-}
-"""
+CNN = CONV_1X1
 
 REAL = pathlib.Path(os.environ.get("ONNXPRUNE_REAL_MODELS", pathlib.Path.home() / ".cache" / "onnxprune-real-models"))
 PAGES = pathlib.Path("/tmp/rep/pages.npz")

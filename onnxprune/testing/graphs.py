@@ -182,7 +182,6 @@ def index(cases=(), sandwiches=()) -> dict[str, Case]:
 # ----------------------------------------------------------------------------------------------
 # the small CNNs of the command-line tests
 
-# conv1 -> BN -> Relu -> conv2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y
 # two Gemms with a dynamic batch: the calibration and data-aware importance tests' model
 MLP = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -195,6 +194,20 @@ mlp (float[N,8] x) => (float[N,5] y)
 }
 """
 
+# a 3x3 conv (8 filters) -> Relu -> a 1x1 conv without a bias: a feature map out ([N, 5, 6, 6], so no
+# classifier-shaped output); the compensation and fidelity-target tests' model
+CONV_1X1 = """
+<ir_version: 8, opset_import: ["" : 17]>
+cnn (float[N,3,6,6] x) => (float[N,5,6,6] y)
+<float[8,3,3,3] w1, float[8] b1, float[5,8,1,1] w2>
+{
+  c = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu (c)
+  y = Conv (r, w2)
+}
+"""
+
+# conv1 -> BN -> Relu -> conv2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y
 SMALL_CNN = """
 <ir_version: 8, opset_import: ["" : 17]>
 small (float[1,3,16,16] x) => (float[1,10] y)
@@ -261,3 +274,30 @@ def single_conv(seed: int = 0) -> onnx.ModelProto:
 
 def planted_cnn(seed: int = 0) -> onnx.ModelProto:
     return _named(from_text(PLANTED_CNN, seed=seed, positive=("v1",)), PLANTED_CNN_NODE_NAMES)
+
+
+# the gradient criteria's test CNN: x -> conv1 -> BN -> tanh = a1 -> conv2 -> tanh = a2; r = a1 + a2 (a1
+# feeds conv2 and the Add: a mask must sit on conv2's edge only) -> depthwise -> tanh -> conv3 (12 ch)
+# -> tanh -> GAP -> flatten f -> GRAD_CNN_HEAD (replace ``TAIL`` with it, or with another head on f)
+GRAD_CNN = """
+<ir_version: 8, opset_import: ["" : 17]>
+cnn (float[N,3,8,8] x) => (float[N,5] y)
+<float[8,3,3,3] w1, float[8] b1, float[8] s1, float[8] bb1, float[8] m1, float[8] v1,
+ float[8,8,3,3] w2, float[8] b2, float[8,1,3,3] wd, float[12,8,1,1] w3, float[5,12] wf, float[5] bf>
+{
+  c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  n1 = BatchNormalization (c1, s1, bb1, m1, v1)
+  a1 = Tanh (n1)
+  c2 = Conv <pads=[1,1,1,1]> (a1, w2, b2)
+  a2 = Tanh (c2)
+  r = Add (a1, a2)
+  d = Conv <group=8, pads=[1,1,1,1]> (r, wd)
+  a3 = Tanh (d)
+  c3 = Conv (a3, w3)
+  a4 = Tanh (c3)
+  p = GlobalAveragePool (a4)
+  f = Flatten (p)
+  TAIL
+}
+"""
+GRAD_CNN_HEAD = "y = Gemm <transB=1> (f, wf, bf)"
