@@ -77,19 +77,23 @@ from onnxprune.analysis.coupling import CouplingGraph, Group, Slot
 from onnxprune.errors import UserError
 from onnxprune.ir.attrs import get_attr
 from onnxprune.planning.data_importance import ConsumerTap, consumer_taps
-from onnxprune.planning.importance import group_importance
+from onnxprune.planning.importance import (
+    GRAD_CRITERIA,
+    GRADIENT_IMPORTANCES,
+    group_importance,
+)
+from onnxprune.planning.options import (
+    GROUP_FISHER_NORMALIZE,
+    GROUP_REDUCTIONS,
+    NORMALIZERS,
+    TAYLOR_FORMS,
+    TP_MEMBERS,
+)
 from onnxprune.runtime.gradients import Gradients, GradRequest, MaskSet, MaskTap
 
 log = logging.getLogger(__name__)
 
-GRADIENT_IMPORTANCES = ("taylor", "hessian", "fisher", "group-fisher")
-TP_WEIGHT_IMPORTANCES = ("lamp", "fpgm")  # Torch-Pruning's weight-only criteria
-GRAD_CRITERIA = GRADIENT_IMPORTANCES + TP_WEIGHT_IMPORTANCES
-GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first")
-NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "none")
-GROUP_FISHER_NORMALIZE = ("flops", "memory", "none")
-TAYLOR_FORMS = ("param", "activation")
-MEMBER_SETS = ("tp", "all")
+MEMBER_SETS = TP_MEMBERS  # the choices are declared once, in planning.importance and planning.options
 FPGM_P = 2
 _EPS = 1e-8  # TP's guard in the standardization and gaussian normalizers
 _MATRIX_ROLES = (Role.PRODUCER, Role.CONSUMER)
