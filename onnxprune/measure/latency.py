@@ -145,3 +145,51 @@ def round_ratio_spread(original: Latency, pruned: Latency) -> tuple[float, float
         return float("nan"), float("nan")
     r = np.asarray(original.samples_ms[:m]) / np.asarray(pruned.samples_ms[:m])
     return float(np.percentile(r, 25)), float(np.percentile(r, 75))
+
+
+@dataclass
+class NodeLatencies:
+    """Median kernel time of every node of a model, by node name (seconds), from onnxruntime's profiler."""
+
+    ep: str
+    seconds: dict[str, float]
+    runs: int
+    total_s: float  # the median whole run, for scale
+
+    def __call__(self, node: onnx.NodeProto) -> float:
+        return self.seconds.get(node.name, 0.0)
+
+    def to_json(self) -> dict:
+        return {"ep": self.ep, "runs": self.runs, "nodes": len(self.seconds), "median_run_ms": self.total_s * 1e3}
+
+
+def node_latencies(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ep: str = "auto", threads: int | None = None,
+                   warmup: int = 3, runs: int = 10) -> NodeLatencies:
+    """A per-layer latency table on ``ep`` (``group-fisher --normalize latency``): onnxruntime's node
+    profile of ``runs`` runs after ``warmup``, the median kernel time of each node by its name. Graph
+    optimizations are off so that every profiled kernel is one node of ``model`` under its own name
+    (an optimized session fuses Conv+Relu into kernels named after tensors, which no node owns); the
+    table therefore ranks nodes by their unfused cost. On CUDA the profiler records each kernel as
+    onnxruntime sees it from the host. Nodes need names (the analysis names every node)."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess, used = make_session(model, ep, threads, optimize=False, profile_prefix=os.path.join(tmp, "p"))
+        for _ in range(warmup + runs):
+            run_session(sess, feeds)
+        path = sess.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+    per_node: dict[str, list[float]] = {}
+    whole: list[float] = []
+    suffix = "_kernel_time"
+    for ev in events:
+        if ev.get("cat") == "Session" and ev.get("name") == "model_run":
+            whole.append(ev["dur"] / 1e6)
+        elif ev.get("cat") == "Node" and ev.get("name", "").endswith(suffix):
+            per_node.setdefault(ev["name"][: -len(suffix)], []).append(ev["dur"] / 1e6)
+    table = {name: float(np.median(d[warmup:] if len(d) > warmup else d)) for name, d in per_node.items() if name}
+    whole = whole[warmup:] or whole
+    return NodeLatencies(used, table, runs, float(np.median(whole)) if whole else 0.0)

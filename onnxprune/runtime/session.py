@@ -100,12 +100,17 @@ def resolve_ep(ep: str) -> str:
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", threads: int | None = None,
-                 optimize: bool = True, precise: bool = False):
-    """Return (session, ep actually used). CUDA sessions keep CPU as fallback for unsupported ops."""
+                 optimize: bool = True, precise: bool = False, profile_prefix: str | None = None):
+    """Return (session, ep actually used). CUDA sessions keep CPU as fallback for unsupported ops.
+    ``profile_prefix``: onnxruntime's node profiling on, its JSON written under this prefix
+    (``sess.end_profiling()`` returns the path)."""
     ort = require_ort()
     ep = resolve_ep(ep)
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors reach the user as one UserError line, not as ORT's log
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
