@@ -12,6 +12,9 @@ measures the model, not PCIe copies.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -171,10 +174,6 @@ def node_latencies(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ep: str
     (an optimized session fuses Conv+Relu into kernels named after tensors, which no node owns); the
     table therefore ranks nodes by their unfused cost. On CUDA the profiler records each kernel as
     onnxruntime sees it from the host. Nodes need names (the analysis names every node)."""
-    import json
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         sess, used = make_session(model, ep, threads, optimize=False, profile_prefix=os.path.join(tmp, "p"))
         for _ in range(warmup + runs):

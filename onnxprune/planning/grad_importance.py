@@ -57,6 +57,13 @@ channel axis; ``none``: not divided. Its normalizer defaults to ``none``: divide
 to be compared across groups (``--global``), which a per-group normalization would undo. A unit
 whose removal saves nothing is divided by the group's smallest positive saving.
 
+Greedy (``greedy_removals``, ``PlanOptions.greedy``): the paper removes one channel at a time, and
+what a channel saves depends on the widths its nodes are left with (conv3's MACs fall as either of
+its groups narrows). ``CostModel`` holds the savings at the current widths (each node's MACs, or each
+tensor's elements, linear in each of its channel axes: at full width exactly ``unit_savings``), and
+the greedy divides the fixed Δ (``GradScores.deltas``) by them, batched: a round removes a share of
+what is left, then the costs of the groups touched are recomputed.
+
 Fallback: a group without a member that has a gradient (no tappable consumer, no weight in the
 graph's parameters) is scored by ``l2`` (``GradScores.fallback`` says why); a model whose gradients
 cannot be had (``Gradients.unavailable``: an op without a torch forward, ...) has every group scored
@@ -66,6 +73,7 @@ by ``l2`` and ``GradScores.disabled`` holds the one-line reason.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -155,6 +163,10 @@ class GradScores:
     disabled: str | None = None
     options: dict = field(default_factory=dict)
     gradients: dict | None = None  # Gradients.to_json of the pass the scores came from
+    # group-fisher: the Fisher values before the division by the saving (what ``greedy_removals``
+    # divides by the costs at the current widths), and the MACs of the nodes the ``flops`` savings read
+    deltas: dict[int, np.ndarray] = field(default_factory=dict)
+    node_macs: dict[str, float] = field(default_factory=dict)
 
     def report(self, cg: CouplingGraph) -> dict:
         entries = [{"group": gid, "producers": cg.groups[gid].producers[:3], "reason": why}
@@ -424,10 +436,7 @@ def unit_savings(cg: CouplingGraph, g: Group, how: str,
     n = g.size
     out = np.zeros(n)
     if how == "flops":
-        if macs_of is None:
-            def macs_of(node: onnx.NodeProto) -> float:
-                h = cg.registry.for_node(node, cg.opset)
-                return float(h.macs(node, cg.shapes.get, cg.consts.get) or 0) if h is not None else 0.0
+        macs_of = macs_of or handler_macs(cg)
         axes: dict[str, dict[tuple[str, int], int]] = {}  # node -> its weight axes in the group -> space
         for s in g.slots:
             if s.role in _MATRIX_ROLES:
@@ -454,19 +463,33 @@ def unit_savings(cg: CouplingGraph, g: Group, how: str,
     return out
 
 
-def _group_fisher(cg: CouplingGraph, g: Group, opts: GradOptions, grads: Gradients, ti: _TapIndex,
-                  macs_of) -> np.ndarray | str:
-    mg = grads.sets.get(g.id)
-    if mg is None:
-        return ti.missing.get(g.id, "no consumer whose input can be masked")
-    delta = 0.5 * mg.sq / max(grads.samples, 1)
-    if opts.normalize == "none":
-        return delta
-    cost = unit_savings(cg, g, opts.normalize, macs_of)
+def handler_macs(cg: CouplingGraph) -> Callable[[onnx.NodeProto], float]:
+    """MACs of a node by its handler at the analysis shapes (as ``measure.stats.node_macs`` counts them)."""
+    def macs_of(node: onnx.NodeProto) -> float:
+        h = cg.registry.for_node(node, cg.opset)
+        return float(h.macs(node, cg.shapes.get, cg.consts.get) or 0) if h is not None else 0.0
+    return macs_of
+
+
+def divide_by_saving(delta: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """``delta / cost``; a unit whose removal saves nothing is divided by the smallest positive saving
+    among ``cost``, and nothing is divided when none is positive."""
     pos = cost[cost > 0]
     if pos.size == 0:
         return delta
     return delta / np.where(cost > 0, cost, pos.min())
+
+
+def _group_fisher(cg: CouplingGraph, g: Group, opts: GradOptions, grads: Gradients, ti: _TapIndex,
+                  macs_of, out: GradScores) -> np.ndarray | str:
+    mg = grads.sets.get(g.id)
+    if mg is None:
+        return ti.missing.get(g.id, "no consumer whose input can be masked")
+    delta = 0.5 * mg.sq / max(grads.samples, 1)
+    out.deltas[g.id] = delta
+    if opts.normalize == "none":
+        return delta
+    return divide_by_saving(delta, unit_savings(cg, g, opts.normalize, macs_of))
 
 
 def gradient_scores(cg: CouplingGraph, groups: Iterable[Group], opts: GradOptions, grads: Gradients | None = None,
@@ -486,12 +509,21 @@ def gradient_scores(cg: CouplingGraph, groups: Iterable[Group], opts: GradOption
             out.scores[g.id] = group_importance(cg, g, "l2", seed)
             out.fallback[g.id] = f"gradients unavailable: {out.disabled}"
         return out
+    if opts.kind == "group-fisher" and opts.normalize == "flops":
+        base = macs_of or handler_macs(cg)
+
+        def macs_of(node: onnx.NodeProto, base=base) -> float:  # recorded for greedy_removals
+            if not node.name:
+                return float(base(node))
+            if node.name not in out.node_macs:
+                out.node_macs[node.name] = float(base(node))
+            return out.node_macs[node.name]
     ti = None
     if opts.kind == "group-fisher" or opts.kind == "fisher" or (opts.kind == "taylor" and opts.taylor_form == "activation"):
         ti = _tap_index(cg, groups)
     for g in groups:
         if opts.kind == "group-fisher":
-            got = _group_fisher(cg, g, opts, grads, ti, macs_of)
+            got = _group_fisher(cg, g, opts, grads, ti, macs_of, out)
         elif ti is not None:
             got = _tap_scores(cg, g, opts, grads, ti)
         else:
@@ -502,3 +534,185 @@ def gradient_scores(cg: CouplingGraph, groups: Iterable[Group], opts: GradOption
         else:
             out.scores[g.id] = normalize_scores(got, norm)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# greedy: GroupFisher's one unit at a time, batched
+
+
+@dataclass
+class _Term:
+    """A cost linear in the width of each of ``axes`` ((group id, space id)): a node's MACs (its weight
+    axes) or a tensor's elements (its channel axes)."""
+
+    base: float
+    axes: list[tuple[int, int]]
+
+
+class CostModel:
+    """What removing each unit of ``groups`` saves (``unit_savings``'s ``flops`` or ``memory``) at the
+    current widths. A term is linear in each of its axes, so the term's value is its full-width value
+    times the kept share of every axis, and unit u of g saves ``value x (1 - prod over the term's axes
+    in g of (1 - u's elements there / kept elements))``; at full width this is ``unit_savings``.
+    ``remove`` narrows the widths; ``savings`` is then what the next unit saves."""
+
+    def __init__(self, cg: CouplingGraph, groups: list[Group], how: str,
+                 macs_of: Callable[[onnx.NodeProto], float] | None = None):
+        self.cg, self.how = cg, how
+        self.groups = {g.id: g for g in groups}
+        gid_of = {sid: g.id for g in groups for sid in g.spaces}
+        self.terms: list[_Term] = []
+        if how == "flops":
+            macs_of = macs_of or handler_macs(cg)
+            axes: dict[str, dict[tuple[str, int], int]] = {}
+            for g in groups:
+                for s in g.slots:
+                    if s.role in _MATRIX_ROLES:
+                        axes.setdefault(s.node, {})[(s.const, s.axis)] = s.space
+            for name, spaces in axes.items():
+                node = cg.node_by_name.get(name)
+                m = float(macs_of(node)) if node is not None else 0.0
+                if m:
+                    self.terms.append(_Term(m, [(gid_of[sid], sid) for sid in spaces.values()]))
+        elif how == "memory":
+            tensors: dict[str, list[tuple[int, int]]] = {}
+            for g in groups:
+                for sid in g.spaces:
+                    tensor, _ = cg.space_key[sid]
+                    if tensor not in cg.consts and cg.shapes.get(tensor):
+                        tensors.setdefault(tensor, []).append((g.id, sid))
+            for tensor, ax in tensors.items():
+                self.terms.append(_Term(float(np.prod(cg.shapes.get(tensor), dtype=np.float64)), ax))
+        self.kept = {sid: float(cg.space_size[sid]) for t in self.terms for _, sid in t.axes}
+        self.inc = {g.id: {} for g in groups}  # gid -> sid -> elements of each unit in the space
+        self.terms_of: dict[int, list[int]] = {g.id: [] for g in groups}
+        for k, t in enumerate(self.terms):
+            for gid, sid in t.axes:
+                if sid not in self.inc[gid]:
+                    g = self.groups[gid]
+                    self.inc[gid][sid] = np.bincount(cg.unit_index(g, sid), minlength=g.size).astype(np.float64)
+                if k not in self.terms_of[gid]:
+                    self.terms_of[gid].append(k)
+        self.alive = {g.id: np.ones(g.size, dtype=bool) for g in groups}
+
+    def value(self, t: _Term) -> float:
+        v = t.base
+        for _, sid in t.axes:
+            v *= self.kept[sid] / self.cg.space_size[sid]
+        return v
+
+    def total(self) -> float:
+        return float(sum(self.value(t) for t in self.terms))
+
+    def savings(self, gid: int) -> np.ndarray:
+        """What each unit of ``gid`` saves now (0 for removed units; ``none``: 1 each)."""
+        g = self.groups[gid]
+        alive = self.alive[gid]
+        if self.how not in ("flops", "memory"):
+            return alive.astype(np.float64)
+        out = np.zeros(g.size)
+        for k in self.terms_of[gid]:
+            t = self.terms[k]
+            left = np.ones(g.size)
+            for tg, sid in t.axes:
+                if tg == gid and self.kept[sid] > 0:
+                    left *= 1.0 - self.inc[gid][sid] / self.kept[sid]
+            out += self.value(t) * (1.0 - left)
+        return np.where(alive, out, 0.0)
+
+    def remove(self, gid: int, units: np.ndarray) -> set[int]:
+        """Remove ``units`` of ``gid``; the groups whose savings changed."""
+        units = np.asarray(units, dtype=np.int64)
+        self.alive[gid][units] = False
+        for sid, inc in self.inc[gid].items():
+            self.kept[sid] -= float(inc[units].sum())
+        return {tg for k in self.terms_of[gid] for tg, _ in self.terms[k].axes} | {gid}
+
+
+def greedy_removals(cg: CouplingGraph, groups: list[Group], deltas: dict[int, np.ndarray], how: str, *,
+                    count: int | None = None, macs_share: float | None = None,
+                    ceilings: dict[int, int] | None = None, batch: float = 0.05,
+                    macs_of: Callable[[onnx.NodeProto], float] | None = None) -> dict[int, list[int]]:
+    """GroupFisher's greedy schedule (Liu et al. 2021): repeatedly remove the unit with the smallest
+    ``delta / saving`` over every group, the saving (``CostModel`` for ``how``: flops, memory or none)
+    recomputed at the widths left by the removals before it; ``delta`` stays fixed (no retraining
+    between steps). Batched: a round removes the ``max(1, ceil(batch x left))`` cheapest units at the
+    round's costs (``batch=0``: one unit a round, the exact greedy), then recomputes the costs of the
+    groups whose widths or neighbours changed. Stops after ``count`` units, or (``macs_share``) once the
+    model's MACs (nodes of the groups modelled, the others fixed) are at most that share of the
+    original's; in that mode a round removes units until their savings reach ``batch`` of the gap.
+    ``ceilings``: the most units a group may lose (default: all but one). Returns per group the units
+    removed, in the order removed."""
+    if (count is None) == (macs_share is None):
+        raise UserError("greedy_removals: give one of count and macs_share")
+    macs_of = macs_of or handler_macs(cg)
+    model = CostModel(cg, groups, how, macs_of)
+    macs = model if how == "flops" else CostModel(cg, groups, "flops", macs_of) if macs_share is not None else None
+    target = fixed = 0.0
+    if macs_share is not None:
+        whole = float(sum(macs_of(n) for n in cg.model.graph.node))
+        fixed = whole - macs.total()
+        target = macs_share * whole
+    ceil_of = {g.id: (ceilings or {}).get(g.id, g.size - 1) for g in groups}
+    order: dict[int, list[int]] = {g.id: [] for g in groups}
+    score: dict[int, np.ndarray] = {}
+
+    def rescore(gid: int) -> None:
+        cost = model.savings(gid)
+        alive = model.alive[gid]
+        s = divide_by_saving(np.asarray(deltas[gid], dtype=np.float64), np.where(alive, cost, 0.0)) \
+            if how in ("flops", "memory") else np.asarray(deltas[gid], dtype=np.float64)
+        score[gid] = np.where(alive, s, np.inf)
+
+    for g in groups:
+        rescore(g.id)
+    done = 0
+    while True:
+        if count is not None:
+            left = count - done
+            if left <= 0:
+                break
+            k, budget = max(1, math.ceil(batch * left)), None
+        else:
+            gap = fixed + macs.total() - target
+            if gap <= 0:
+                break
+            k, budget = None, batch * gap
+        open_ = [g.id for g in groups if len(order[g.id]) < ceil_of[g.id]]
+        if not open_:
+            break
+        s = np.concatenate([score[gid] for gid in open_])
+        gids = np.concatenate([np.full(len(score[gid]), gid) for gid in open_])
+        units = np.concatenate([np.arange(len(score[gid])) for gid in open_])
+        ok = np.isfinite(s)
+        if not ok.any():
+            break
+        s, gids, units = s[ok], gids[ok], units[ok]
+        srt = np.lexsort((units, gids, s))
+        room = {gid: ceil_of[gid] - len(order[gid]) for gid in open_}
+        saved_of = {gid: macs.savings(gid) for gid in open_} if budget is not None else {}
+        picked: dict[int, list[int]] = {}
+        n_picked, saved = 0, 0.0
+        for i in srt:
+            gid, u = int(gids[i]), int(units[i])
+            if room[gid] <= 0:
+                continue
+            room[gid] -= 1
+            picked.setdefault(gid, []).append(u)
+            n_picked += 1
+            if budget is not None:
+                saved += float(saved_of[gid][u])
+                if saved >= budget:
+                    break
+            elif n_picked >= k:
+                break
+        changed: set[int] = set()
+        for gid, us in picked.items():
+            order[gid] += us
+            changed |= model.remove(gid, np.asarray(us))
+            if macs is not None and macs is not model:
+                macs.remove(gid, np.asarray(us))
+        done += n_picked
+        for gid in changed:
+            rescore(gid)
+    return order

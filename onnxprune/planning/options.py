@@ -19,6 +19,7 @@ NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "none")
 GROUP_FISHER_NORMALIZE = ("flops", "memory", "none")
 TAYLOR_FORMS = ("param", "activation")
 TP_MEMBERS = ("tp", "all")
+GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)
 HESSIAN_DEFAULT_SAMPLES = 64  # hessian runs one sample per pass: its default cap on the fit samples
 
 
@@ -42,6 +43,12 @@ class PlanOptions:
     taylor_form: str = "param"  # taylor only
     normalize: str = "flops"  # group-fisher only: what a unit's score is divided by
     tp_members: str = "tp"  # weight members: Torch-Pruning 1.6.1's or every weight axis
+    # schedules (planning.plan): rank within classes of isomorphic groups (each class at its ratio,
+    # pooled across its groups), or group-fisher's greedy removal with costs recomputed as widths shrink
+    isomorphic: bool = False
+    greedy: bool = False  # group-fisher only; ranks across groups (as --global), not with --isomorphic
+    greedy_batch: float = GREEDY_BATCH  # share of what is left to remove taken per round (0: one unit)
+    greedy_macs: float | None = None  # greedy: stop at this share of the model's MACs instead of --ratio
 
     @property
     def head_mode(self) -> str:
@@ -68,6 +75,22 @@ class PlanOptions:
         if self.importance not in IMPORTANCES:
             raise UserError(f"unknown importance '{self.importance}' (one of {', '.join(IMPORTANCES)})")
         self._validate_grad()
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        if self.greedy and self.importance != "group-fisher":
+            raise UserError(f"--greedy applies to --importance group-fisher, not {self.importance}")
+        if self.greedy and self.isomorphic:
+            raise UserError("--greedy ranks across every group; --isomorphic ranks within classes: use one")
+        if not 0.0 <= self.greedy_batch < 1.0:
+            raise UserError(f"--greedy-batch must be in [0, 1), got {self.greedy_batch}")
+        if self.greedy_batch != GREEDY_BATCH and not self.greedy:
+            raise UserError("--greedy-batch applies to --greedy only")
+        if self.greedy_macs is not None:
+            if not self.greedy:
+                raise UserError("greedy_macs applies to --greedy only (otherwise --target-macs searches the ratio)")
+            if not 0.0 < self.greedy_macs <= 1.0:
+                raise UserError(f"greedy_macs must be in (0, 1], got {self.greedy_macs}")
 
     def _validate_grad(self) -> None:
         for flag, value, choices in (("--group-reduction", self.group_reduction, GROUP_REDUCTIONS),
@@ -123,7 +146,10 @@ def options_json(opts: PlanOptions) -> dict:
             "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio,
             **({"group_reduction": opts.group_reduction, "normalizer": opts.normalizer, "taylor_form": opts.taylor_form,
                 "normalize": opts.normalize, "tp_members": opts.tp_members}
-               if opts.importance in GRAD_CRITERIA else {})}
+               if opts.importance in GRAD_CRITERIA else {}),
+            **({"isomorphic": True} if opts.isomorphic else {}),
+            **({"greedy": True, "greedy_batch": opts.greedy_batch, "greedy_macs": opts.greedy_macs}
+               if opts.greedy else {})}
 
 
 @dataclass(frozen=True, eq=False)

@@ -176,10 +176,10 @@ def grad_options(opts: PlanOptions) -> GradOptions:
 
 
 def _grad_scores(cg: CouplingGraph, opts: PlanOptions, groups: list[Group],
-                 gradients: GradScores | None) -> tuple[dict[int, np.ndarray], dict]:
+                 gradients: GradScores | None) -> tuple[dict[int, np.ndarray], dict, GradScores]:
     """Scores of ``groups`` by a gradient criterion (``gradients``: scored on every group a plan may
     prune, by ``pipeline.gradient_scores_for``) or a Torch-Pruning weight criterion (scored here when
-    ``gradients`` is None); and the report entry, on ``groups`` only."""
+    ``gradients`` is None); the report entry, on ``groups`` only; and the scores it read."""
     if gradients is None:
         if opts.importance in GRADIENT_IMPORTANCES:
             raise UserError(f"--importance {opts.importance} needs gradients on calibration data (--calib or "
@@ -195,7 +195,7 @@ def _grad_scores(cg: CouplingGraph, opts: PlanOptions, groups: list[Group],
     ids = {g.id for g in groups}
     mine = dataclasses.replace(gradients, scores={k: v for k, v in gradients.scores.items() if k in ids},
                                fallback={k: v for k, v in gradients.fallback.items() if k in ids})
-    return mine.scores, mine.report(cg)
+    return mine.scores, mine.report(cg), gradients
 
 
 def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | None = None,
@@ -238,12 +238,16 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
         ds = data_scores(cg, [g for g, _ in candidates], opts.importance, activations)
         scores, importance = ds.scores, ds.report(cg, activations)
     elif opts.importance in GRAD_CRITERIA:
-        scores, importance = _grad_scores(cg, opts, [g for g, _ in candidates], gradients)
+        scores, importance, gradients = _grad_scores(cg, opts, [g for g, _ in candidates], gradients)
     else:
         scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
         importance = {"criterion": opts.importance, "groups": len(candidates)}
     groups: dict[int, GroupPlan] = {}
-    if opts.global_:
+    if opts.greedy:
+        groups, importance["greedy"] = _plan_greedy(cg, candidates, scores, gradients, opts)
+    elif opts.isomorphic:
+        groups, importance["isomorphic"] = _plan_isomorphic(cg, candidates, scores, opts)
+    elif opts.global_:
         groups = _plan_global(cg, candidates, scores, opts)
     else:
         for g, ratio in candidates:
@@ -267,15 +271,25 @@ def select_units(cg: CouplingGraph, g: Group, score: np.ndarray, keep_n: int) ->
     n_remove = n - keep_n
     if n_remove <= 0:
         return np.arange(n)
-    spaces = g.spaces
-    inc = np.zeros((n, len(spaces)), dtype=np.int64)
-    for j, sid in enumerate(spaces):
-        inc[:, j] = np.bincount(cg.unit_index(g, sid), minlength=n)
-    sizes = inc.sum(axis=0)
+    inc = _incidence(cg, g)
     if np.all(inc == 1):
         return _top(score, keep_n)
+    return _balanced(score, inc, n_remove)
+
+
+def _incidence(cg: CouplingGraph, g: Group) -> np.ndarray:
+    """Elements of each unit (rows) in each member space (columns)."""
+    inc = np.zeros((g.size, len(g.spaces)), dtype=np.int64)
+    for j, sid in enumerate(g.spaces):
+        inc[:, j] = np.bincount(cg.unit_index(g, sid), minlength=g.size)
+    return inc
+
+
+def _balanced(score: np.ndarray, inc: np.ndarray, n_remove: int) -> np.ndarray:
+    n = len(score)
+    sizes = inc.sum(axis=0)
     budget = np.minimum(-(-n_remove * sizes // n), sizes - 1)
-    lost = np.zeros(len(spaces), dtype=np.int64)
+    lost = np.zeros(inc.shape[1], dtype=np.int64)
     removed = np.zeros(n, dtype=bool)
     k = 0
     for u in np.argsort(score, kind="stable"):
@@ -288,7 +302,10 @@ def select_units(cg: CouplingGraph, g: Group, score: np.ndarray, keep_n: int) ->
     return np.flatnonzero(~removed)
 
 
-def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> dict[int, GroupPlan]:
+def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions,
+                 ratio: float | None = None) -> dict[int, GroupPlan]:
+    """Rank the units of every candidate together; remove the lowest ``ratio`` (default ``opts.ratio``)
+    of their total, no group beyond ``max_ratio``."""
     entries = []
     total = 0
     for g, _ in candidates:
@@ -296,7 +313,7 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> di
         for u, s in enumerate(scores[g.id]):
             entries.append((s, g.id, u))
     entries.sort()
-    target = int(math.floor(total * opts.ratio))
+    target = int(math.floor(total * (opts.ratio if ratio is None else ratio)))
     by_id = {g.id: g for g, _ in candidates}
     removed: dict[int, int] = {g.id: 0 for g, _ in candidates}
     ceiling = {g.id: min(g.size - 1, int(math.floor(g.size * opts.max_ratio))) for g, _ in candidates}
@@ -313,6 +330,122 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> di
         out[gid] = GroupPlan(gid, g.size, select_units(cg, g, scores[gid], keep_n), g.is_approximate)
     return out
 
+
+
+# ----------------------------------------------------------------------------------------------
+# isomorphic pruning (Fang et al., ECCV 2024: "Isomorphic Pruning for Vision Models")
+
+
+def group_signature(cg: CouplingGraph, g: Group, group_of_space: dict[int, int] | None = None) -> tuple:
+    """The structure of ``g``, equal for isomorphic groups: the sorted multiset of its members, each a
+    weight slot (op type, role, axis, the constant's shape) or a computed tensor (its producer's op
+    type, axis, shape). In a shape the pruned axis reads ``P`` and an axis that is a channel axis of
+    any group reads ``C``: widths are what pruning changes (so the blocks of a stage stay one class
+    after a first pruning step, and a stage's first block, whose input is the previous stage's
+    width, joins the others), while kernel sizes and spatial sizes are structure (stages differ).
+    Torch-Pruning 1.6.1 tags a group by its dependencies' module types and in/out only, so its
+    classes ignore sizes altogether and pool blocks of different stages."""
+    gos = group_of_space if group_of_space is not None else _group_of_space(cg)
+
+    def dims(tensor: str, axis: int, shape) -> str:
+        out = []
+        for i, d in enumerate(shape or ()):
+            sid = cg.space_ids.get((tensor, i))
+            out.append("P" if i == axis else "C" if sid is not None and sid in gos else str(d))
+        return "x".join(out)
+
+    members = []
+    for s in g.slots:
+        node = cg.node_by_name.get(s.node)
+        members.append(("w", node.op_type if node is not None else "?", str(s.role), str(s.axis),
+                        dims(s.const, s.axis, cg.consts.shape(s.const))))
+    for sid in g.spaces:
+        tensor, axis = cg.space_key[sid]
+        if tensor in cg.consts:
+            continue
+        prod = cg.producer_of.get(tensor)
+        members.append(("t", prod.op_type if prod is not None else "input", "", str(axis),
+                        dims(tensor, axis, cg.shapes.get(tensor))))
+    return tuple(sorted(members))
+
+
+def _group_of_space(cg: CouplingGraph) -> dict[int, int]:
+    return {sid: g.id for g in cg.groups for sid in g.spaces}
+
+
+def isomorphic_classes(cg: CouplingGraph, groups: list[Group]) -> list[list[Group]]:
+    """``groups`` by ``group_signature``, in order of each class's first group."""
+    gos = _group_of_space(cg)
+    classes: dict[tuple, list[Group]] = {}
+    for g in groups:
+        classes.setdefault(group_signature(cg, g, gos), []).append(g)
+    return list(classes.values())
+
+
+def _plan_isomorphic(cg: CouplingGraph, candidates, scores, opts: PlanOptions) -> tuple[dict[int, GroupPlan], list]:
+    """Each class of isomorphic candidates with one ratio ranked on its own: their (per-group
+    normalized) scores pooled, the lowest ``ratio`` of the class's units removed (``_plan_global`` on
+    the class, so no group loses more than ``max_ratio``). A group given its own ratio (``--layer-ratio``,
+    attention) forms classes with the groups of that ratio only."""
+    ratio_of = {g.id: r for g, r in candidates}
+    out: dict[int, GroupPlan] = {}
+    report = []
+    for cls in isomorphic_classes(cg, [g for g, _ in candidates]):
+        by_ratio: dict[float, list] = {}
+        for g in cls:
+            by_ratio.setdefault(ratio_of[g.id], []).append((g, ratio_of[g.id]))
+        for ratio, members in by_ratio.items():
+            got = _plan_global(cg, members, scores, opts, ratio)
+            out.update(got)
+            report.append({"groups": [g.id for g, _ in members], "producers": members[0][0].producers[:2],
+                           "ratio": ratio, "units": sum(g.size for g, _ in members),
+                           "kept": sum(len(got[g.id].keep) for g, _ in members)})
+    return out, report
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupFisher's greedy schedule
+
+
+def _plan_greedy(cg: CouplingGraph, candidates, scores, gradients: GradScores | None,
+                 opts: PlanOptions) -> tuple[dict[int, GroupPlan], dict]:
+    """Group-fisher's greedy removal (``grad_importance.greedy_removals``) across every candidate, to
+    ``opts.ratio`` of their units (as ``--global``) or to ``opts.greedy_macs`` of the model's MACs. Δ is
+    the scores' ``deltas``; a group scored by the l2 fallback instead gets ``score x saving at full
+    width`` (so it starts where the one-shot plan ranks it). Rounding (``round_to``) puts back the
+    units removed last; a group of entangled units keeps the greedy's count, chosen by ``select_units``."""
+    from onnxprune.planning.grad_importance import CostModel, greedy_removals, handler_macs  # optional torch
+
+    groups = [g for g, _ in candidates]
+    deltas = dict(gradients.deltas) if gradients is not None else {}
+    node_macs = gradients.node_macs if gradients is not None else {}
+    base = handler_macs(cg)
+
+    def macs_of(node) -> float:  # the MACs the scores were divided by, where they read any
+        return node_macs[node.name] if node.name in node_macs else base(node)
+
+    missing = [g for g in groups if g.id not in deltas]
+    if missing:
+        full = CostModel(cg, missing, opts.normalize, macs_of)
+        for g in missing:
+            deltas[g.id] = scores[g.id] * full.savings(g.id)
+    total = sum(g.size for g in groups)
+    ceilings = {g.id: min(g.size - 1, int(math.floor(g.size * opts.max_ratio))) for g in groups}
+    count = None if opts.greedy_macs is not None else int(math.floor(total * opts.ratio))
+    order = greedy_removals(cg, groups, deltas, opts.normalize, count=count, macs_share=opts.greedy_macs,
+                            ceilings=ceilings, batch=opts.greedy_batch, macs_of=macs_of)
+    out = {}
+    for g in groups:
+        keep_n = _round_keep(g.size, g.size - len(order[g.id]), opts.round_to)
+        if np.all(_incidence(cg, g) == 1):
+            mask = np.ones(g.size, dtype=bool)
+            mask[np.asarray(order[g.id][:g.size - keep_n], dtype=np.int64)] = False
+            keep = np.flatnonzero(mask)
+        else:
+            keep = select_units(cg, g, scores[g.id], keep_n)
+        out[g.id] = GroupPlan(g.id, g.size, keep, g.is_approximate)
+    return out, {"batch": opts.greedy_batch, "macs_share": opts.greedy_macs, "removed": total - sum(
+        len(gp.keep) for gp in out.values()), "fallback_deltas": len(missing)}
 
 
 def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None,
