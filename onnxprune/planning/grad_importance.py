@@ -53,7 +53,10 @@ score is ``1/2 mean_i (dL_i/dm_u)²`` divided by what removing u saves (``normal
 linear in each channel axis, so this is exact for one unit: a conv whose input and output channels
 are both in the group loses ``1 - (1 - 1/C)²``);
 ``memory``: the elements of every computed tensor of the group, times the unit's share of its
-channel axis; ``none``: not divided. Its normalizer defaults to ``none``: divided scores are meant
+channel axis; ``latency``: as ``flops`` with each node's measured time on the chosen execution
+provider in place of its MACs (``measure.latency.node_latencies``: onnxruntime's per-node profile,
+the pipeline measures it once; a node's time taken as linear in each channel axis, as its MACs are);
+``none``: not divided. Its normalizer defaults to ``none``: divided scores are meant
 to be compared across groups (``--global``), which a per-group normalization would undo. A unit
 whose removal saves nothing is divided by the group's smallest positive saving.
 
@@ -167,6 +170,7 @@ class GradScores:
     # divides by the costs at the current widths), and the MACs of the nodes the ``flops`` savings read
     deltas: dict[int, np.ndarray] = field(default_factory=dict)
     node_macs: dict[str, float] = field(default_factory=dict)
+    node_latency: dict[str, float] = field(default_factory=dict)  # seconds, --normalize latency
 
     def report(self, cg: CouplingGraph) -> dict:
         entries = [{"group": gid, "producers": cg.groups[gid].producers[:3], "reason": why}
@@ -432,10 +436,13 @@ def unit_savings(cg: CouplingGraph, g: Group, how: str,
                  macs_of: Callable[[onnx.NodeProto], float] | None = None) -> np.ndarray:
     """What removing each unit of ``g`` saves (module docstring): ``flops`` (MACs, by ``macs_of``;
     default: the node's handler at the analysis shapes, as ``measure.stats.node_macs`` counts them)
-    or ``memory`` (tensor elements)."""
+    or ``memory`` (tensor elements), or ``latency`` (``macs_of`` then gives each node's measured time)."""
     n = g.size
     out = np.zeros(n)
-    if how == "flops":
+    if how in ("flops", "latency"):
+        if how == "latency" and macs_of is None:
+            raise UserError("group-fisher --normalize latency needs a per-node latency table "
+                            "(measure.latency.node_latencies)")
         macs_of = macs_of or handler_macs(cg)
         axes: dict[str, dict[tuple[str, int], int]] = {}  # node -> its weight axes in the group -> space
         for s in g.slots:
@@ -493,11 +500,13 @@ def _group_fisher(cg: CouplingGraph, g: Group, opts: GradOptions, grads: Gradien
 
 
 def gradient_scores(cg: CouplingGraph, groups: Iterable[Group], opts: GradOptions, grads: Gradients | None = None,
-                    *, macs_of: Callable[[onnx.NodeProto], float] | None = None, seed: int = 0) -> GradScores:
+                    *, macs_of: Callable[[onnx.NodeProto], float] | None = None,
+                    latency_of: Callable[[onnx.NodeProto], float] | None = None, seed: int = 0) -> GradScores:
     """Scores of ``groups`` by ``opts`` from ``grads`` (``collect_gradients`` on ``gradient_request``'s
     request; None for lamp and fpgm). ``macs_of``: MACs of a node for ``group-fisher --normalize flops``
     (the pipeline passes ``measure.stats.node_macs`` at the real input shapes; default: the handlers at
-    the analysis shapes)."""
+    the analysis shapes). ``latency_of``: a node's measured time, for ``--normalize latency`` (required
+    there: ``measure.latency.node_latencies``)."""
     opts.validate()
     groups = list(groups)
     norm = opts.resolved_normalizer
@@ -509,7 +518,18 @@ def gradient_scores(cg: CouplingGraph, groups: Iterable[Group], opts: GradOption
             out.scores[g.id] = group_importance(cg, g, "l2", seed)
             out.fallback[g.id] = f"gradients unavailable: {out.disabled}"
         return out
-    if opts.kind == "group-fisher" and opts.normalize == "flops":
+    if opts.kind == "group-fisher" and opts.normalize == "latency":
+        if latency_of is None:
+            raise UserError("group-fisher --normalize latency needs a per-node latency table "
+                            "(measure.latency.node_latencies)")
+        table = latency_of
+
+        def latency_cost(node: onnx.NodeProto) -> float:  # recorded for greedy_removals
+            if node.name and node.name not in out.node_latency:
+                out.node_latency[node.name] = float(table(node))
+            return out.node_latency.get(node.name, 0.0) if node.name else float(table(node))
+        macs_of = latency_cost
+    elif opts.kind == "group-fisher" and opts.normalize == "flops":
         base = macs_of or handler_macs(cg)
 
         def macs_of(node: onnx.NodeProto, base=base) -> float:  # recorded for greedy_removals
@@ -562,7 +582,7 @@ class CostModel:
         self.groups = {g.id: g for g in groups}
         gid_of = {sid: g.id for g in groups for sid in g.spaces}
         self.terms: list[_Term] = []
-        if how == "flops":
+        if how in ("flops", "latency"):  # latency: ``macs_of`` gives each node's measured time
             macs_of = macs_of or handler_macs(cg)
             axes: dict[str, dict[tuple[str, int], int]] = {}
             for g in groups:
@@ -608,7 +628,7 @@ class CostModel:
         """What each unit of ``gid`` saves now (0 for removed units; ``none``: 1 each)."""
         g = self.groups[gid]
         alive = self.alive[gid]
-        if self.how not in ("flops", "memory"):
+        if self.how not in ("flops", "memory", "latency"):
             return alive.astype(np.float64)
         out = np.zeros(g.size)
         for k in self.terms_of[gid]:
@@ -632,7 +652,8 @@ class CostModel:
 def greedy_removals(cg: CouplingGraph, groups: list[Group], deltas: dict[int, np.ndarray], how: str, *,
                     count: int | None = None, macs_share: float | None = None,
                     ceilings: dict[int, int] | None = None, batch: float = 0.05,
-                    macs_of: Callable[[onnx.NodeProto], float] | None = None) -> dict[int, list[int]]:
+                    macs_of: Callable[[onnx.NodeProto], float] | None = None,
+                    latency_of: Callable[[onnx.NodeProto], float] | None = None) -> dict[int, list[int]]:
     """GroupFisher's greedy schedule (Liu et al. 2021): repeatedly remove the unit with the smallest
     ``delta / saving`` over every group, the saving (``CostModel`` for ``how``: flops, memory or none)
     recomputed at the widths left by the removals before it; ``delta`` stays fixed (no retraining
@@ -642,11 +663,14 @@ def greedy_removals(cg: CouplingGraph, groups: list[Group], deltas: dict[int, np
     model's MACs (nodes of the groups modelled, the others fixed) are at most that share of the
     original's; in that mode a round removes units until their savings reach ``batch`` of the gap.
     ``ceilings``: the most units a group may lose (default: all but one). Returns per group the units
-    removed, in the order removed."""
+    removed, in the order removed. ``how="latency"``: the saving from ``latency_of`` (each node's
+    measured time), the MACs of a ``macs_share`` stop from ``macs_of``."""
     if (count is None) == (macs_share is None):
         raise UserError("greedy_removals: give one of count and macs_share")
     macs_of = macs_of or handler_macs(cg)
-    model = CostModel(cg, groups, how, macs_of)
+    if how == "latency" and latency_of is None:
+        raise UserError("greedy --normalize latency needs a per-node latency table (measure.latency.node_latencies)")
+    model = CostModel(cg, groups, how, latency_of if how == "latency" else macs_of)
     macs = model if how == "flops" else CostModel(cg, groups, "flops", macs_of) if macs_share is not None else None
     target = fixed = 0.0
     if macs_share is not None:
@@ -661,7 +685,7 @@ def greedy_removals(cg: CouplingGraph, groups: list[Group], deltas: dict[int, np
         cost = model.savings(gid)
         alive = model.alive[gid]
         s = divide_by_saving(np.asarray(deltas[gid], dtype=np.float64), np.where(alive, cost, 0.0)) \
-            if how in ("flops", "memory") else np.asarray(deltas[gid], dtype=np.float64)
+            if how in ("flops", "memory", "latency") else np.asarray(deltas[gid], dtype=np.float64)
         score[gid] = np.where(alive, s, np.inf)
 
     for g in groups:

@@ -16,7 +16,7 @@ from onnxprune.planning.importance import GRAD_CRITERIA, GRADIENT_IMPORTANCES, I
 # validating options does not import torch)
 GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first")
 NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "none")
-GROUP_FISHER_NORMALIZE = ("flops", "memory", "none")
+GROUP_FISHER_NORMALIZE = ("flops", "memory", "latency", "none")
 TAYLOR_FORMS = ("param", "activation")
 TP_MEMBERS = ("tp", "all")
 GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)

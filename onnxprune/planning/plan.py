@@ -424,16 +424,23 @@ def _plan_greedy(cg: CouplingGraph, candidates, scores, gradients: GradScores | 
     def macs_of(node) -> float:  # the MACs the scores were divided by, where they read any
         return node_macs[node.name] if node.name in node_macs else base(node)
 
+    node_latency = gradients.node_latency if gradients is not None else {}
+
+    def latency_of(node) -> float:  # --normalize latency: the measured time the scores were divided by
+        return node_latency.get(node.name, 0.0)
+
+    cost_of = latency_of if opts.normalize == "latency" else macs_of
     missing = [g for g in groups if g.id not in deltas]
     if missing:
-        full = CostModel(cg, missing, opts.normalize, macs_of)
+        full = CostModel(cg, missing, opts.normalize, cost_of)
         for g in missing:
             deltas[g.id] = scores[g.id] * full.savings(g.id)
     total = sum(g.size for g in groups)
     ceilings = {g.id: min(g.size - 1, int(math.floor(g.size * opts.max_ratio))) for g in groups}
     count = None if opts.greedy_macs is not None else int(math.floor(total * opts.ratio))
     order = greedy_removals(cg, groups, deltas, opts.normalize, count=count, macs_share=opts.greedy_macs,
-                            ceilings=ceilings, batch=opts.greedy_batch, macs_of=macs_of)
+                            ceilings=ceilings, batch=opts.greedy_batch, macs_of=macs_of,
+                            latency_of=latency_of if opts.normalize == "latency" else None)
     out = {}
     for g in groups:
         keep_n = _round_keep(g.size, g.size - len(order[g.id]), opts.round_to)
