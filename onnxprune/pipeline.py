@@ -1,4 +1,5 @@
-"""The pipeline: load -> normalize -> analyze -> plan -> rewrite -> check -> verify -> save.
+"""The pipeline: load -> normalize -> analyze -> plan -> (compensate) -> rewrite -> check -> (finetune)
+-> verify -> save.
 
 Each stage lives on its floor (analysis, planning, rewrite, measure); ``run`` composes them and keeps
 every intermediate result for the report in a ``Result``. Nothing is written here.
@@ -7,6 +8,7 @@ every intermediate result for the report in a ``Result``. Nothing is written her
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,8 +18,9 @@ import onnx
 from onnxprune.analysis.analyze import Analysis, barrier_summary
 from onnxprune.analysis.analyze import analyze_model as _analyze
 from onnxprune.analysis.contract import Registry
-from onnxprune.analysis.shapes import Shapes
-from onnxprune.errors import UserError
+from onnxprune.analysis.shapes import Shapes, infer_shapes
+from onnxprune.analysis.subgraphs import with_body_shapes
+from onnxprune.errors import RewriteError, UserError
 from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
 from onnxprune.measure.stats import ModelStats, model_stats, node_macs, real_shapes
@@ -26,7 +29,7 @@ from onnxprune.planning.data_importance import Activations, consumer_taps, recon
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
 from onnxprune.planning.options import GradientSettings, PlanOptions
 from onnxprune.planning.plan import Plan, build_plan, grad_options
-from onnxprune.rewrite.check import apply_plan
+from onnxprune.rewrite.check import apply_plan, check_shapes, full_check
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture
@@ -34,9 +37,10 @@ from onnxprune.runtime.inputs import make_inputs
 
 if TYPE_CHECKING:
     from onnxprune.planning.grad_importance import GradScores
+    from onnxprune.rewrite.distill import Distilled, DistillOptions
 
 __all__ = ["Activations", "Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan",
-           "capture_activations", "gradient_scores_for", "run", "verify_plan"]
+           "capture_activations", "finetune_result", "gradient_scores_for", "run", "verify_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class Result:
     serialized: bytes | None = None  # the checked serialization of ``pruned`` (None: external data)
     fidelity: Fidelity | None = None  # on held-out calibration data (``measure_holdout``)
     compensation: Compensated | None = None  # the compensated original the plan was applied to
+    distillation: Distilled | None = None  # ``--finetune``: what training did (``finetune_result``)
+    fidelity_before: Fidelity | None = None  # ``--finetune``: held-out fidelity of P before training
+    reference: Analysis | None = None  # what ``--verify`` checks P against (masked): O, O', or rebuilt after training
 
     def to_json(self) -> dict:
         cg = self.analysis.cg
@@ -80,7 +87,30 @@ class Result:
             "timings_s": self.timings,
             **({"fidelity": self.fidelity.to_json()} if self.fidelity is not None else {}),
             **({"compensation": self.compensation.to_json()} if self.compensation is not None else {}),
+            **({"finetune": finetune_json(self.distillation)} if self.distillation is not None else {}),
+            **({"fidelity_before": self.fidelity_before.to_json()} if self.fidelity_before is not None else {}),
         }
+
+
+FROZEN_SHOWN = 5  # frozen constants listed (with their reason) in the report's finetune section
+
+
+def finetune_json(d: Distilled) -> dict:
+    """The report's ``finetune`` section: ``Distilled.to_json`` with the frozen constants counted
+    and a few listed (a big model freezes hundreds: every BatchNorm statistic)."""
+    out = d.to_json()
+    # step 0 has no training loss (NaN): null, so that strict JSON readers (jq) take the report
+    out["history"] = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in h]
+                      for h in out.get("history", [])]
+    frozen = out.pop("frozen", {})
+    out["frozen_constants"] = len(frozen)
+    out["frozen"] = dict(list(frozen.items())[:FROZEN_SHOWN])
+    reasons: dict[str, int] = {}
+    for why in frozen.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    out["frozen_reasons"] = reasons
+    out["changed"] = d.changed
+    return out
 
 
 def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
@@ -96,7 +126,8 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
         plan_json: dict | None = None, verify: bool = False, ep: str = "auto", tol: float = DEFAULT_TOL,
         analysis: Analysis | None = None, calib: CalibView | Capture | Activations | None = None,
         compensation: CompensateOptions | None = None, fit: CalibView | None = None, progress=None,
-        gradients: GradScores | None = None, grad_settings: GradientSettings | None = None) -> Result:
+        gradients: GradScores | None = None, grad_settings: GradientSettings | None = None,
+        finetune: DistillOptions | None = None, holdout: CalibView | None = None) -> Result:
     """The whole pipeline. ``analysis``: one already made of this model in the mode this run needs
     (a target search made it), reused instead of analysing again. ``calib``: for the data-aware
     importances, the fit share of the calibration data (captured here) or activations captured
@@ -107,7 +138,10 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     zero biases first (``bias_inputs``); pass one made with ``bias_inputs=True``. A gradient criterion
     (``taylor``, ``hessian``, ``fisher``, ``group-fisher``) scores on ``gradients``
     (``gradient_scores_for``, made once for every ratio of a search) or, without them, on gradients
-    collected here on ``fit`` as ``grad_settings`` say."""
+    collected here on ``fit`` as ``grad_settings`` say. ``finetune`` (``steps`` > 0): P is then
+    distilled from O on ``fit`` (``finetune_result``; ``holdout``: P's held-out fidelity before
+    training goes into ``Result.fidelity_before``) and verified against the masked original rebuilt
+    from its trained weights."""
     t0 = time.perf_counter()
     opts.validate()
     mode = head_mode_for(opts, plan_json)
@@ -115,6 +149,10 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     fit = fit if fit is not None else calib if isinstance(calib, CalibView) else None
     if comp_on and fit is None:
         raise UserError(f"compensation '{compensation.mode}' needs calibration data (--calib or --calib-images)")
+    if finetune is not None:
+        finetune.validate()
+        if finetune.steps > 0 and fit is None:
+            raise UserError(NEEDS_FIT)
     if analysis is not None and analysis.cg.head_mode == mode:
         an = analysis
     else:
@@ -140,22 +178,90 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
     after = model_stats(pruned, new_shapes, registry=an.registry)
     res = Result(an, plan, pruned, new_shapes, before, after,
                  timings={"analyze": t1 - t0, "plan": t2 - t1b - (comp.seconds if comp else 0.0),
-                          "rewrite_and_check": t3 - t2}, serialized=data, compensation=comp)
+                          "rewrite_and_check": t3 - t2}, serialized=data, compensation=comp, reference=cut)
     if comp is not None:
         res.timings["compensate"] = comp.seconds
     if acts is not None and acts.seconds is not None:
         res.timings["capture"] = acts.seconds
     if gradients is not None and gradients.gradients is not None:
         res.timings["gradients"] = float(gradients.gradients.get("seconds", {}).get("total", 0.0))
+    if finetune is not None and finetune.steps > 0:
+        finetune_result(res, fit, finetune, ep=ep, holdout=holdout, progress=progress)
     if verify:
-        feeds = make_inputs(an.model, input_shapes, arrays=input_arrays)
-        res.verification = verify_plan(cut, plan, pruned, feeds, ep, tol)
-        if comp is not None:  # verified against O'; the fidelity column is against the untouched O
-            for o, f in zip(res.verification.outputs, compare(an.model, an.model, pruned, feeds, ep, tol).outputs,
-                            strict=True):
-                o.fidelity = f.fidelity
-        res.timings["verify"] = time.perf_counter() - t3
+        verify_result(res, input_shapes, input_arrays, ep, tol)
     return res
+
+
+NEEDS_FIT = "--finetune needs calibration data (--calib or --calib-images)"
+
+
+def verify_result(res: Result, input_shapes=None, input_arrays=None, ep: str = "auto",
+                  tol: float = DEFAULT_TOL) -> Verification:
+    """``res.verification``: P against the masked ``res.reference`` (O, O' after compensation, or the
+    original rebuilt from P's trained weights after finetuning); the fidelity column is always
+    against the untouched original O."""
+    t0 = time.perf_counter()
+    an = res.analysis
+    ref = res.reference if res.reference is not None else an
+    feeds = make_inputs(an.model, input_shapes, arrays=input_arrays)
+    res.verification = verify_plan(ref, res.plan, res.pruned, feeds, ep, tol)
+    if ref is not an:
+        for o, f in zip(res.verification.outputs, compare(an.model, an.model, res.pruned, feeds, ep, tol).outputs,
+                        strict=True):
+            o.fidelity = f.fidelity
+    res.timings["verify"] = time.perf_counter() - t0
+    return res.verification
+
+
+def finetune_result(res: Result, fit: CalibView | None, opts: DistillOptions, *, ep: str = "auto",
+                    holdout: CalibView | None = None, progress=None) -> Distilled:
+    """Distil the original O into ``res.pruned`` on ``fit`` (the fit share) for ``opts.steps`` steps
+    (``rewrite.distill.finetune``), in place: the trained P passes the full ONNX check and the
+    plan's shapes again, its serialization is kept, ``res.reference`` becomes the cut model rebuilt
+    with the trained values (``distill.rebuild_original``: what ``verify_result`` masks) and
+    ``res.verification`` is dropped (it was of the old P; verify again). ``res.fidelity_before``:
+    ``res.fidelity`` when measured, else measured here on ``holdout`` (when given); ``res.fidelity``
+    is dropped when P changed. A target search runs this once, on the chosen plan's result."""
+    from onnxprune.rewrite import distill  # torch is optional: distill says so when it is missing
+
+    opts.validate()
+    if opts.steps > 0 and fit is None:
+        raise UserError(NEEDS_FIT)
+    an = res.analysis
+    cut = res.reference if res.reference is not None else (res.compensation.analysis if res.compensation else an)
+    if res.fidelity is None and holdout is not None and holdout.n:
+        res.fidelity = measure_fidelity(an.model, res.pruned, holdout, ep=ep)
+    res.fidelity_before = res.fidelity
+    dist = distill.finetune(an, cut, res.plan, res.pruned, fit, opts, ep, progress)
+    res.distillation = dist
+    res.timings["finetune"] = dist.seconds
+    if dist.changed:
+        t0 = time.perf_counter()
+        pruned = dist.model
+        data, shapes = checked(an, res.plan, pruned)
+        res.pruned, res.pruned_shapes, res.serialized = pruned, shapes, data
+        res.after = model_stats(pruned, shapes, registry=an.registry)
+        res.reference = distill.rebuild_original(cut, res.plan, pruned)
+        res.fidelity = None
+        res.verification = None
+        res.timings["finetune_check"] = time.perf_counter() - t0
+    return dist
+
+
+def checked(an: Analysis, plan: Plan, model: onnx.ModelProto) -> tuple[bytes | None, Shapes]:
+    """The checks ``apply_plan`` makes of a rewritten model, for one whose values changed after it
+    (finetuning): the full ONNX checker (its serialization, None with external data) and every
+    static axis against the plan (the shapes inferred anew)."""
+    try:
+        data = full_check(model)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types
+        raise RewriteError(f"finetuned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    shapes = infer_shapes(model, an.input_shapes, arrays=an.input_arrays)
+    shapes = with_body_shapes(model, shapes, an.registry, an.input_shapes, an.input_arrays)
+    check_shapes(model, an.cg, plan, shapes)
+    return data, shapes
 
 
 def capture_activations(an: Analysis, view: CalibView, ep: str = "auto", progress=None,

@@ -34,8 +34,10 @@ LAZY_OK = {"torch", "torchvision", "matplotlib", "onnxruntime", "onnxscript", "t
            "onnx.reference"}  # onnx.reference: 0.8 s to import, needed only for partly known shape values
 # package modules a function body may import: the zoo needs torch (the demo's optional extra)
 # and the gradient criteria import torch (through runtime.torch_exec), so the plan and the pipeline
-# import them only when a gradient criterion is asked for
+# import them only when a gradient criterion is asked for; distillation (--finetune) likewise
 LAZY_PACKAGE_OK = {("onnxprune.cli.cmd_demo", "onnxprune.models"),
+                   ("onnxprune.cli.args", "onnxprune.rewrite.distill"),
+                   ("onnxprune.pipeline", "onnxprune.rewrite.distill"),
                    ("onnxprune.pipeline", "onnxprune.planning.grad_importance"),
                    ("onnxprune.pipeline", "onnxprune.runtime.gradients"),
                    ("onnxprune.planning.plan", "onnxprune.planning.grad_importance")}

@@ -63,8 +63,8 @@ from onnxprune.planning.options import (
     PlanOptions,
     grad_option_conflicts,
 )
+from onnxprune.rewrite.compensate import BN_STATS, CompensateOptions
 from onnxprune.rewrite.compensate import MODES as COMPENSATIONS
-from onnxprune.rewrite.compensate import CompensateOptions
 from onnxprune.runtime.calib import CHANNEL_ORDERS, DEFAULT_HOLDOUT, LAYOUTS, CalibSpec, ImageSpec
 from onnxprune.runtime.machine import auto_round_to
 from onnxprune.runtime.session import EPS
@@ -664,6 +664,11 @@ class CompensateArgs(ArgGroup):
                        help="lsq ridge, relative to the mean diagonal of each consumer's input covariance; "
                             "shrinks toward the kept weights (default: chosen per consumer by 2-fold "
                             "cross-validation on the fit share)")
+        g.add_argument("--bn-stats", choices=list(BN_STATS), default=None,
+                       help="running mean and variance of each BatchNormalization after a refitted consumer "
+                            "(only with compensation, so only with calibration data): match (default: the "
+                            "original's statistics moved by the change measured on the fit share), recompute "
+                            "(taken anew from the pruned model on the fit share) or off (kept)")
 
     def parse(self, ns, data: bool = False) -> CompensateOptions | None:
         """None when nothing is compensated."""
@@ -672,9 +677,60 @@ class CompensateArgs(ArgGroup):
             raise UserError(f"--compensate {mode} needs calibration data (--calib or --calib-images)")
         if ns.ridge is not None and mode != "lsq":
             raise UserError("--ridge applies to --compensate lsq")
+        bn_stats = ns.bn_stats
+        if bn_stats is not None and mode == "none":
+            raise UserError("--bn-stats applies to compensation (--compensate bias or lsq), which needs calibration "
+                            "data (--calib or --calib-images)")
         if mode == "none":
             return None
-        opts = CompensateOptions(mode=mode, ridge=ns.ridge)
+        opts = CompensateOptions(mode=mode, ridge=ns.ridge, **({"bn_stats": bn_stats} if bn_stats else {}))
+        opts.validate()
+        return opts
+
+
+# DistillOptions' defaults, stated in the help (rewrite/distill.py imports torch: not at parse time;
+# tests/test_finetune_cli.py checks that these are its defaults)
+FINETUNE_DEFAULTS = {"lr": 1e-2, "batch": 16, "temperature": 4.0}
+
+
+class FinetuneArgs(ArgGroup):
+    """Distillation of the original into the pruned model's weights after the rewrite
+    (``rewrite.distill``): ``--finetune N`` steps on the fit share of the calibration data."""
+
+    title = "finetuning (distillation)"
+
+    def add(self, g) -> None:
+        d = FINETUNE_DEFAULTS
+        g.add_argument("--finetune", type=non_negative_int, default=None, metavar="N",
+                       help="after pruning, N steps of knowledge distillation from the original to the pruned "
+                            "model on the fit share (torch needed; 0, the default: none); only the pruned "
+                            "model's float weights change, early-stopped on a validation slice of the fit share; "
+                            "--verify then checks it against the masked original rebuilt from its trained weights")
+        g.add_argument("--finetune-lr", type=positive_float, default=None, metavar="LR",
+                       help=f"Adam's peak learning rate, relative to each tensor's RMS (default {d['lr']:g}), "
+                            "cosine-decayed over the N steps")
+        g.add_argument("--finetune-batch", type=positive_int, default=None, metavar="N",
+                       help=f"samples per step (default {d['batch']}; a model with a fixed batch uses it)")
+        g.add_argument("--finetune-temperature", type=positive_float, default=None, metavar="T",
+                       help=f"temperature of the KL divergence on softmax outputs (default {d['temperature']:g})")
+
+    def parse(self, ns, data: bool = False, ep: str = "auto", seed: int = 0):
+        """The ``DistillOptions`` (``rewrite.distill``), or None without ``--finetune`` (then none of
+        its other options may be given) or with ``--finetune 0`` (they are then ignored: a script can
+        loop over N with the same options)."""
+        given = [flag for flag, v in (("--finetune-lr", ns.finetune_lr), ("--finetune-batch", ns.finetune_batch),
+                                      ("--finetune-temperature", ns.finetune_temperature)) if v is not None]
+        if ns.finetune is None and given:
+            raise UserError(f"{given[0]} applies to --finetune N")
+        if not ns.finetune:
+            return None
+        if not data:
+            raise UserError("--finetune needs calibration data (--calib or --calib-images)")
+        from onnxprune.rewrite.distill import DistillOptions  # here: it imports torch when installed
+
+        kw = {k: v for k, v in (("lr", ns.finetune_lr), ("batch", ns.finetune_batch),
+                                ("temperature", ns.finetune_temperature)) if v is not None}
+        opts = DistillOptions(steps=ns.finetune, seed=seed, device={"cpu": "cpu", "cuda": "cuda"}.get(ep, "auto"), **kw)
         opts.validate()
         return opts
 

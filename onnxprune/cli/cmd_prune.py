@@ -5,7 +5,9 @@ scored on activations captured on its fit share (the data-aware importance, unle
 names a weight criterion), and the pruned model's fidelity on the held-out share goes into the table
 and the report. ``--target-fidelity`` searches the largest ratio keeping that fidelity
 (``measure.targets.FidelitySearch``): every evaluation is a whole run here (``holdout_trial``) on the
-one analysis and the one capture, and the chosen ratio's run is the result (not run again)."""
+one analysis and the one capture, and the chosen ratio's run is the result (not run again).
+``--finetune N`` distils the original into the final pruned model only (a target search evaluates its
+ratios without it), then verifies it against the masked original rebuilt from its trained weights."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from onnxprune.cli.args import (
     CalibArgs,
     CompensateArgs,
     ExecutionArgs,
+    FinetuneArgs,
     GradientArgs,
     ModelInputArgs,
     OutputArgs,
@@ -36,6 +39,7 @@ from onnxprune.cli.args import (
 from onnxprune.cli.common import console
 from onnxprune.cli.render import (
     print_coverage,
+    print_finetune,
     print_round_to,
     print_stats_table,
     print_verification,
@@ -71,7 +75,9 @@ TIMING = TimingArgs(warmup=3, repeat=20)  # for --target-latency
 CALIB = CalibArgs()
 COMPENSATE = CompensateArgs()
 GRADIENTS = GradientArgs()
-GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS)
+FINETUNE = FinetuneArgs()
+GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS,
+          FINETUNE)
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
 
@@ -170,6 +176,35 @@ def print_compensation(c, comp) -> None:
             markup=False)
 
 
+def print_batchnorms(c, comp) -> None:
+    """One line: the BatchNorm statistics compensation set (``--bn-stats``), when it touched any."""
+    if not comp.batchnorms:
+        return
+    done = [b for b in comp.batchnorms if b.how != "skipped"]
+    skipped = [b for b in comp.batchnorms if b.how == "skipped"]
+    shifts = [b.mean_shift for b in done if b.mean_shift is not None]
+    c.print(f"BatchNorm statistics ({comp.bn_stats}): {len(done)} "
+            + ("matched" if comp.bn_stats == "match" else "recomputed")
+            + (f" (largest mean shift {max(shifts):.3f} std)" if shifts else "")
+            + (f"; {len(skipped)} skipped (e.g. {skipped[0].node}: {skipped[0].reason})" if skipped else ""),
+            markup=False)
+
+
+def finetune_final(c, res: pipeline.Result, calib: CalibData, ft, *, ep: str, tol: float, verify: bool,
+                   shapes=None, arrays=None) -> None:
+    """``--finetune N`` on the final result (searched or not): its held-out fidelity first (the
+    "before"), then the distillation with a progress bar, then verification against the masked
+    original rebuilt from the trained weights."""
+    if calib.holdout.n and res.fidelity is None:
+        with progress_bar(c, f"fidelity before finetuning on {calib.holdout.n} held-out samples") as progress:
+            pipeline.measure_holdout(res, calib.holdout, ep, progress)
+    with progress_bar(c, f"finetuning ({ft.steps} steps on {calib.fit.n} fit samples)") as progress:
+        pipeline.finetune_result(res, calib.fit, ft, ep=ep, progress=progress)
+    if verify and res.verification is None:
+        with c.status("verifying...", spinner="dots"):
+            pipeline.verify_result(res, shapes, arrays, ep, tol)
+
+
 def print_grad_importance(c, imp: dict) -> None:
     """One line: the criterion, how many groups it scored, the gradient pass, and any l2 fallback."""
     n_l2 = int(imp.get("fallback_l2") or 0)
@@ -203,6 +238,7 @@ def run(args) -> int:
     inputs = INPUTS.parse(args)
     timing, verify = TIMING.parse(args), VERIFY.parse(args)
     grad_settings = GRADIENTS.parse(args, req.options.importance, ex.ep, req.options.seed)
+    ft = FINETUNE.parse(args, data=calib_spec is not None, ep=ex.ep, seed=req.options.seed)
     if targets.given and files.load is not None:
         raise UserError("--target-macs/--target-latency/--target-fidelity search a plan; they cannot be used with "
                         "--load-plan")
@@ -246,8 +282,12 @@ def run(args) -> int:
     if res is None:
         with c.status("pruning...", spinner="dots"):
             res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
-                               plan_json=files.load, verify=verify, ep=ex.ep, tol=ex.tol, analysis=an, calib=acts,
-                               compensation=comp, fit=calib.fit if calib is not None else None, gradients=grads)
+                               plan_json=files.load, verify=verify and ft is None, ep=ex.ep, tol=ex.tol, analysis=an,
+                               calib=acts, compensation=comp, fit=calib.fit if calib is not None else None,
+                               gradients=grads)
+    if ft is not None:
+        finetune_final(c, res, calib, ft, ep=ex.ep, tol=ex.tol, verify=verify, shapes=inputs.shapes,
+                       arrays=inputs.arrays)
     if analyzed:
         res.timings["analyze"] = analyzed
     if calib is not None and res.fidelity is None:
@@ -272,6 +312,9 @@ def run(args) -> int:
         print_grad_importance(c, imp)
     if res.compensation is not None:
         print_compensation(c, res.compensation)
+        print_batchnorms(c, res.compensation)
+    if res.distillation is not None:
+        print_finetune(c, res.distillation, res.fidelity_before, res.fidelity)
     if res.verification is not None:
         print_verification(c, res.verification)
     if report:
