@@ -23,6 +23,7 @@ from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.errors import RewriteError, UserError
 from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
+from onnxprune.measure.latency import node_latencies
 from onnxprune.measure.stats import ModelStats, model_stats, node_macs, real_shapes
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
@@ -166,7 +167,7 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
         if fit is None:
             raise UserError(f"--importance {opts.importance} needs gradients on calibration data (--calib or "
                             "--calib-images)")
-        gradients = gradient_scores_for(an, fit, opts, grad_settings, progress=progress)
+        gradients = gradient_scores_for(an, fit, opts, grad_settings, progress=progress, ep=ep)
     t1b = time.perf_counter()
     plan = build_plan(an, opts, plan_json, acts, gradients)
     comp = compensate(an, plan, fit, compensation, ep, progress) if comp_on else None
@@ -321,11 +322,13 @@ def _grad_groups(an: Analysis, opts: PlanOptions) -> list:
 
 
 def gradient_scores_for(an: Analysis, view: CalibView, opts: PlanOptions, settings: GradientSettings | None = None,
-                        progress=None) -> GradScores:
+                        progress=None, ep: str = "auto") -> GradScores:
     """Scores of ``opts.importance`` (a gradient criterion) for every group a plan with ``opts`` may
     prune, from one collection of gradients on ``view`` (the fit share) in the torch executor, on the
     analysed model (its tensor names are the coupling graph's). ``group-fisher --normalize flops``
-    divides by MACs at the real input shapes (``measure.stats``). A model whose gradients cannot be
+    divides by MACs at the real input shapes (``measure.stats``), ``--normalize latency`` by each node's
+    time in onnxruntime's profile on ``ep`` (``measure.latency.node_latencies``, at the analysis input
+    shapes, generated inputs; graph optimizations off so each kernel is one node). A model whose gradients cannot be
     had (an op without a torch forward, no torch) is scored by l2: ``GradScores.disabled`` says why."""
     from onnxprune.planning.grad_importance import gradient_request, gradient_scores  # optional torch
     from onnxprune.runtime.gradients import collect_gradients
@@ -345,9 +348,14 @@ def gradient_scores_for(an: Analysis, view: CalibView, opts: PlanOptions, settin
     def macs_of(node: onnx.NodeProto) -> float:
         return float(node_macs(node, cg.opset, shape_of, cg.consts.get, an.registry))
 
-    sc = gradient_scores(cg, groups, gopts, grads, macs_of=macs_of, seed=opts.seed)
+    table = None
+    if opts.importance == "group-fisher" and opts.normalize == "latency":
+        table = node_latencies(an.model, make_inputs(an.model, an.input_shapes, arrays=an.input_arrays), ep)
+    sc = gradient_scores(cg, groups, gopts, grads, macs_of=macs_of, latency_of=table, seed=opts.seed)
     if sc.gradients is not None:
         sc.gradients["settings"] = settings.to_json(opts.importance)
+        if table is not None:
+            sc.gradients["latency_table"] = table.to_json()
         sc.gradients.setdefault("seconds", {})["total"] = round(time.perf_counter() - t0, 3)
     if sc.disabled:
         log.info("gradient criteria disabled for this model: %s", sc.disabled)

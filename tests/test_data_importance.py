@@ -23,6 +23,7 @@ from onnxprune.errors import UserError
 from onnxprune.planning.data_importance import consumer_taps, data_scores
 from onnxprune.planning.importance import (
     DATA_IMPORTANCES,
+    DEFAULT_BIAS_IMPORTANCE,
     DEFAULT_DATA_IMPORTANCE,
     DEFAULT_UNCOMPENSATED_IMPORTANCE,
     group_importance,
@@ -292,14 +293,22 @@ def _prune(run_main, tmp_path, out_dir, *args):
 def test_with_calib_the_default_is_data_aware_and_the_report_says_so(run_main, tmp_path, out_dir):
     proc, rep = _prune(run_main, tmp_path, out_dir, "--calib", tmp_path / "calib.npz")
     imp = rep["importance"]
-    assert "compensation" in rep  # data compensates by default, and act-var is the criterion that matches it
-    assert imp["criterion"] == DEFAULT_DATA_IMPORTANCE == "act-var" == rep["plan"]["options"]["importance"]
+    assert "compensation" in rep  # data compensates by default (lsq), and recon scores what lsq leaves
+    assert rep["compensation"]["mode"] == "lsq"
+    assert imp["criterion"] == DEFAULT_DATA_IMPORTANCE == "recon" == rep["plan"]["options"]["importance"]
     assert imp["fallback_l2"] == 0 and imp["groups"] == 1
     assert imp["samples"] == 32  # the fit share: 40 samples, a fifth held out (the default)
     assert isinstance(imp["capture_s"], float) and "capture" in rep["timings_s"]
     assert f"importance {DEFAULT_DATA_IMPORTANCE}" in proc.stdout
     (group,) = rep["plan"]["groups"]
     assert 0 not in group["keep"]  # the dead channel went; --verify passed all the same
+
+
+def test_with_bias_compensation_the_default_is_act_var(run_main, tmp_path, out_dir):
+    _, rep = _prune(run_main, tmp_path, out_dir, "--calib", tmp_path / "calib.npz", "--compensate", "bias")
+    assert rep["importance"]["criterion"] == DEFAULT_BIAS_IMPORTANCE == "act-var"
+    keep = rep["plan"]["groups"][0]["keep"]
+    assert 0 not in keep and 1 not in keep  # dead and constant: nothing left of either after bias compensation
 
 
 def test_with_calib_and_no_compensation_the_default_is_act(run_main, tmp_path, out_dir):

@@ -44,6 +44,7 @@ from onnxprune.errors import UserError
 from onnxprune.measure.fidelity import METRICS
 from onnxprune.measure.verify import DEFAULT_TOL
 from onnxprune.planning.importance import (
+    DEFAULT_BIAS_IMPORTANCE,
     DEFAULT_DATA_IMPORTANCE,
     DEFAULT_IMPORTANCE,
     DEFAULT_UNCOMPENSATED_IMPORTANCE,
@@ -248,6 +249,7 @@ class PlanArgs(ArgGroup):
         g.add_argument("--max-ratio", type=float, default=0.9, metavar="R", help="per-group ceiling with --global (default 0.9)")
         g.add_argument("--importance", default=None, choices=sorted(IMPORTANCES),
                        help=f"unit scores (default {DEFAULT_IMPORTANCE}; with calibration data {DEFAULT_DATA_IMPORTANCE}, "
+                            f"{DEFAULT_BIAS_IMPORTANCE} with --compensate bias, "
                             f"{DEFAULT_UNCOMPENSATED_IMPORTANCE} with --compensate none; bn: |gamma| of BatchNorm members, else l2; act: activation energy fed into each "
                             "consumer, act-var: its variance (what is lost after bias compensation); recon: the "
                             "reconstruction error left after refitting the consumers; taylor |w*dL/dw|, hessian "
@@ -262,22 +264,32 @@ class PlanArgs(ArgGroup):
         g.add_argument("--taylor-form", default=None, choices=list(TAYLOR_FORMS),
                        help="taylor: param |w*dL/dw| (Torch-Pruning's, default) or activation |a*dL/da|")
         g.add_argument("--normalize", default=None, choices=list(GROUP_FISHER_NORMALIZE),
-                       help="group-fisher: divide a unit's Fisher by the MACs (flops, default) or tensor elements "
-                            "(memory) its removal saves, or not (none)")
+                       help="group-fisher: divide a unit's Fisher by the MACs (flops, default), tensor elements "
+                            "(memory) or measured time (latency: onnxruntime's per-node profile on the chosen "
+                            "execution provider) its removal saves, or not (none)")
         g.add_argument("--tp-members", default=None, choices=list(TP_MEMBERS),
                        help="taylor/hessian/lamp: the weight members Torch-Pruning 1.6.1 scores (tp, default: no "
                             "depthwise convolutions) or every weight axis of the group (all)")
+        g.add_argument("--isomorphic", action="store_true",
+                       help="rank units together within each class of structurally identical groups (Torch-Pruning's "
+                            "isomorphic pruning), every class at the ratio")
+        g.add_argument("--greedy", action="store_true",
+                       help="group-fisher: GroupFisher's greedy schedule, removing the units of smallest Fisher per "
+                            "saving across every group with the savings recomputed at the widths left (batched)")
+        g.add_argument("--greedy-batch", type=float, default=None, metavar="F",
+                       help="--greedy: the share of what is left to remove taken per round (default 0.05; 0: one unit "
+                            "a round)")
         g.add_argument("--allow-approximate", action="store_true",
                        help="also prune groups mixed by LayerNorm/Softmax/reductions (changes the function)")
         g.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of --importance random (default 0)")
 
     def parse(self, ns, ep: str = "auto", ratio: float | None = None, data: bool = False,
-              compensated: bool = False) -> PlanRequest:
+              compensated: bool | str | None = False) -> PlanRequest:
         """``ep``: the execution provider ``--round-to auto`` aligns for; ``ratio``: the ratio when
         this group has no ``--ratio`` (``amounts=False``); ``data``: calibration data was given (the
         default importance is then the data-aware one, and only then may ``act*`` be asked for);
-        ``compensated``: the removed channels' consumers are compensated (the default is then act-var:
-        ``planning.importance.default_importance``)."""
+        ``compensated``: the compensation mode, or falsy for none (lsq makes the default recon, bias
+        act-var: ``planning.importance.default_importance``)."""
         importance = ns.importance or default_importance(data, compensated)
         if importance in NEEDS_DATA and not data:
             raise UserError(f"--importance {importance} needs calibration data (--calib or --calib-images)")
@@ -301,7 +313,10 @@ class PlanArgs(ArgGroup):
                            allow_approximate=ns.allow_approximate, seed=ns.seed,
                            group_reduction=ns.group_reduction or "mean", normalizer=ns.normalizer,
                            taylor_form=ns.taylor_form or "param", normalize=ns.normalize or "flops",
-                           tp_members=ns.tp_members or "tp")
+                           tp_members=ns.tp_members or "tp", isomorphic=ns.isomorphic, greedy=ns.greedy,
+                           **({"greedy_batch": ns.greedy_batch} if ns.greedy_batch is not None else {}))
+        if ns.greedy_batch is not None and not ns.greedy:
+            raise UserError("--greedy-batch applies to --greedy")
         opts.validate()
         return PlanRequest(opts, why)
 
@@ -511,12 +526,18 @@ class OutputArgs(ArgGroup):
 
     title = "output model"
 
-    def __init__(self, required: bool = True):
+    def __init__(self, required: bool = True, soft: bool = False):
         self.required = required
+        self.soft = soft
 
     def add(self, g) -> None:
         g.add_argument("-o", "--output", required=self.required, metavar="FILE.onnx",
                        help="where the pruned model goes (never over the input)")
+        if self.soft:
+            g.add_argument("--soft", action="store_true",
+                           help="write the plan as zeroed weights in the unchanged graph (Torch-Pruning's soft "
+                                "mode: same nodes and shapes, same MACs; computes what the pruned model computes), "
+                                "to inspect the selection or retrain with the mask")
 
     def parse(self, ns, source: str | None = None) -> str | None:
         if ns.output is None:

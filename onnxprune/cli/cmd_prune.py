@@ -16,6 +16,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import onnx
+
 from onnxprune import pipeline
 from onnxprune.cli.args import (
     CalibArgs,
@@ -45,7 +47,7 @@ from onnxprune.cli.render import (
     print_verification,
     progress_bar,
 )
-from onnxprune.errors import UserError
+from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.io import save_atomic, write_json
 from onnxprune.measure.fidelity import choose_metric, output_kinds
 from onnxprune.measure.targets import (
@@ -56,14 +58,17 @@ from onnxprune.measure.targets import (
     RatioSearch,
     evaluation_line,
 )
-from onnxprune.measure.verify import DEFAULT_TOL
+from onnxprune.measure.verify import DEFAULT_TOL, compare
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRAD_CRITERIA, GRADIENT_IMPORTANCES
 from onnxprune.planning.options import PlanOptions
+from onnxprune.rewrite.check import full_check
 from onnxprune.rewrite.compensate import CompensateOptions
+from onnxprune.rewrite.soft import soft_prune
 from onnxprune.runtime.calib import CalibData, open_calib
+from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import resolve_ep
 
-OUTPUT = OutputArgs(required=True)
+OUTPUT = OutputArgs(required=True, soft=True)
 VERIFY = VerifyArgs()
 REPORT = ReportArgs()
 INPUTS = ModelInputArgs()
@@ -226,12 +231,28 @@ def print_grad_importance(c, imp: dict) -> None:
     c.print(line, markup=False)
 
 
+def soft_model(res: pipeline.Result, ep: str, inputs) -> tuple[onnx.ModelProto, float]:
+    """``--soft``: the plan as zeroed weights of the model P was cut from (O, O' or the rebuilt trained
+    original: ``res.reference``), fully checked, and the largest relative difference of its outputs
+    from P's on generated inputs (exit 4 when it does not compute what P computes)."""
+    ref = res.reference if res.reference is not None else res.analysis
+    soft = soft_prune(ref, res.plan)
+    full_check(soft)
+    feeds = make_inputs(res.analysis.model, inputs.shapes, arrays=inputs.arrays)
+    check = compare(soft, soft, res.pruned, feeds, ep)
+    err = max((o.rel_error for o in check.outputs), default=0.0)
+    if not all(o.passed for o in check.outputs):
+        raise RewriteError(f"--soft: the zeroed model does not compute what the pruned one does (relative error "
+                           f"{err:.2e}); nothing written")
+    return soft, err
+
+
 def run(args) -> int:
     ex = EXECUTION.parse(args)
     calib_spec = CALIB.parse(args)
     targets = TARGETS.parse(args, data=calib_spec is not None)
     comp = COMPENSATE.parse(args, data=calib_spec is not None)
-    req = PLAN.parse(args, ep=ex.ep, data=calib_spec is not None, compensated=comp is not None)
+    req = PLAN.parse(args, ep=ex.ep, data=calib_spec is not None, compensated=comp.mode if comp is not None else None)
     output = OUTPUT.parse(args, source=args.model)
     report = REPORT.parse(args, protect=(args.model, output))
     files = PLAN_FILES.parse(args, protect=(args.model, output, report))
@@ -266,7 +287,7 @@ def run(args) -> int:
         limit = grad_settings.samples_for(opts.importance)
         n = calib.fit.n if limit is None else min(limit, calib.fit.n)
         with progress_bar(c, f"gradients ({opts.importance}) on {n} fit samples") as progress:
-            grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, progress)
+            grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, progress, ep=ex.ep)
         if grads.disabled:
             c.print(f"warning: gradient criteria disabled for this model: {grads.disabled}; scored by l2", markup=False)
     res = None
@@ -324,7 +345,13 @@ def run(args) -> int:
     if not ok:
         c.print("FAILED: verification failed; no output written")
         return 1
-    save_atomic(res.pruned, output, data=res.serialized)
+    if args.soft:
+        soft, err = soft_model(res, ex.ep, inputs)
+        c.print(f"--soft: the plan written as zeroed weights in the unchanged graph (MACs and shapes of the "
+                f"original); its outputs differ from the pruned model's by {err:.2e} (relative)", markup=False)
+        save_atomic(soft, output)
+    else:
+        save_atomic(res.pruned, output, data=res.serialized)
     c.print(f"wrote {output}")
     c.print("PASSED" if res.verification is not None else "DONE (not verified; add --verify)")
     return 0

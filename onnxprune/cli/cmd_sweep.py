@@ -85,7 +85,7 @@ def run(args) -> int:
     timing = TIMING.parse(args)
     calib_spec = CALIB.parse(args)
     comp = COMPENSATE.parse(args, data=calib_spec is not None)
-    req = PLAN.parse(args, ep=ep, ratio=max(spec.ratios), data=calib_spec is not None, compensated=comp is not None)
+    req = PLAN.parse(args, ep=ep, ratio=max(spec.ratios), data=calib_spec is not None, compensated=comp.mode if comp is not None else None)
     opts = req.options
     grad_settings = GRADIENTS.parse(args, opts.importance, EXECUTION.parse(args).ep, opts.seed)
     inputs = INPUTS.parse(args)
@@ -104,7 +104,7 @@ def run(args) -> int:
         if opts.importance in GRADIENT_IMPORTANCES:  # one collection for every ratio
             check_labels(grad_settings.labels, calib.available, args.labels)
             with progress_bar(c, f"gradients ({opts.importance}) on the fit samples") as bar:
-                grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, bar)
+                grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, bar, ep=ep)
             if grads.disabled:
                 c.print(f"warning: gradient criteria disabled for this model: {grads.disabled}; scored by l2",
                         markup=False)
