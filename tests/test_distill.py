@@ -11,6 +11,10 @@ What each test can catch:
   the masked original of the *old* weights fails, so it can tell;
 - N=0, and a run whose every step makes the validation loss worse, leave P bit-identical;
 - hints (``hints=True``): the first unpruned tensor after each pruned space, matched by MSE;
+- augmentation (``augment``): spliced samples take every position from a training sample (so an
+  integer input never gets a value outside those seen), token noise draws only seen values, and on a
+  model fitted on too few samples, splicing lowers the held-out loss below training without it;
+- the hard-label mix and the anchor (L2-SP) are accepted and still lower the held-out loss;
 - the loss each output gets: the pre-softmax tensor behind a Softmax or a decomposed softmax,
   probability vectors without a visible softmax, MSE scaled by the teacher's variance otherwise.
 """
@@ -110,12 +114,13 @@ def _mlp(text: str = MLP, **planted) -> onnx.ModelProto:
     return _scaled(_model(text, seed=1, **planted))
 
 
-def _setup(tmp_path, model: onnx.ModelProto, x: np.ndarray, ratio: float = 0.5, comp: str = "none"):
-    """(analysis of O, result, calibration data with a 50% held-out share)."""
+def _setup(tmp_path, model: onnx.ModelProto, x: np.ndarray, ratio: float = 0.5, comp: str = "none",
+           holdout: float = 0.5):
+    """(analysis of O, result, calibration data with a ``holdout`` held-out share)."""
     path = tmp_path / "calib.npz"
     np.savez(path, x=x.astype(np.float32))
     an = pipeline.analyze_model(model, bias_inputs=comp != "none")
-    data = open_calib(an.model, CalibSpec(path=str(path), holdout=0.5))
+    data = open_calib(an.model, CalibSpec(path=str(path), holdout=holdout))
     res = pipeline.run(model, PlanOptions(ratio=ratio), ep="cpu", analysis=an, calib=data.fit,
                        compensation=CompensateOptions(mode=comp) if comp != "none" else None)
     return an, res, data
@@ -260,3 +265,79 @@ def test_hints_are_the_first_unpruned_tensors_after_the_pruned_spaces(tmp_path, 
     assert abs(d.heads[1].scale - np.var(z)) <= 1e-4 * np.var(z)  # normalized by the teacher's variance
     rebuilt = rebuild_original(an, res.plan, d.model)
     assert d.changed and _verify_rel(rebuilt, res.plan, d.model, data.holdout.read(0, 32).feeds) < EXACT
+
+
+class _Feeds:
+    """A stand-in for the teacher: ``feeds(positions)`` of fixed arrays."""
+
+    def __init__(self, **arrays):
+        self.arrays = arrays
+
+    def feeds(self, positions):
+        return {k: v[np.asarray(positions)] for k, v in self.arrays.items()}
+
+
+def test_splice_and_noise_make_inputs_out_of_the_values_seen():
+    from onnxprune.rewrite.distill import _Augmenter
+
+    rng = np.random.default_rng(5)
+    # integer tokens over a sparse alphabet (never 1..9 or 17..99) with padding, a float image, a short input
+    tokens = rng.choice(np.array([0, 10, 11, 12, 13, 14, 15, 16, 256]), size=(50, 64)).astype(np.int32)
+    image = rng.standard_normal((50, 2, 3, 12)).astype(np.float32)
+    short = rng.integers(0, 3, size=(50, 4)).astype(np.int64)
+    teacher = _Feeds(tokens=tokens, image=image, short=short)
+    train = np.arange(50)
+    batch = teacher.feeds(np.arange(16))
+    aug = _Augmenter(teacher, train, DistillOptions(augment="splice", augment_share=0.5), np.random.default_rng(0))
+    assert aug.active and sorted(aug.splice) == ["image", "tokens"]  # short: a last axis of 4 positions
+    out = aug(batch)
+    changed = [r for r in range(16) if not np.array_equal(out["tokens"][r], batch["tokens"][r])]
+    assert len(changed) >= 6  # 8 rows replaced (a partner can be the row itself)
+    assert np.array_equal(out["short"], batch["short"])
+    for r in range(16):
+        row = out["tokens"][r]
+        # a prefix of its own row, then the same positions of one training sample
+        c = next((i for i in range(64) if row[i] != batch["tokens"][r][i]), 64)
+        assert c == 64 or any(np.array_equal(row[c:], t[c:]) for t in tokens)
+        assert set(np.unique(row)) <= set(np.unique(tokens))
+        # the image is cut at the same share of its last axis, every value one of a training image
+        assert all(np.isin(out["image"][r][..., w], image[:, ..., w]).all() for w in range(12))
+    assert np.array_equal(batch["tokens"], tokens[:16])  # the batch given is not changed in place
+
+    noisy = _Augmenter(teacher, train, DistillOptions(augment="noise", augment_share=1.0, noise=0.3),
+                       np.random.default_rng(1))(batch)
+    assert set(np.unique(noisy["tokens"])) <= set(np.unique(tokens))
+    share = np.mean(noisy["tokens"] != batch["tokens"])
+    assert 0.15 < share < 0.3  # 30% redrawn, some to the value they had
+    assert noisy["image"].dtype == np.float32 and not np.array_equal(noisy["image"], batch["image"])
+    # nothing to splice: recorded, not an error
+    flat = _Augmenter(_Feeds(short=short), train, DistillOptions(augment="splice"), np.random.default_rng(0))
+    assert not flat.active and "no input has a last axis" in flat.what
+
+
+def test_splicing_lowers_the_held_out_loss_of_a_model_fitted_on_few_samples(tmp_path):
+    # 20 fit samples of 8 independent features: spliced samples are new draws of the same distribution
+    # (measured: held-out KL 1.89 unfinetuned, 0.32 trained on the 20, 0.21 with splicing)
+    x = np.random.default_rng(6).standard_normal((400, 8)).astype(np.float32)
+    an, res, data = _setup(tmp_path, _mlp(), x, ratio=0.6, holdout=0.95)
+    held = data.holdout.read(0, data.holdout.n).feeds
+    before = _kl(an.model, res.pruned, held)
+    kl = {}
+    for aug in ("none", "splice"):
+        d = finetune(an, an, res.plan, res.pruned, data.fit,
+                     DistillOptions(steps=300, lr=1e-2, batch=16, augment=aug, val_share=0.0, device="cpu"), ep="cpu")
+        assert d.augment == aug
+        kl[aug] = _kl(an.model, d.model, held)
+    assert kl["splice"] < before and kl["splice"] < 0.8 * kl["none"], (before, kl)
+
+
+def test_hard_labels_and_the_anchor_still_train(tmp_path, mlp_data):
+    an, res, data = _setup(tmp_path, _mlp(), mlp_data, ratio=0.6)
+    held = data.holdout.read(0, data.holdout.n).feeds
+    before = _kl(an.model, res.pruned, held)
+    for extra in ({"hard": 0.5}, {"anchor": 1.0}):
+        d = finetune(an, an, res.plan, res.pruned, data.fit,
+                     DistillOptions(steps=150, lr=1e-2, batch=32, device="cpu", **extra), ep="cpu")
+        assert d.changed and _kl(an.model, d.model, held) < 0.7 * before, extra
+    with pytest.raises(Exception, match="augmentation"):
+        DistillOptions(augment="mixup").validate()
