@@ -7,8 +7,10 @@ every intermediate result for the report in a ``Result``. Nothing is written her
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
     from onnxprune.rewrite.distill import Distilled, DistillOptions
 
 __all__ = ["Activations", "Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan",
-           "capture_activations", "finetune_result", "gradient_scores_for", "run", "verify_plan"]
+           "capture_activations", "finetune_result", "gradient_scores_for", "run", "step_options", "step_ratio",
+           "verify_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -369,3 +372,65 @@ def measure_holdout(res: Result, holdout: CalibView, ep: str = "auto", progress=
     res.fidelity = measure_fidelity(res.analysis.model, res.pruned, holdout, ep=ep, progress=progress)
     res.timings["fidelity"] = time.perf_counter() - t0
     return res.fidelity
+
+
+# ----------------------------------------------------------------------------------------------
+# iterative pruning (``prune --steps K``): Torch-Pruning's ``iterative_steps``, linear schedule
+
+
+def step_ratio(ratio: float, k: int, steps: int) -> float:
+    """The share of the current units step ``k`` (1..``steps``) removes so that, after it, (1 - ratio*k/steps)
+    of the original units are left: 1 - (1 - r*k/K) / (1 - r*(k-1)/K) (the last step ends at 1 - r
+    exactly)."""
+    if ratio <= 0.0:
+        return 0.0
+    left = (1.0 - ratio) if k >= steps else 1.0 - ratio * k / steps
+    return min(max(0.0, 1.0 - left / (1.0 - ratio * (k - 1) / steps)), math.nextafter(1.0, 0.0))
+
+
+def _planned_ratio(g, opts: PlanOptions, layer: list) -> float:
+    """The ratio ``planning.plan.build_plan`` gives group ``g`` under ``opts`` (attention, --layer-ratio)."""
+    if g.attention:
+        r_attn = opts.head_ratio if opts.head_ratio is not None else opts.head_dim_ratio
+        ratio = r_attn if r_attn is not None else 0.0
+    else:
+        ratio = opts.ratio
+    for pat, r in layer:
+        if any(pat.search(p) for p in g.producers):
+            return r
+    return ratio
+
+
+def step_options(original: Analysis, an: Analysis, opts: PlanOptions, k: int, steps: int) -> PlanOptions:
+    """The options of step ``k`` of ``steps`` on ``an`` (the model left by step k-1; ``original``: the
+    analysis of the unpruned model). As Torch-Pruning counts from each layer's initial width, every
+    group (found again by its producer nodes) gets the ratio that leaves it with what a one-shot plan
+    would keep at the cumulative ratio r*k/K of its original size: floor(n0*r) removed in all after
+    the last step, the one-shot counts. A group not found again (no unique producer), and every group
+    with --global/--isomorphic/--greedy (which rank across groups), gets the scheduled ratio
+    ``step_ratio`` of the current model (and --layer-ratio values the same schedule)."""
+    uniform = dataclasses.replace(opts, ratio=step_ratio(opts.ratio, k, steps),
+                                  layer_ratios=[(rx, step_ratio(v, k, steps)) for rx, v in opts.layer_ratios])
+    if opts.global_ or opts.isomorphic or opts.greedy:
+        return uniform
+    layer = [(re.compile(r), v) for r, v in opts.layer_ratios]
+    first: dict[tuple[str, ...], tuple[int, float] | None] = {}
+    for g in original.cg.groups:
+        key = tuple(sorted(g.producers))
+        if key:
+            first[key] = None if key in first else (g.size, _planned_ratio(g, opts, layer))
+    owners: dict[str, int] = {}
+    for g in an.cg.groups:
+        for p in set(g.producers):
+            owners[p] = owners.get(p, 0) + 1
+    exact: list[tuple[str, float]] = []
+    for g in an.cg.groups:
+        known = first.get(tuple(sorted(g.producers)))
+        name = next((p for p in sorted(g.producers) if owners[p] == 1), None)
+        if known is None or name is None or g.size <= 1:
+            continue
+        n0, r = known
+        keep = n0 - int(math.floor(n0 * (r if k >= steps else r * k / steps)))
+        remove = g.size - max(1, keep)
+        exact.append((r"\A" + re.escape(name) + r"\Z", (remove + 0.5) / g.size if remove > 0 else 0.0))
+    return dataclasses.replace(uniform, layer_ratios=exact + uniform.layer_ratios)

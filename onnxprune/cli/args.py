@@ -321,6 +321,39 @@ class PlanArgs(ArgGroup):
         return PlanRequest(opts, why)
 
 
+class StepsArgs(ArgGroup):
+    """``prune --steps K``: iterative pruning (Torch-Pruning's ``iterative_steps``, linear schedule):
+    K rounds of plan, compensate, rewrite and verify, each on the model the previous one left, with
+    importance scored (and activations or gradients captured) anew. Only with a ratio: no target
+    search, plan file, head options, finetuning, --soft or --save-plan."""
+
+    title = "iterative pruning"
+
+    def add(self, g) -> None:
+        g.add_argument("--steps", type=positive_int, default=1, metavar="K",
+                       help="prune in K steps (default 1): after step k, (1 - R*k/K) of each group's original units "
+                            "are left; units re-scored and the consumers re-compensated at every step, each step "
+                            "verified against its own masked original (with --verify); stats and held-out fidelity "
+                            "against the original")
+
+    def parse(self, ns) -> int:
+        steps = int(ns.steps)
+        if steps == 1:
+            return steps
+        given = [flag for flag, v in (("--target-macs", getattr(ns, "target_macs", None)),
+                                      ("--target-latency", getattr(ns, "target_latency", None)),
+                                      ("--target-fidelity", getattr(ns, "target_fidelity", None)),
+                                      ("--load-plan", getattr(ns, "load_plan", None)),
+                                      ("--save-plan", getattr(ns, "save_plan", None)),
+                                      ("--head-ratio", getattr(ns, "head_ratio", None)),
+                                      ("--head-dim-ratio", getattr(ns, "head_dim_ratio", None)),
+                                      ("--finetune", getattr(ns, "finetune", None) or None),
+                                      ("--soft", getattr(ns, "soft", None) or None)) if v is not None]
+        if given:
+            raise UserError(f"--steps prunes a share --ratio in steps; it cannot be used with {given[0]}")
+        return steps
+
+
 GRAD_LOSSES = ("pseudo", "sampled", "gaussian")  # runtime.gradients.LOSSES (repeated: it imports torch)
 
 

@@ -30,6 +30,7 @@ from onnxprune.cli.args import (
     PlanArgs,
     PlanFileArgs,
     ReportArgs,
+    StepsArgs,
     TargetArgs,
     Targets,
     Timing,
@@ -74,6 +75,7 @@ REPORT = ReportArgs()
 INPUTS = ModelInputArgs()
 EXECUTION = ExecutionArgs()
 PLAN = PlanArgs()
+STEPS = StepsArgs()  # --steps K: iterative pruning (prune_steps)
 PLAN_FILES = PlanFileArgs()
 TARGETS = TargetArgs()
 TIMING = TimingArgs(warmup=3, repeat=20)  # for --target-latency
@@ -81,7 +83,7 @@ CALIB = CalibArgs()
 COMPENSATE = CompensateArgs()
 GRADIENTS = GradientArgs()
 FINETUNE = FinetuneArgs()
-GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS,
+GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, STEPS, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS,
           FINETUNE)
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
@@ -247,6 +249,71 @@ def soft_model(res: pipeline.Result, ep: str, inputs) -> tuple[onnx.ModelProto, 
     return soft, err
 
 
+def prune_steps(c, model: str, opts: PlanOptions, steps: int, *, an: pipeline.Analysis | None, calib: CalibData | None,
+                acts, grads, comp: CompensateOptions | None, grad_settings, shapes=None, arrays=None,
+                ep: str = "auto", tol: float = DEFAULT_TOL, verify: bool = False) -> tuple[pipeline.Result, list]:
+    """``--steps K``: ``pipeline.run`` K times, step k on the model step k-1 left (analysed anew, with
+    zero biases when compensating), with the options of ``pipeline.step_options`` (each group left
+    with (1 - R*k/K) of its original units), activations or gradients captured again on the fit share
+    for a data or gradient criterion (``acts``/``grads``: step 1's, captured on ``an``), the
+    consumers compensated again, and each step verified against its own masked original (the run
+    stops at a step that fails). Returns the last step's result, its ``before`` the original's stats
+    and its ``fidelity`` (with calibration data) measured against the original on the held-out share,
+    and the report's rows, one per step."""
+    bias = comp is not None
+    if an is None:
+        with c.status("analyzing...", spinner="dots"):
+            an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays,
+                                        bias_inputs=bias)
+    original, res, first, rows = an, None, None, []
+    for k in range(1, steps + 1):
+        t0 = time.perf_counter()
+        if k > 1:
+            with c.status(f"step {k}/{steps}: analyzing...", spinner="dots"):
+                an = pipeline.analyze_model(res.pruned, shapes, head_mode=pipeline.head_mode_for(opts),
+                                            input_arrays=arrays, bias_inputs=bias)
+            acts = grads = None
+            if calib is not None and opts.importance in DATA_IMPORTANCES:
+                with progress_bar(c, f"step {k}/{steps}: activations on {calib.fit.n} fit samples") as progress:
+                    acts = pipeline.capture_activations(an, calib.fit, ep, progress, opts=opts)
+            if calib is not None and opts.importance in GRADIENT_IMPORTANCES:
+                with progress_bar(c, f"step {k}/{steps}: gradients ({opts.importance})") as progress:
+                    grads = pipeline.gradient_scores_for(an, calib.fit, opts, grad_settings, progress, ep=ep)
+        o = pipeline.step_options(original, an, opts, k, steps)
+        with c.status(f"step {k}/{steps}: pruning...", spinner="dots"):
+            res = pipeline.run(an.model, o, input_shapes=shapes, input_arrays=arrays, verify=verify, ep=ep, tol=tol,
+                               analysis=an, calib=acts, compensation=comp,
+                               fit=calib.fit if calib is not None else None, gradients=grads)
+        first = first or res
+        v = res.verification
+        err = max((x.rel_error for x in v.outputs), default=0.0) if v is not None else None
+        row = {"step": k, "ratio": o.ratio, "cumulative_ratio": opts.ratio * k / steps,
+               "macs_before": res.before.macs, "macs_after": res.after.macs,
+               "verification": None if v is None else {"passed": v.passed, "rel_error": err},
+               "importance": res.plan.importance.get("criterion"), "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        checked = "" if v is None else f", verification {'PASSED' if v.passed else 'FAILED'} (rel. error {err:.2e})"
+        c.print(f"step {k}/{steps}: ratio {o.ratio:.4f}, MACs {res.before.macs:,} -> {res.after.macs:,} "
+                f"({res.after.macs / max(1, first.before.macs):.3f}x of the original){checked}, importance "
+                f"{row['importance']}, {row['seconds']:.1f}s", markup=False)
+        if v is not None and not v.passed:
+            break
+    res.before = first.before
+    if res.verification is not None:  # its fidelity column: against the original, not the step's own
+        feeds = make_inputs(original.model, shapes, arrays=arrays)
+        for out, f in zip(res.verification.outputs,
+                          compare(original.model, original.model, res.pruned, feeds, ep, tol).outputs, strict=True):
+            out.fidelity = f.fidelity
+    res.timings["steps_total"] = sum(r["seconds"] for r in rows)
+    if calib is not None:
+        with progress_bar(c, f"fidelity against the original on {calib.holdout.n} held-out samples") as progress:
+            t0 = time.perf_counter()
+            res.fidelity = pipeline.measure_fidelity(original.model, res.pruned, calib.holdout, ep=ep,
+                                                     progress=progress)
+            res.timings["fidelity"] = time.perf_counter() - t0
+    return res, rows
+
+
 def run(args) -> int:
     ex = EXECUTION.parse(args)
     calib_spec = CALIB.parse(args)
@@ -260,6 +327,7 @@ def run(args) -> int:
     timing, verify = TIMING.parse(args), VERIFY.parse(args)
     grad_settings = GRADIENTS.parse(args, req.options.importance, ex.ep, req.options.seed)
     ft = FINETUNE.parse(args, data=calib_spec is not None, ep=ex.ep, seed=req.options.seed)
+    steps = STEPS.parse(args)
     if targets.given and files.load is not None:
         raise UserError("--target-macs/--target-latency/--target-fidelity search a plan; they cannot be used with "
                         "--load-plan")
@@ -291,7 +359,11 @@ def run(args) -> int:
         if grads.disabled:
             c.print(f"warning: gradient criteria disabled for this model: {grads.disabled}; scored by l2", markup=False)
     res = None
-    if targets.fidelity is not None:
+    if steps > 1:
+        res, extra["steps"] = prune_steps(c, args.model, opts, steps, an=an, calib=calib, acts=acts, grads=grads,
+                                          comp=comp, grad_settings=grad_settings, shapes=inputs.shapes,
+                                          arrays=inputs.arrays, ep=ex.ep, tol=ex.tol, verify=verify)
+    elif targets.fidelity is not None:
         found, res = search_fidelity(args.model, opts, targets, metric, an, calib, acts, comp, c, ep=ex.ep,
                                      tol=ex.tol, verify=verify, shapes=inputs.shapes, arrays=inputs.arrays,
                                      grads=grads)
