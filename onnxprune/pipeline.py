@@ -31,7 +31,7 @@ from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
 from onnxprune.planning.options import GradientSettings, PlanOptions
-from onnxprune.planning.plan import Plan, build_plan, grad_options
+from onnxprune.planning.plan import Plan, build_plan, grad_options, group_ratio
 from onnxprune.rewrite.check import apply_plan, check_shapes, full_check
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
 from onnxprune.runtime.calib import CalibView
@@ -388,19 +388,6 @@ def step_ratio(ratio: float, k: int, steps: int) -> float:
     return min(max(0.0, 1.0 - left / (1.0 - ratio * (k - 1) / steps)), math.nextafter(1.0, 0.0))
 
 
-def _planned_ratio(g, opts: PlanOptions, layer: list) -> float:
-    """The ratio ``planning.plan.build_plan`` gives group ``g`` under ``opts`` (attention, --layer-ratio)."""
-    if g.attention:
-        r_attn = opts.head_ratio if opts.head_ratio is not None else opts.head_dim_ratio
-        ratio = r_attn if r_attn is not None else 0.0
-    else:
-        ratio = opts.ratio
-    for pat, r in layer:
-        if any(pat.search(p) for p in g.producers):
-            return r
-    return ratio
-
-
 def step_options(original: Analysis, an: Analysis, opts: PlanOptions, k: int, steps: int) -> PlanOptions:
     """The options of step ``k`` of ``steps`` on ``an`` (the model left by step k-1; ``original``: the
     analysis of the unpruned model). As Torch-Pruning counts from each layer's initial width, every
@@ -418,7 +405,7 @@ def step_options(original: Analysis, an: Analysis, opts: PlanOptions, k: int, st
     for g in original.cg.groups:
         key = tuple(sorted(g.producers))
         if key:
-            first[key] = None if key in first else (g.size, _planned_ratio(g, opts, layer))
+            first[key] = None if key in first else (g.size, group_ratio(g, opts, layer))
     owners: dict[str, int] = {}
     for g in an.cg.groups:
         for p in set(g.producers):

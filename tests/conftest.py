@@ -10,6 +10,7 @@ import sys
 import traceback
 from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
 
@@ -24,6 +25,16 @@ def small_onnx(tmp_path: pathlib.Path) -> pathlib.Path:
     p = d / "small.onnx"
     onnx.save(graphs.small_cnn(), str(p))
     return p
+
+
+@pytest.fixture
+def grad_cnn(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(the gradient test CNN saved as .onnx, an .npz of 40 standard-normal images for it)."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(graphs.build(graphs.GRAD_CNN.replace("TAIL", graphs.GRAD_CNN_HEAD), positive=("v1",), seed=0), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    return path, calib
 
 
 @pytest.fixture

@@ -31,19 +31,7 @@ from onnxprune.rewrite.distill import DistillOptions  # noqa: E402
 from onnxprune.testing import graphs  # noqa: E402
 from onnxprune.testing.checks import inits, run  # noqa: E402
 
-MLP = """
-<ir_version: 8, opset_import: ["" : 17]>
-mlp (float[N,8] x) => (float[N,6] y)
-<float[32,8] w1, float[32] b1, float[32,32] w2, float[32] b2, float[6,32] w3, float[6] b3>
-{
-  h1 = Gemm <transB=1> (x, w1, b1)
-  r1 = Relu (h1)
-  h2 = Gemm <transB=1> (r1, w2, b2)
-  r2 = Relu (h2)
-  z = Gemm <transB=1> (r2, w3, b3)
-  y = Softmax <axis=-1> (z)
-}
-"""
+MLP = graphs.SOFTMAX_MLP
 
 # a BatchNormalization after c2, a consumer of c1's pruned channels: compensation sets its statistics
 BN_CNN = """

@@ -20,16 +20,6 @@ import pytest
 pytest.importorskip("torch")
 
 from onnxprune.runtime.session import make_session, run_session  # noqa: E402
-from onnxprune.testing import graphs  # noqa: E402
-
-
-@pytest.fixture
-def cnn(tmp_path):
-    path = tmp_path / "cnn.onnx"
-    onnx.save(graphs.build(graphs.GRAD_CNN.replace("TAIL", graphs.GRAD_CNN_HEAD), positive=("v1",), seed=0), path)
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).standard_normal((40, 3, 8, 8)).astype(np.float32))
-    return path, calib
 
 
 def _out(tmp_path) -> pathlib.Path:
@@ -56,8 +46,8 @@ def _outputs(path, x) -> np.ndarray:
 
 
 @pytest.mark.parametrize("data", [False, True], ids=["weights", "calib"])
-def test_soft_keeps_the_graph_and_computes_what_the_pruned_model_computes(run_main, tmp_path, cnn, data):
-    model, calib = cnn
+def test_soft_keeps_the_graph_and_computes_what_the_pruned_model_computes(run_main, tmp_path, grad_cnn, data):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     extra = ("--calib", calib) if data else ()
     _ok(run_main("prune", model, "-o", out / "hard.onnx", "--ratio", "0.5", *extra, "--save-plan", out / "plan.json"))
@@ -76,8 +66,8 @@ def test_soft_keeps_the_graph_and_computes_what_the_pruned_model_computes(run_ma
     assert np.linalg.norm(s - o) > 1e-3 * np.linalg.norm(o)  # and it is not the original
 
 
-def test_isomorphic_verifies_and_reports_its_classes(run_main, tmp_path, cnn):
-    model, _ = cnn
+def test_isomorphic_verifies_and_reports_its_classes(run_main, tmp_path, grad_cnn):
+    model, _ = grad_cnn
     out = _out(tmp_path)
     r = run_main("prune", model, "-o", out / "p.onnx", "--ratio", "0.5", "--isomorphic", "--verify",
                  "--report", out / "r.json")
@@ -92,8 +82,8 @@ def test_isomorphic_verifies_and_reports_its_classes(run_main, tmp_path, cnn):
         assert c["kept"] == sum(kept[gid] for gid in c["groups"]) == c["units"] - int(c["units"] * 0.5)
 
 
-def test_greedy_group_fisher_verifies_and_reports(run_main, tmp_path, cnn):
-    model, calib = cnn
+def test_greedy_group_fisher_verifies_and_reports(run_main, tmp_path, grad_cnn):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     r = run_main("prune", model, "-o", out / "p.onnx", "--ratio", "0.4", "--importance", "group-fisher", "--greedy",
                  "--greedy-batch", "0", "--calib", calib, "--verify", "--report", out / "r.json")
@@ -104,8 +94,8 @@ def test_greedy_group_fisher_verifies_and_reports(run_main, tmp_path, cnn):
     assert rep["plan"]["options"]["greedy"] is True
 
 
-def test_latency_normalization_measures_a_table(run_main, tmp_path, cnn):
-    model, calib = cnn
+def test_latency_normalization_measures_a_table(run_main, tmp_path, grad_cnn):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     r = run_main("prune", model, "-o", out / "p.onnx", "--ratio", "0.4", "--importance", "group-fisher",
                  "--normalize", "latency", "--global", "--calib", calib, "--verify", "--ep", "cpu",
@@ -117,8 +107,8 @@ def test_latency_normalization_measures_a_table(run_main, tmp_path, cnn):
     assert rep["plan"]["options"]["normalize"] == "latency"
 
 
-def test_misuse_is_one_line(run_main, tmp_path, cnn):
-    model, calib = cnn
+def test_misuse_is_one_line(run_main, tmp_path, grad_cnn):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     _refused(run_main("prune", model, "-o", out / "p.onnx", "--greedy"), out, "group-fisher")
     _refused(run_main("prune", model, "-o", out / "p.onnx", "--greedy-batch", "0.1"), out, "--greedy")

@@ -12,23 +12,12 @@ import json
 import math
 import pathlib
 
-import numpy as np
 import onnx
 import pytest
 
 from onnxprune import pipeline
 from onnxprune.measure.fidelity import measure_fidelity
 from onnxprune.runtime.calib import CalibSpec, open_calib
-from onnxprune.testing import graphs
-
-
-@pytest.fixture
-def cnn(tmp_path):
-    path = tmp_path / "cnn.onnx"
-    onnx.save(graphs.build(graphs.GRAD_CNN.replace("TAIL", graphs.GRAD_CNN_HEAD), positive=("v1",), seed=0), path)
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).standard_normal((40, 3, 8, 8)).astype(np.float32))
-    return path, calib
 
 
 def _out(tmp_path) -> pathlib.Path:
@@ -55,8 +44,8 @@ def test_schedule_compounds_to_the_ratio(ratio, steps):
 
 
 @pytest.mark.parametrize("data", [False, True], ids=["weights", "calib"])
-def test_three_steps_verified_and_same_counts_as_one_shot(run_main, tmp_path, cnn, data):
-    model, calib = cnn
+def test_three_steps_verified_and_same_counts_as_one_shot(run_main, tmp_path, grad_cnn, data):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     extra = ("--calib", calib) if data else ()
     _ok(run_main("prune", model, "-o", out / "one.onnx", "--ratio", "0.5", *extra))
@@ -95,8 +84,8 @@ def test_three_steps_verified_and_same_counts_as_one_shot(run_main, tmp_path, cn
 
 
 @pytest.mark.parametrize("data", [False, True], ids=["weights", "calib"])
-def test_one_step_is_the_one_shot_result(run_main, tmp_path, cnn, data):
-    model, calib = cnn
+def test_one_step_is_the_one_shot_result(run_main, tmp_path, grad_cnn, data):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     extra = ("--calib", calib) if data else ()
     _ok(run_main("prune", model, "-o", out / "a.onnx", "--ratio", "0.5", *extra))
@@ -104,9 +93,9 @@ def test_one_step_is_the_one_shot_result(run_main, tmp_path, cnn, data):
     assert (out / "a.onnx").read_bytes() == (out / "b.onnx").read_bytes()
 
 
-def test_gradient_criterion_rescored_each_step(run_main, tmp_path, cnn):
+def test_gradient_criterion_rescored_each_step(run_main, tmp_path, grad_cnn):
     pytest.importorskip("torch")
-    model, calib = cnn
+    model, calib = grad_cnn
     out = _out(tmp_path)
     r = run_main("prune", model, "-o", out / "t.onnx", "--ratio", "0.5", "--steps", "2", "--calib", calib,
                  "--importance", "taylor", "--verify", "--report", out / "r.json")
@@ -124,8 +113,8 @@ def test_gradient_criterion_rescored_each_step(run_main, tmp_path, cnn):
     (("--steps", "2", "--calib", "CALIB", "--finetune", "3"), "--finetune"),
     (("--steps", "2", "--save-plan", "OUT/plan.json"), "--save-plan"),
 ])
-def test_refusals(run_main, tmp_path, cnn, flags, word):
-    model, calib = cnn
+def test_refusals(run_main, tmp_path, grad_cnn, flags, word):
+    model, calib = grad_cnn
     out = _out(tmp_path)
     flags = [str(calib) if f == "CALIB" else f.replace("OUT", str(out)) for f in flags]
     r = run_main("prune", model, "-o", out / "p.onnx", "--ratio", "0.5", *flags)

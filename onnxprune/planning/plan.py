@@ -224,16 +224,7 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
         if reasons:
             frozen[g.id] = reasons
             continue
-        if g.attention:
-            r_attn = opts.head_ratio if opts.head_ratio is not None else opts.head_dim_ratio
-            ratio = r_attn if r_attn is not None else 0.0
-        else:
-            ratio = opts.ratio
-        for pat, r in layer:
-            if any(pat.search(p) for p in g.producers):
-                ratio = r
-                break
-        candidates.append((g, ratio))
+        candidates.append((g, group_ratio(g, opts, layer)))
     if opts.importance in DATA_IMPORTANCES:
         ds = data_scores(cg, [g for g, _ in candidates], opts.importance, activations)
         scores, importance = ds.scores, ds.report(cg, activations)
@@ -453,6 +444,19 @@ def _plan_greedy(cg: CouplingGraph, candidates, scores, gradients: GradScores | 
         out[g.id] = GroupPlan(g.id, g.size, keep, g.is_approximate)
     return out, {"batch": opts.greedy_batch, "macs_share": opts.greedy_macs, "removed": total - sum(
         len(gp.keep) for gp in out.values()), "fallback_deltas": len(missing)}
+
+
+def group_ratio(g: Group, opts: PlanOptions, layer: list[tuple[re.Pattern, float]]) -> float:
+    """The ratio a plan with ``opts`` gives group ``g``: the first ``--layer-ratio`` whose pattern
+    matches one of its producers (``layer``: compiled), else the head ratio for attention groups,
+    else ``--ratio``."""
+    for pat, r in layer:
+        if any(pat.search(p) for p in g.producers):
+            return r
+    if g.attention:
+        r_attn = opts.head_ratio if opts.head_ratio is not None else opts.head_dim_ratio
+        return r_attn if r_attn is not None else 0.0
+    return opts.ratio
 
 
 def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None,

@@ -336,13 +336,7 @@ class GradientRunner:
 
         def masker(k: int, tap: MaskTap):
             def edit(x: torch.Tensor) -> torch.Tensor:
-                if not x.is_floating_point():
-                    raise GradientsUnavailable(f"tensor '{tap.tensor}' is not a float tensor: it cannot be masked")
-                if x.ndim <= tap.axis or x.shape[tap.axis] != tap.channels:
-                    raise GradientsUnavailable(f"tensor '{tap.tensor}' has shape {list(x.shape)} at run time, "
-                                               f"not {tap.channels} channels on axis {tap.axis}")
-                shape = [1] * x.ndim
-                shape[tap.axis] = tap.channels
+                shape = _mask_shape(x, tap)
                 if tap.axis != 0 and x.shape[0] == n:
                     shape[0] = n
                 m = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -565,13 +559,7 @@ class GradientRunner:
 
         def masker(tap: MaskTap, mk: torch.Tensor):
             def edit(x: torch.Tensor) -> torch.Tensor:
-                if not x.is_floating_point():
-                    raise GradientsUnavailable(f"tensor '{tap.tensor}' is not a float tensor: it cannot be masked")
-                if x.ndim <= tap.axis or x.shape[tap.axis] != tap.channels:
-                    raise GradientsUnavailable(f"tensor '{tap.tensor}' has shape {list(x.shape)} at run time, "
-                                               f"not {tap.channels} channels on axis {tap.axis}")
-                shape = [1] * x.ndim
-                shape[tap.axis] = tap.channels
+                shape = _mask_shape(x, tap)
                 return x * mk.to(x.dtype).reshape(shape)
             return edit
 
@@ -675,6 +663,19 @@ class GradientRunner:
                 for name, spec in self.outputs.items()}
         return Gradients(self.samples, taps, sets, params, loss, dict(self.missing), dict(self.seconds),
                          self.batches, str(self.graph.device))
+
+
+def _mask_shape(x, tap: MaskTap) -> list[int]:
+    """The shape a tap's mask is reshaped to so it broadcasts on ``x``'s channel axis; refuses a
+    tensor that is not float or has not the tap's channels there (at run time), never guessing."""
+    if not x.is_floating_point():
+        raise GradientsUnavailable(f"tensor '{tap.tensor}' is not a float tensor: it cannot be masked")
+    if x.ndim <= tap.axis or x.shape[tap.axis] != tap.channels:
+        raise GradientsUnavailable(f"tensor '{tap.tensor}' has shape {list(x.shape)} at run time, "
+                                   f"not {tap.channels} channels on axis {tap.axis}")
+    shape = [1] * x.ndim
+    shape[tap.axis] = tap.channels
+    return shape
 
 
 def _rows(feeds: Mapping[str, np.ndarray]) -> int:

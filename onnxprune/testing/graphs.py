@@ -194,6 +194,21 @@ mlp (float[N,8] x) => (float[N,5] y)
 }
 """
 
+# three Gemms and a softmax: the distillation tests' classifier
+SOFTMAX_MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[N,8] x) => (float[N,6] y)
+<float[32,8] w1, float[32] b1, float[32,32] w2, float[32] b2, float[6,32] w3, float[6] b3>
+{
+  h1 = Gemm <transB=1> (x, w1, b1)
+  r1 = Relu (h1)
+  h2 = Gemm <transB=1> (r1, w2, b2)
+  r2 = Relu (h2)
+  z = Gemm <transB=1> (r2, w3, b3)
+  y = Softmax <axis=-1> (z)
+}
+"""
+
 # a 3x3 conv (8 filters) -> Relu -> a 1x1 conv without a bias: a feature map out ([N, 5, 6, 6], so no
 # classifier-shaped output); the compensation and fidelity-target tests' model
 CONV_1X1 = """
