@@ -20,12 +20,12 @@ import argparse
 import json
 import time
 
+import numpy as np
+
 from onnxprune import pipeline
 from onnxprune.planning.importance import DEFAULT_DATA_IMPORTANCE
 from onnxprune.planning.options import PlanOptions
 from onnxprune.rewrite.compensate import DEFAULT_RIDGE, CompensateOptions
-import numpy as np
-
 from onnxprune.runtime.calib import CalibSpec, CalibView, open_calib
 
 

@@ -20,6 +20,7 @@ import onnx
 from onnxprune.analysis.analyze import Analysis, barrier_summary
 from onnxprune.analysis.analyze import analyze_model as _analyze
 from onnxprune.analysis.contract import Registry
+from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.analysis.shapes import Shapes, infer_shapes
 from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.errors import RewriteError, UserError
@@ -27,13 +28,28 @@ from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
 from onnxprune.measure.latency import node_latencies
 from onnxprune.measure.stats import ModelStats, model_stats, node_macs, real_shapes
+from onnxprune.measure.stripes import SplitTiming, gate_splits, gated
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
-from onnxprune.planning.options import GradientSettings, PlanOptions
+from onnxprune.planning.options import GradientSettings, PlanOptions, StripeOptions
 from onnxprune.planning.plan import Plan, build_plan, grad_options, group_ratio
+from onnxprune.planning.stripes import (
+    StripeMacs,
+    StripePlan,
+    conv_activation_scores,
+    conv_out_hw,
+    conv_stripe_scores,
+    distinct_boxes,
+    select_boxes,
+    select_stripes,
+    stripe_convs,
+    stripe_macs,
+    stripe_taps,
+)
 from onnxprune.rewrite.check import apply_plan, check_shapes, full_check
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
+from onnxprune.rewrite.stripes import ShrinkResult, mask_stripes, shrink_stripes
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture
 from onnxprune.runtime.inputs import make_inputs
@@ -421,3 +437,183 @@ def step_options(original: Analysis, an: Analysis, opts: PlanOptions, k: int, st
         remove = g.size - max(1, keep)
         exact.append((r"\A" + re.escape(name) + r"\Z", (remove + 0.5) / g.size if remove > 0 else 0.0))
     return dataclasses.replace(uniform, layer_ratios=exact + uniform.layer_ratios)
+
+
+# ----------------------------------------------------------------------------------------------
+# stripe pruning (``prune --stripe-ratio R``, issue 12): after the channel stage, on its output
+
+
+@dataclass
+class StripeStage:
+    """What the stripe stage did to ``source`` (the model it started from: the original, or the
+    channel-pruned model P): the plan, the resulting model, per conv the stripe-counted MACs
+    (``macs``), the shrink records and gate timings (shrink mode), the convs it skipped and why, and
+    ``verification``: the result against ``mask_stripes(source, plan)`` (the masked original with
+    its stripes zeroed), exactly, with the fidelity column against the untouched original."""
+
+    options: StripeOptions
+    plan: StripePlan
+    source: onnx.ModelProto
+    model: onnx.ModelProto
+    shapes: Shapes
+    macs: dict[str, StripeMacs]
+    skipped: dict[str, str]
+    shrink: ShrinkResult | None = None
+    gate: dict[str, SplitTiming] = field(default_factory=dict)
+    verification: Verification | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    serialized: bytes | None = None
+
+    def conv_macs(self) -> tuple[int, int]:
+        """(K×K conv MACs before, after) per sample: physical (the shrunk convs') in shrink mode,
+        counted by kept stripes in mask mode."""
+        before = sum(m.dense for m in self.macs.values())
+        if self.shrink is None:
+            return before, sum(m.kept for m in self.macs.values())
+        recs = {c.key: c for c in self.shrink.convs}
+        after = 0
+        for k, m in self.macs.items():
+            r = recs.get(k)
+            after += r.macs_after if r is not None and r.macs_after is not None else m.dense
+        return before, after
+
+    def to_json(self) -> dict:
+        before, after = self.conv_macs()
+        removed = self.plan.removed()
+        total = sum(int(m.size) for m in self.plan.keep.values())
+        return {"options": dataclasses.asdict(self.options), "mode": self.options.mode,
+                "shape": self.plan.shape, "norm": self.plan.norm, "convs": len(self.plan.keep),
+                "stripes": total, "stripes_removed": int(sum(removed.values())),
+                "kxk_conv_macs": {"before": before, "after": after,
+                                  "counted": "physical" if self.shrink is not None else "kept stripes"},
+                "shrink": self.shrink.to_json() if self.shrink is not None else None,
+                "gate": {k: t.to_json() for k, t in self.gate.items()},
+                "skipped": self.skipped, "verification": self.verification.to_json() if self.verification else None,
+                "timings_s": self.timings}
+
+
+def stripe_scores(model: onnx.ModelProto, norm: str, fit: CalibView | None = None, ep: str = "auto",
+                  progress=None) -> tuple[dict, str]:
+    """``({conv key: stripe scores [F, K, K']}, the norm used)``: with ``fit`` the activation-weighted
+    scores (the conv inputs' E[x²] captured on it), else the weights' ``norm``."""
+    if fit is None or not fit.n:
+        return conv_stripe_scores(model, norm), norm
+    taps = stripe_taps(model)
+    cap = capture(model, taps, fit, ep=ep, progress=progress)
+    return conv_activation_scores(model, {t: cap.stats[t].mean_sq for t, _ in taps}), "activation"
+
+
+def select_stripe_plan(model: onnx.ModelProto, opts: StripeOptions, scores: dict, norm: str,
+                       cg: CouplingGraph | None = None) -> StripePlan:
+    """The stripe plan of ``opts`` on ``scores``. Box plans in shrink mode: a conv whose split
+    ``shrink_stripes`` would refuse (its channel group cannot carry a new order) is selected again
+    with one box, so its kernel shrinks instead of falling back to the union of its boxes."""
+    if opts.stripe_shape == "free":
+        return select_stripes(scores, opts.ratio, norm, global_=opts.global_, max_ratio=opts.max_ratio)
+    groups = {c.key: c.group for c in stripe_convs(model)[0]}
+    plan = select_boxes(scores, opts.ratio, opts.boxes, norm, groups=groups, global_=opts.global_,
+                        max_ratio=opts.max_ratio)
+    if opts.mode != "shrink" or opts.boxes == 1:
+        return plan
+    refused = {c.key for c in shrink_stripes(model, plan, cg).convs if len(c.boxes) > 1 and not c.split}
+    if not refused:
+        return plan
+    per = {k: (1 if k in refused else opts.boxes) for k in scores}
+    return select_boxes(scores, opts.ratio, per, norm, groups=groups, global_=opts.global_, max_ratio=opts.max_ratio)
+
+
+def one_box_fallback(source: onnx.ModelProto, opts: StripeOptions, plan: StripePlan, gate: dict[str, SplitTiming],
+                     scores: dict, norm: str, cg: CouplingGraph | None, ep: str, threads: int | None,
+                     batch: int) -> tuple[StripePlan, dict[str, SplitTiming]]:
+    """Box plans: a conv whose split measured slower than its dense form gets a second candidate,
+    one box (a crop, selected at the same removed count), timed the same way; it replaces the split
+    where it pays. Returns the plan and the gate's timings, updated."""
+    if plan.shape != "box":
+        return plan, gate
+    retry = [k for k, t in gate.items() if not t.pays and distinct_boxes(plan.keep[k]) > 1]
+    if not retry:
+        return plan, gate
+    per = dict(plan.max_boxes) if isinstance(plan.max_boxes, dict) else {k: int(plan.max_boxes or opts.boxes)
+                                                                        for k in plan.keep}
+    was = dict(per)
+    per.update({k: 1 for k in retry})
+    groups = {c.key: c.group for c in stripe_convs(source)[0]}
+    crops = select_boxes(scores, opts.ratio, per, norm, groups=groups, global_=opts.global_, max_ratio=opts.max_ratio)
+    timed = gate_splits(source, StripePlan({k: crops.keep[k] for k in retry}, shape="box"), ep, threads, batch, cg=cg)
+    keep, gate = dict(plan.keep), dict(gate)
+    for k in retry:
+        if timed[k].pays:
+            keep[k], gate[k] = crops.keep[k], timed[k]
+        else:
+            per[k] = was[k]
+    return dataclasses.replace(plan, keep=keep, max_boxes=per), gate
+
+
+def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.ModelProto | None = None,
+                analysis: Analysis | None = None, plan: StripePlan | None = None, fit: CalibView | None = None,
+                ep: str = "auto", threads: int | None = None, batch: int = 1, verify: bool = False,
+                tol: float = DEFAULT_TOL, input_shapes=None, input_arrays=None, progress=None) -> StripeStage:
+    """Stripe-prune ``source``: score (activation-weighted on ``fit`` when given), select (or take
+    ``plan``, a loaded one), then mask or shrink (the latency gate timing each conv's dense and shrunk
+    forms on ``ep`` at ``batch`` unless ``opts.gate`` is off), fully check, and with ``verify``
+    compare with ``mask_stripes(source, plan)``; the fidelity column against ``original`` (default
+    ``source``). ``analysis``: of ``source``, for the channel reordering of splits (made here when
+    needed)."""
+    opts.validate()
+    t0 = time.perf_counter()
+    convs, skipped = stripe_convs(source)
+    timings: dict[str, float] = {}
+    cg = None
+    if opts.mode == "shrink":
+        an = analysis if analysis is not None and analysis.model is source else analyze_model(
+            source, input_shapes, input_arrays=input_arrays)
+        cg = an.cg
+    ignore = [re.compile(r) for r in opts.ignore]
+    for c in convs:
+        hit = next((p.pattern for p in ignore if p.search(c.key)), None)
+        if hit is not None:
+            skipped[c.key] = f"ignored by --ignore {hit}"
+    selected = plan is None
+    if plan is None:
+        scores, norm = stripe_scores(source, opts.norm, fit, ep, progress)
+        scores = {k: v for k, v in scores.items() if k not in skipped}
+        timings["score"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        plan = select_stripe_plan(source, opts, scores, norm, cg)
+        timings["select"] = time.perf_counter() - t1
+    gate: dict[str, SplitTiming] = {}
+    shrink = None
+    t2 = time.perf_counter()
+    if opts.mode == "mask":
+        model = mask_stripes(source, plan)
+    else:
+        split = None
+        if opts.gate == "latency":
+            gate = gate_splits(source, plan, ep, threads, batch, cg=cg)
+            if selected:
+                plan, gate = one_box_fallback(source, opts, plan, gate, scores, norm, cg, ep, threads, batch)
+            split = gated(gate)
+            timings["gate"] = time.perf_counter() - t2
+        shrink = shrink_stripes(source, plan, cg, split)
+        model = shrink.model
+    t3 = time.perf_counter()
+    try:
+        data = full_check(model)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types
+        raise RewriteError(f"stripe-pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    shapes = infer_shapes(model, input_shapes, arrays=input_arrays)
+    src_shapes = infer_shapes(source, input_shapes, arrays=input_arrays)
+    macs = stripe_macs(plan, [c for c in convs if c.key in plan.keep], conv_out_hw(
+        [c for c in convs if c.key in plan.keep], src_shapes.concrete))
+    timings["rewrite_and_check"] = time.perf_counter() - t3
+    stage = StripeStage(opts, plan, source, model, shapes, macs, skipped, shrink, gate, timings=timings,
+                        serialized=data)
+    if verify:
+        t4 = time.perf_counter()
+        feeds = make_inputs(source, input_shapes, arrays=input_arrays)
+        stage.verification = compare(original if original is not None else source, mask_stripes(source, plan),
+                                     model, feeds, ep, tol)
+        timings["verify"] = time.perf_counter() - t4
+    return stage

@@ -58,10 +58,15 @@ from onnxprune.planning.options import (
     GROUP_REDUCTIONS,
     HESSIAN_DEFAULT_SAMPLES,
     NORMALIZERS,
+    STRIPE_GATES,
+    STRIPE_MODES,
+    STRIPE_NORMS,
+    STRIPE_SHAPES,
     TAYLOR_FORMS,
     TP_MEMBERS,
     GradientSettings,
     PlanOptions,
+    StripeOptions,
     grad_option_conflicts,
 )
 from onnxprune.rewrite.compensate import BN_STATS, CompensateOptions
@@ -745,6 +750,53 @@ class CompensateArgs(ArgGroup):
 # DistillOptions' defaults, stated in the help (rewrite/distill.py imports torch: not at parse time;
 # tests/test_finetune_cli.py checks that these are its defaults)
 FINETUNE_DEFAULTS = {"lr": 1e-2, "batch": 16, "temperature": 4.0}
+
+
+class StripeArgs(ArgGroup):
+    """``prune --stripe-ratio R``: stripe pruning of K×K convs (Pruning Filter in Filter), alone or
+    after channel pruning in the same run (``--ratio``); ``--global`` and ``--max-ratio`` of the plan
+    group apply to it too. Not with a target search, ``--steps``, ``--finetune`` or ``--soft``."""
+
+    title = "stripe pruning (K×K convs)"
+
+    def add(self, g) -> None:
+        g.add_argument("--stripe-ratio", type=float, default=None, metavar="R",
+                       help="remove the share R of the stripes W[f,:,i,j] of every K×K conv (never a whole filter)")
+        g.add_argument("--stripe-mode", choices=list(STRIPE_MODES), default="shrink",
+                       help="shrink (default): smaller kernels, filters grouped by the box of their kept stripes, "
+                            "one Conv per box; mask: removed stripes zeroed, graph unchanged")
+        g.add_argument("--stripe-shape", choices=list(STRIPE_SHAPES), default=None,
+                       help="box: each filter keeps one rectangle of stripes (default with shrink); free: any "
+                            "stripes, the paper's (default with mask; shrink then crops to their bounding boxes)")
+        g.add_argument("--stripe-norm", choices=list(STRIPE_NORMS), default="l1",
+                       help="stripe importance: l1 (default) or l2 of W[f,:,i,j]; with --calib weighted by the "
+                            "conv input's per-channel root mean square")
+        g.add_argument("--stripe-boxes", type=positive_int, default=2, metavar="N",
+                       help="at most N distinct kernel boxes per conv (default 2; each becomes one Conv)")
+        g.add_argument("--stripe-gate", choices=list(STRIPE_GATES), default="latency",
+                       help="latency (default): shrink a conv only where its shrunk form measures faster than the "
+                            "masked dense conv on --ep (interleaved timing); off: shrink every planned conv")
+
+    def parse(self, ns, ratio: float | None = None) -> StripeOptions | None:
+        """None without ``--stripe-ratio`` (``ratio``: the one a loaded plan file's stripes carry)."""
+        ratio = ns.stripe_ratio if ns.stripe_ratio is not None else ratio
+        if ratio is None:
+            return None
+        given = [flag for flag, v in (("--target-macs", getattr(ns, "target_macs", None)),
+                                      ("--target-latency", getattr(ns, "target_latency", None)),
+                                      ("--target-fidelity", getattr(ns, "target_fidelity", None)),
+                                      ("--steps", (getattr(ns, "steps", 1) or 1) > 1 or None),
+                                      ("--finetune", getattr(ns, "finetune", None) or None),
+                                      ("--soft", getattr(ns, "soft", None) or None)) if v is not None]
+        if given:
+            raise UserError(f"--stripe-ratio cannot be used with {given[0]}")
+        opts = StripeOptions(ratio=float(ratio), mode=ns.stripe_mode, shape=ns.stripe_shape,
+                             norm=ns.stripe_norm, boxes=int(ns.stripe_boxes), gate=ns.stripe_gate,
+                             global_=bool(getattr(ns, "global_", False)),
+                             max_ratio=float(getattr(ns, "max_ratio", 0.9)),
+                             ignore=tuple(getattr(ns, "ignore", None) or ()))
+        opts.validate()
+        return opts
 
 
 class FinetuneArgs(ArgGroup):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from onnxprune.cli.args import (
     PlanFileArgs,
     ReportArgs,
     StepsArgs,
+    StripeArgs,
     TargetArgs,
     Targets,
     Timing,
@@ -45,12 +47,14 @@ from onnxprune.cli.render import (
     print_finetune,
     print_round_to,
     print_stats_table,
+    print_stripes,
     print_verification,
     progress_bar,
 )
 from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.io import save_atomic, write_json
 from onnxprune.measure.fidelity import choose_metric, output_kinds
+from onnxprune.measure.stats import model_stats
 from onnxprune.measure.targets import (
     SELECTION_NOTE,
     Evaluation,
@@ -61,7 +65,8 @@ from onnxprune.measure.targets import (
 )
 from onnxprune.measure.verify import DEFAULT_TOL, compare
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRAD_CRITERIA, GRADIENT_IMPORTANCES
-from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.options import PlanOptions, StripeOptions
+from onnxprune.planning.stripes import StripePlan
 from onnxprune.rewrite.check import full_check
 from onnxprune.rewrite.compensate import CompensateOptions
 from onnxprune.rewrite.soft import soft_prune
@@ -83,8 +88,9 @@ CALIB = CalibArgs()
 COMPENSATE = CompensateArgs()
 GRADIENTS = GradientArgs()
 FINETUNE = FinetuneArgs()
+STRIPES = StripeArgs()  # --stripe-ratio: stripe pruning after (or instead of) the channel stage
 GROUPS = (OUTPUT, VERIFY, REPORT, INPUTS, EXECUTION, PLAN, STEPS, PLAN_FILES, TARGETS, TIMING, CALIB, COMPENSATE, GRADIENTS,
-          FINETUNE)
+          FINETUNE, STRIPES)
 VERBOSITY = VerbosityArgs()  # on the root parser (cli/__init__.py)
 
 
@@ -314,6 +320,41 @@ def prune_steps(c, model: str, opts: PlanOptions, steps: int, *, an: pipeline.An
     return res, rows
 
 
+def channels_off(args, files) -> bool:
+    """With ``--stripe-ratio`` and no channel amount (``--ratio``, head or layer ratios, a plan file
+    with channel groups), the channel stage prunes nothing (ratio 0, weight importance: no capture)."""
+    loaded = files.load is not None and any(
+        not isinstance(e, dict) or e.get("kept_units") != e.get("units") for e in files.load.get("groups", []))
+    return (args.ratio is None and args.head_ratio is None and args.head_dim_ratio is None and not args.layer_ratio
+            and not loaded)
+
+
+def loaded_stripe_plan(files) -> StripePlan | None:
+    """The stripe plan a ``--load-plan`` file carries (its ``stripes`` entry), if any."""
+    if files.load is None or files.load.get("stripes") is None:
+        return None
+    return StripePlan.from_json(json.dumps(files.load["stripes"]))
+
+
+def stripe_stage(c, res: pipeline.Result, sopts: StripeOptions, files, calib: CalibData | None, timing: Timing, *,
+                 ep: str, tol: float, verify: bool, shapes=None, arrays=None) -> pipeline.StripeStage:
+    """``--stripe-ratio``: stripes of P (the channel stage's result, or the original) pruned, P
+    replaced by the result in ``res`` (its stats, shapes and serialization); the stage's own
+    verification is against P with the stripes zeroed."""
+    fit = calib.fit if calib is not None else None
+    what = (f"stripes: scoring on {fit.n} fit samples, " if fit is not None else "stripes: ") + (
+        "timing shrunk vs dense convs..." if sopts.mode == "shrink" and sopts.gate == "latency" else "selecting...")
+    with c.status(what, spinner="dots"):
+        stage = pipeline.run_stripes(res.pruned, sopts, original=res.analysis.model, plan=loaded_stripe_plan(files),
+                                     fit=fit, ep=ep, threads=timing.threads, batch=timing.batch, verify=verify,
+                                     tol=tol, input_shapes=shapes, input_arrays=arrays)
+    res.pruned, res.pruned_shapes, res.serialized = stage.model, stage.shapes, stage.serialized
+    res.after = model_stats(stage.model, stage.shapes, registry=res.analysis.registry)
+    res.fidelity = None
+    res.timings.update({f"stripes_{k}": v for k, v in stage.timings.items()})
+    return stage
+
+
 def run(args) -> int:
     ex = EXECUTION.parse(args)
     calib_spec = CALIB.parse(args)
@@ -328,6 +369,13 @@ def run(args) -> int:
     grad_settings = GRADIENTS.parse(args, req.options.importance, ex.ep, req.options.seed)
     ft = FINETUNE.parse(args, data=calib_spec is not None, ep=ex.ep, seed=req.options.seed)
     steps = STEPS.parse(args)
+    sopts = STRIPES.parse(args)
+    if sopts is None and loaded_stripe_plan(files) is not None:  # the plan file decides the stripes
+        sopts = STRIPES.parse(args, ratio=loaded_stripe_plan(files).ratio or 0.0)
+    chan_off = sopts is not None and channels_off(args, files)
+    if chan_off:
+        req = dataclasses.replace(req, options=dataclasses.replace(req.options, ratio=0.0, importance="l2"))
+        comp = None
     if targets.given and files.load is not None:
         raise UserError("--target-macs/--target-latency/--target-fidelity search a plan; they cannot be used with "
                         "--load-plan")
@@ -375,7 +423,8 @@ def run(args) -> int:
     if res is None:
         with c.status("pruning...", spinner="dots"):
             res = pipeline.run(args.model, opts, input_shapes=inputs.shapes, input_arrays=inputs.arrays,
-                               plan_json=files.load, verify=verify and ft is None, ep=ex.ep, tol=ex.tol, analysis=an,
+                               plan_json=files.load, verify=verify and ft is None and not chan_off, ep=ex.ep,
+                               tol=ex.tol, analysis=an,
                                calib=acts, compensation=comp, fit=calib.fit if calib is not None else None,
                                gradients=grads)
     if ft is not None:
@@ -383,10 +432,16 @@ def run(args) -> int:
                        arrays=inputs.arrays)
     if analyzed:
         res.timings["analyze"] = analyzed
+    stage = None
+    if sopts is not None and (res.verification is None or res.verification.passed):
+        stage = stripe_stage(c, res, sopts, files, calib, timing, ep=ex.ep, tol=ex.tol, verify=verify,
+                             shapes=inputs.shapes, arrays=inputs.arrays)
+        extra["stripes"] = stage.to_json()
     if calib is not None and res.fidelity is None:
         with progress_bar(c, f"fidelity on {calib.holdout.n} held-out samples") as progress:
             pipeline.measure_holdout(res, calib.holdout, ex.ep, progress)
-    ok = res.verification is None or res.verification.passed
+    ok = (res.verification is None or res.verification.passed) and (
+        stage is None or stage.verification is None or stage.verification.passed)
     if VERBOSITY.parse(args) and res.analysis.changes:
         c.print("normalization:", markup=False)
         for line in res.analysis.changes:
@@ -408,12 +463,22 @@ def run(args) -> int:
         print_batchnorms(c, res.compensation)
     if res.distillation is not None:
         print_finetune(c, res.distillation, res.fidelity_before, res.fidelity)
+    if stage is not None:
+        print_stripes(c, stage)
     if res.verification is not None:
         print_verification(c, res.verification)
+    if stage is not None and stage.verification is not None:
+        c.print("stripes: " + ("the model with the channel plan's stripes zeroed" if res.plan.pruned()
+                               else "the original with the planned stripes zeroed") + " is the masked original here",
+                markup=False)
+        print_verification(c, stage.verification)
     if report:
         write_json(report, {"model": args.model, "output": output if ok else None, **res.to_json(), **extra})
     if files.save:
-        write_json(files.save, res.plan.to_json(res.analysis.cg))
+        saved = res.plan.to_json(res.analysis.cg)
+        if stage is not None:
+            saved["stripes"] = json.loads(stage.plan.to_json())
+        write_json(files.save, saved)
     if not ok:
         c.print("FAILED: verification failed; no output written")
         return 1
@@ -425,5 +490,6 @@ def run(args) -> int:
     else:
         save_atomic(res.pruned, output, data=res.serialized)
     c.print(f"wrote {output}")
-    c.print("PASSED" if res.verification is not None else "DONE (not verified; add --verify)")
+    verified = res.verification is not None or (stage is not None and stage.verification is not None)
+    c.print("PASSED" if verified else "DONE (not verified; add --verify)")
     return 0

@@ -122,3 +122,64 @@ def print_finetune(console, d, before=None, after=None) -> None:
     if d.changed:
         console.print("  --verify checks the finetuned model against the masked original rebuilt from its "
                       "trained weights", markup=False)
+
+
+STRIPE_ROWS = 40  # convs listed in the stripe table (the report has every one)
+
+
+def _boxes_text(boxes) -> str:
+    return " ".join(f"{b.kernel[0]}x{b.kernel[1]}:{b.filters}" for b in boxes)
+
+
+def _short(name: str, width: int = 24) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def print_stripes(console, stage) -> None:
+    """The stripe stage: a table per conv (kernel, boxes kept with their filter counts, stripes
+    removed, MACs, the latency gate's timings and what was built), then a summary line."""
+    removed = stage.plan.removed()
+    recs = {c.key: c for c in stage.shrink.convs} if stage.shrink is not None else {}
+    t = Table(title=f"stripes ({stage.options.mode}, {stage.plan.shape} selection, {stage.plan.norm} importance)")
+    for col in ("conv", "k", "boxes:filters", "removed", "MACs", "ms dense→shrunk", "built"):
+        t.add_column(col, justify="left" if col in ("conv", "boxes:filters", "built") else "right")
+    keys = list(stage.plan.keep)
+    for key in keys[:STRIPE_ROWS]:
+        m, mac = stage.plan.keep[key], stage.macs[key]
+        rec, g = recs.get(key), stage.gate.get(key)
+        after = rec.macs_after if rec is not None and rec.macs_after is not None else (
+            mac.dense if rec is not None else mac.kept)
+        timing = (f"{g.dense_ms:.2f}→{g.shrunk_ms:.2f}" if g is not None and g.dense_ms is not None
+                  and g.shrunk_ms is not None else "")
+        if rec is None:
+            built = "zeroed (mask)"
+        elif rec.split:
+            built = f"split {len(rec.built)}" + (" (reordered)" if rec.permuted else "")
+        elif rec.shrunk:
+            built = f"crop {rec.built[0].kernel[0]}x{rec.built[0].kernel[1]}" + (" +Slice" if rec.sliced else "")
+        else:
+            built = "dense" + (f" ({rec.reason})" if rec.reason else (" (slower shrunk)" if g is not None else ""))
+        boxes = _boxes_text(rec.boxes) if rec is not None else f"{int(m.sum())}/{m.size} kept"
+        t.add_row(_short(key), f"{m.shape[1]}x{m.shape[2]}", boxes, f"{100 * removed[key] / m.size:.0f}%",
+                  f"{human(mac.dense)}→{human(after)}", timing, built)
+    if len(keys) > STRIPE_ROWS:
+        t.add_row(f"... {len(keys) - STRIPE_ROWS} more (see --report)", "", "", "", "", "", "")
+    console.print(t)
+    before, after = stage.conv_macs()
+    total = sum(int(m.size) for m in stage.plan.keep.values())
+    gone = sum(removed.values())
+    line = (f"stripes: {gone:,} of {total:,} removed ({100 * gone / max(1, total):.1f}%) in {len(keys)} K×K convs; "
+            f"their MACs {human(before)} -> {human(after)} ({delta(before, after)}, "
+            + ("physical" if stage.shrink is not None else "counted by kept stripes; the graph is unchanged") + ")")
+    if stage.shrink is not None:
+        done = [c for c in stage.shrink.convs if c.shrunk]
+        dense = [c for c in stage.shrink.convs if not c.shrunk]
+        line += f"; {len(done)} shrunk ({sum(c.split for c in done)} split), {len(dense)} kept dense"
+        if stage.gate:
+            slower = [k for k, g in stage.gate.items() if g.dense_ms is not None and g.shrunk_ms is not None
+                      and not g.pays]
+            line += f" ({len(slower)} measured slower when shrunk)" if slower else ""
+    if stage.skipped:
+        why = next(iter(stage.skipped.values()))
+        line += f"; {len(stage.skipped)} convs skipped (e.g. {why})"
+    console.print(line, markup=False)

@@ -7,6 +7,7 @@ Nothing here reads option text: the command line turns ``--round-to auto`` into 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from onnxprune.errors import UserError
@@ -178,3 +179,52 @@ class GradientSettings:
                 "max_samples": self.samples_for(importance), "device": self.device, "seed": self.seed,
                 "labels": None if lab is None else int(len(lab))}
 
+
+
+STRIPE_MODES = ("shrink", "mask")  # physical smaller kernels (default) | zeroed stripes, graph unchanged
+STRIPE_SHAPES = ("box", "free")  # one rectangle of stripes per filter | any stripes (the paper's)
+STRIPE_NORMS = ("l1", "l2")
+STRIPE_GATES = ("latency", "off")  # shrink a conv only when measured faster | always
+
+
+@dataclass(frozen=True)
+class StripeOptions:
+    """Stripe pruning (issue 12): ``ratio`` of the stripes ``W[f, :, i, j]`` of every K×K conv removed
+    (per conv, or ranked across convs with ``global_``, no conv losing more than ``max_ratio``).
+    ``shape``: ``box`` keeps one rectangle per filter (so kernels shrink), ``free`` any stripes; None
+    takes ``box`` for ``shrink`` and ``free`` for ``mask``. ``boxes``: distinct rectangles per conv
+    (each becomes one Conv of the split). ``gate``: ``latency`` makes a shrink only where the conv's
+    shrunk form measures faster than its masked dense form on the run's execution provider."""
+
+    ratio: float
+    mode: str = "shrink"
+    shape: str | None = None
+    norm: str = "l1"
+    boxes: int = 2
+    gate: str = "latency"
+    global_: bool = False
+    max_ratio: float = 0.9
+    ignore: tuple[str, ...] = ()  # regexes: convs whose key matches one (re.search) are left alone
+
+    @property
+    def stripe_shape(self) -> str:
+        return self.shape or ("box" if self.mode == "shrink" else "free")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"--stripe-ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise UserError(f"--max-ratio must be in (0, 1], got {self.max_ratio}")
+        for name, value, choices in (("--stripe-mode", self.mode, STRIPE_MODES),
+                                     ("--stripe-shape", self.stripe_shape, STRIPE_SHAPES),
+                                     ("--stripe-norm", self.norm, STRIPE_NORMS),
+                                     ("--stripe-gate", self.gate, STRIPE_GATES)):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        if self.boxes < 1:
+            raise UserError(f"--stripe-boxes must be >= 1, got {self.boxes}")
+        for rx in self.ignore:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise UserError(f"--ignore {rx!r} is not a regular expression: {exc}") from None
