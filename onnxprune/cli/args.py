@@ -775,7 +775,8 @@ class StripeArgs(ArgGroup):
                        help="at most N distinct kernel boxes per conv (default 2; each becomes one Conv)")
         g.add_argument("--stripe-gate", choices=list(STRIPE_GATES), default="latency",
                        help="latency (default): shrink a conv only where its shrunk form measures faster than the "
-                            "masked dense conv on --ep (interleaved timing); off: shrink every planned conv")
+                            "masked dense conv on --ep (interleaved timing, at batch 1 and at --batch); off: shrink every "
+                            "planned conv")
 
     def parse(self, ns, ratio: float | None = None) -> StripeOptions | None:
         """None without ``--stripe-ratio`` (``ratio``: the one a loaded plan file's stripes carry)."""
