@@ -54,7 +54,8 @@ def _channel_entries() -> list[tuple[str, str]]:
 # op types registered on purpose but not exercised by a graph in the handler tests, with the reason
 NOT_TESTED = {
     ("", "Swish"): "no ONNX opset in the supported range 11..23 defines Swish (onnx has no schema for it)",
-    ("", "Upsample"): "deprecated since opset 10; models below opset 11 are refused (MIN_OPSET = 11)",
+    ("", "Upsample"): "deprecated since opset 10; models below opset 11 are converted to opset 13 on analysis "
+                      "(analysis.passes.convert_opset), where it is Resize",
 }
 
 _FAKE_DOMAIN = "test.onnxprune.registry"

@@ -1,5 +1,6 @@
-"""One analysis of a model: load (or check) it, run the normalization passes, infer shapes and
-build the coupling graph. Every later stage (plan, rewrite, verify, measure) takes an Analysis."""
+"""One analysis of a model: load (or check) it, run the normalization passes (which check it and
+convert opsets 7..10 to 13), infer shapes and build the coupling graph. Every later stage (plan,
+rewrite, verify, measure) takes an Analysis."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from onnxprune.analysis.coupling import CouplingGraph, analyze
 from onnxprune.analysis.passes import normalize
 from onnxprune.analysis.shapes import Shapes, infer_shapes
 from onnxprune.analysis.subgraphs import with_body_shapes
-from onnxprune.ir.io import check_opset, load
+from onnxprune.ir.io import MIN_CONVERTIBLE, check_opset, load
 from onnxprune.ir.tensors import ConstantTable
 
 
@@ -27,6 +28,7 @@ class Analysis:
     seconds: float = 0.0
     changes: tuple[str, ...] = ()  # what the normalization passes changed
     input_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # --input: the probes ran on them
+    input_fault: str | None = None  # why the input fails the full ONNX checker (None: it passes)
 
     @property
     def registry(self) -> Registry:
@@ -43,9 +45,9 @@ def analyze_model(model: onnx.ModelProto | str, registry: Registry,
     t0 = time.perf_counter()
     owned = (not isinstance(model, onnx.ModelProto)) or bool(owned)
     if not isinstance(model, onnx.ModelProto):
-        model = load(model)
+        model = load(model, MIN_CONVERTIBLE)
     else:
-        check_opset(model)
+        check_opset(model, min_opset=MIN_CONVERTIBLE)
     res = normalize(model, inplace=owned, input_shapes=input_shapes, input_arrays=input_arrays,
                     bias_inputs=bias_inputs, stand_ins=registry.shape_stand_ins())
     model = res.model
@@ -54,7 +56,8 @@ def analyze_model(model: onnx.ModelProto | str, registry: Registry,
     consts = ConstantTable.of(model.graph)
     cg = analyze(model, shapes, registry, consts, head_mode=head_mode)
     return Analysis(model, shapes, cg, dict(input_shapes or {}), time.perf_counter() - t0,
-                    res.changes + tuple(f"infer_shapes: {n}" for n in shapes.notes), dict(input_arrays or {}))
+                    res.changes + tuple(f"infer_shapes: {n}" for n in shapes.notes), dict(input_arrays or {}),
+                    res.fault)
 
 
 def barrier_summary(cg: CouplingGraph, limit: int = 8) -> list[str]:

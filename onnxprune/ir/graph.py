@@ -1,5 +1,5 @@
 """The graph index: opsets, graph inputs, value-info dims, subgraph references, dead-code removal
-and the weightless copy used for shape inference."""
+and the weightless copies used for shape inference and the checker."""
 
 from __future__ import annotations
 
@@ -168,6 +168,27 @@ def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProt
             light.dims.extend(t.dims)
         else:
             g2.initializer.append(t)
+    return out
+
+
+def checkable(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy for ``onnx.checker.check_model(full_check=True)`` that costs what the graph costs, not
+    what the weights do: ``weightless``, with every initializer it emptied turned into a graph input
+    of the same type and dims (the checker wants data in an initializer, shape inference only its
+    type). What only the data could fail (its size against its dims) is checked on load
+    (``tensors.check_tensor_data``)."""
+    out = weightless(model, keep_bytes)
+    g = out.graph
+    inputs = {i.name for i in g.input}
+    kept = []
+    for t, orig in zip(list(g.initializer), model.graph.initializer, strict=True):
+        if is_external(orig) or tensor_nbytes(orig) > keep_bytes:
+            if t.name not in inputs:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del g.initializer[:]
+    g.initializer.extend(kept)
     return out
 
 

@@ -30,7 +30,10 @@ from onnxprune.ir.tensors import (
 
 log = logging.getLogger(__name__)
 
-MIN_OPSET, MAX_OPSET = 11, 23
+MIN_OPSET, MAX_OPSET = 11, 23  # the opsets the handlers are written for
+# opsets MIN_CONVERTIBLE..MIN_OPSET-1 are loaded for analysis only, which converts them to opset 13
+# (``analysis.passes.convert_opset``) where that conversion is exact, and refuses them otherwise
+MIN_CONVERTIBLE = 7
 
 
 class WriteFailed(UserError, OSError):
@@ -43,8 +46,9 @@ def _write_failed(p: Path, exc: OSError) -> WriteFailed:
 LARGE_BYTES = 1_800_000_000
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and sanity-check an ONNX file; every failure is a one-line UserError."""
+def load(path: str | os.PathLike, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Load and sanity-check an ONNX file; every failure is a one-line UserError. ``min_opset``: the
+    lowest default-domain opset accepted (``MIN_CONVERTIBLE`` for the analysis, which converts)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"no such file: {p}")
@@ -60,7 +64,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         check_tensor_data(t)
     if not model.graph.node:
         raise UserError(f"{p} is not an ONNX model (no graph nodes)")
-    check_opset(model, str(p))
+    check_opset(model, str(p), min_opset)
     return model
 
 
@@ -168,12 +172,15 @@ def approx_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in all_tensors(model)) + 1_000_000
 
 
-def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
+def check_opset(model: onnx.ModelProto, where: str = "model", min_opset: int = MIN_OPSET) -> int:
+    """The default-domain opset, when it is in ``min_opset``..``MAX_OPSET`` (else a UserError)."""
     opset = default_opset(model)
     if opset is None:
         raise UserError(f"{where}: no default-domain opset import")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UserError(f"{where}: opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    if not min_opset <= opset <= MAX_OPSET:
+        conv = (f" here (prune and the other analysing commands convert opsets {MIN_CONVERTIBLE}..{MIN_OPSET - 1} "
+                "to 13)" if MIN_CONVERTIBLE <= opset < min_opset else "")
+        raise UserError(f"{where}: opset {opset} is outside the supported range {min_opset}..{MAX_OPSET}{conv}")
     return opset
 
 

@@ -1,5 +1,7 @@
 """Verification with onnxruntime: pruned P against the masked original M (the original with the
-consumer weights of every removed channel zeroed, nothing else), and fidelity P against O.
+consumer weights of every removed channel zeroed, nothing else), and fidelity P against O. A quantized
+weight is "zeroed" to its zero point, the value that dequantizes to exactly 0 (per channel or per
+tensor, ``CouplingGraph.zeroed``): integer kernels then add exactly nothing for a removed channel.
 
 Each output is judged by its relative error (max |P - M| over max |M|). An output made by a saturating
 elementwise op (Sigmoid, HardSigmoid, Tanh, Softsign, Softmax, Clip, Relu) that fails that rule is judged
@@ -29,7 +31,7 @@ from onnxprune.ir.graph import default_opset, producers
 from onnxprune.ir.tensors import constant_node_value, tensor_value
 from onnxprune.planning.plan import Plan
 from onnxprune.rewrite.apply import rewrite, scopes
-from onnxprune.runtime.session import make_session, run_session
+from onnxprune.runtime.session import make_session, rel_error, run_session
 
 DEFAULT_TOL = 1e-4
 ROUNDING_ULPS = 4  # kernel rounding allowed per evaluation pair, in units of the output dtype's eps
@@ -54,21 +56,14 @@ def masked_original(model: onnx.ModelProto, cg: CouplingGraph, plan: Plan) -> on
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = scopes(m)  # weights inside If branches are zeroed where they live
+    # "zero" is the value that means zero: a quantized constant's zero point (``CouplingGraph.zeroed``)
     for init in [i for sub in graphs for i in sub.initializer]:
         if init.name in zero:
-            arr = np.array(tensor_value(init), copy=True)
-            for ax, idx in zero[init.name]:
-                sl = [slice(None)] * arr.ndim
-                sl[ax] = idx
-                arr[tuple(sl)] = 0
+            arr = cg.zeroed(init.name, tensor_value(init), zero[init.name])
             init.CopyFrom(numpy_helper.from_array(arr, init.name))
     for node in [n for sub in graphs for n in sub.node]:
         if node.op_type == "Constant" and node.output and node.output[0] in zero:
-            arr = constant_node_value(node).copy()
-            for ax, idx in zero[node.output[0]]:
-                sl = [slice(None)] * arr.ndim
-                sl[ax] = idx
-                arr[tuple(sl)] = 0
+            arr = cg.zeroed(node.output[0], constant_node_value(node), zero[node.output[0]])
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(arr)))
     return m
@@ -157,18 +152,6 @@ class Verification:
                              "rule": o.rule, "reason": o.reason,
                              "pre_activation": o.saturation.to_json() if o.saturation else None}
                             for o in self.outputs]}
-
-
-def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if a.shape != ref.shape:
-        return float("inf")
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    diff = float(np.max(np.abs(a - ref))) if ref.size else 0.0
-    if scale == 0.0:
-        return 0.0 if diff == 0.0 else float("inf")
-    return diff / scale
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ep: str) -> tuple[list[np.ndarray], list[str], str]:

@@ -10,6 +10,7 @@ import onnx
 
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.coupling import CouplingGraph
+from onnxprune.analysis.passes import INVALID_INPUT
 from onnxprune.analysis.shapes import Shapes, infer_shapes
 from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.errors import RewriteError, UserError
@@ -56,7 +57,11 @@ def check_shapes(pruned: onnx.ModelProto, cg: CouplingGraph, plan: Plan, new_sha
 
 def apply_plan(an: Analysis, plan: Plan, keep_bytes: bool = False):
     """Rewrite and check: (pruned model, its shapes), plus the checked serialization with
-    ``keep_bytes`` (pass it to ``save_atomic(data=...)`` to save without serializing again)."""
+    ``keep_bytes`` (pass it to ``save_atomic(data=...)`` to save without serializing again). An input
+    that fails the full ONNX checker (``Analysis.input_fault``) is refused first: the input's fault
+    (exit 2, the checker's reason), not the rewrite's."""
+    if an.input_fault is not None:
+        raise UserError(INVALID_INPUT + an.input_fault)
     pruned = rewrite(an.model, an.cg, plan)
     try:
         data = full_check(pruned)
@@ -64,8 +69,7 @@ def apply_plan(an: Analysis, plan: Plan, keep_bytes: bool = False):
         raise
     except Exception as exc:  # noqa: BLE001
         if _input_invalid(an.model):
-            raise UserError(f"the input model is invalid (it fails the ONNX checker before any pruning): "
-                            f"{str(exc).splitlines()[0][:300]}") from None
+            raise UserError(INVALID_INPUT + str(exc).splitlines()[0][:300]) from None
         raise RewriteError(f"pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
     new_shapes = infer_shapes(pruned, an.input_shapes, arrays=an.input_arrays)
     new_shapes = with_body_shapes(pruned, new_shapes, an.registry, an.input_shapes, an.input_arrays)

@@ -723,7 +723,8 @@ def with_model(an: Analysis, model: onnx.ModelProto) -> Analysis:
     cg.model = model
     base = ConstantTable.of(model.graph)
     cg.consts = ScopedConstantTable.of_scopes(model.graph, base) if isinstance(an.cg.consts, ScopedConstantTable) else base
-    return Analysis(model, an.shapes, cg, dict(an.input_shapes), an.seconds, an.changes, dict(an.input_arrays))
+    return Analysis(model, an.shapes, cg, dict(an.input_shapes), an.seconds, an.changes, dict(an.input_arrays),
+                    an.input_fault)
 
 
 def _chunks(level: list[Consumer], n_out: dict[str, int], second: bool, budget: int) -> list[list[Consumer]]:

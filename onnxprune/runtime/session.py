@@ -1,4 +1,5 @@
-"""onnxruntime sessions: execution-provider choice, with clear errors when the runtime is missing."""
+"""onnxruntime sessions: execution-provider choice, with clear errors when the runtime is missing;
+running a model's outputs and comparing them (``rel_error``: max |a - ref| over max |ref|)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,26 @@ def run_session(sess, feeds: dict, output_names: list[str] | None = None) -> lis
         raise ort_error(exc, "run") from None
 
 
+def run_model(model: onnx.ModelProto, feeds: dict, ep: str = "cpu", optimize: bool = True) -> list[np.ndarray]:
+    """Every graph output of ``model`` on ``feeds``, in one session with precise math."""
+    sess, _ = make_session(model, ep, optimize=optimize, precise=True)
+    return run_session(sess, feeds)
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| over max |ref| (0 when both are all zeros, inf for another shape or a zero
+    ``ref`` with a non-zero difference)."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    diff = float(np.max(np.abs(a - ref))) if ref.size else 0.0
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
 def run_with_iobinding(sess, binding) -> None:
     ort = require_ort()
     try:
@@ -102,6 +123,7 @@ def resolve_ep(ep: str) -> str:
 def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", threads: int | None = None,
                  optimize: bool = True, precise: bool = False, profile_prefix: str | None = None):
     """Return (session, ep actually used). CUDA sessions keep CPU as fallback for unsupported ops.
+    ``precise``: for comparing results (no TF32 on CUDA; quantized units on their integer kernels).
     ``profile_prefix``: onnxruntime's node profiling on, its JSON written under this prefix
     (``sess.end_profiling()`` returns the path)."""
     ort = require_ort()
@@ -116,6 +138,11 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, ep: str = "auto", t
         so.inter_op_num_threads = 1
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if precise:
+        # a QDQ unit (DequantizeLinear -> Conv/MatMul/... -> QuantizeLinear) runs as its integer kernel
+        # also with int8 activations, which onnxruntime leaves to float kernels on some x86 CPUs: float
+        # summation order would then decide roundings, and integer results are exactly comparable
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
     providers = ["CPUExecutionProvider"] if ep == "cpu" else [
         # verification compares float32 results: TF32 Tensor-Core math (on by default) would add ~1e-3
         ("CUDAExecutionProvider", {"use_tf32": "0"} if precise else {}), "CPUExecutionProvider"]
