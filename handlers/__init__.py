@@ -10,6 +10,7 @@ from onnxprune.handlers import (
     gemm,
     norm,
     pool,
+    quant,
     reshape,
     resize,
     rnn,
@@ -18,6 +19,6 @@ from onnxprune.handlers import (
 
 from onnxprune.analysis.contract import Registry
 
-MODULES = ("concat", "contrib", "controlflow", "conv", "elementwise", "gemm", "norm", "pool", "reshape", "resize", "rnn", "shapeops")
+MODULES = ("concat", "contrib", "controlflow", "conv", "elementwise", "gemm", "norm", "pool", "quant", "reshape", "resize", "rnn", "shapeops")
 
-REGISTRY = Registry.of_modules([concat, contrib, controlflow, conv, elementwise, gemm, norm, pool, reshape, resize, rnn, shapeops])
+REGISTRY = Registry.of_modules([concat, contrib, controlflow, conv, elementwise, gemm, norm, pool, quant, reshape, resize, rnn, shapeops])

@@ -38,7 +38,9 @@ class Role(str, Enum):
 
     PRODUCER: writes the channels (conv filters); CONSUMER: reads them (input-channel axis: zeroed in
     the masked original); SCALE: multiplies them (BatchNorm gamma); PARAM: is added or applied per
-    channel (biases); STAT: statistics per channel (running mean and variance).
+    channel (biases); STAT: statistics per channel (running mean and variance); QUANT: a quantization
+    parameter per channel (the scale or zero point of a quantized constant or activation): sliced with
+    the channels, never zeroed.
     """
 
     PRODUCER = "producer"
@@ -46,6 +48,7 @@ class Role(str, Enum):
     SCALE = "scale"
     PARAM = "param"
     STAT = "stat"
+    QUANT = "quant"
 
     def __str__(self) -> str:
         return self.value
@@ -114,7 +117,16 @@ class AnalysisCtx(Protocol):
         """Axis of an activation x activation MatMul: ``heads`` (a batch axis) or ``dim``."""
 
     def mark_contraction(self, tensor: str, axis: int) -> None:
-        """Exact act x act contraction: masking must zero the producers of the removed positions."""
+        """Exact only when the removed positions are zero (an act x act contraction, a quantization
+        range taken over the whole tensor): masking must zero the producers of the removed positions."""
+
+    def quantized(self, tensor: str, zero_point: str | None, scale: str | None, axis: int | None) -> None:
+        """Input ``tensor`` holds quantized values: its real value is ``(tensor - zero_point) * scale``,
+        both per tensor (``axis`` None) or 1-D along ``axis`` of ``tensor``; no ``zero_point``: 0, no
+        ``scale``: unknown (applied later). Where ``tensor`` is a constant, the masked original (and
+        soft pruning) set its removed channels to the zero point, the value that dequantizes to 0, and
+        weight importance scores the real values. Raises Barrier if the constant is already declared
+        with other parameters (one constant, two meanings of zero)."""
 
     # -- phase 2 (after every node was analysed once) ----------------------------------------------
     def defer(self, fn: Callable[[AnalysisCtx], None]) -> None: ...

@@ -54,6 +54,25 @@ class Slot:
     space: int  # space id of (const, axis)
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """A constant holding quantized values (``AnalysisCtx.quantized``): its real value is
+    ``(value - zero_point) * scale``, per tensor (``axis`` None) or along ``axis`` of the constant."""
+
+    zero_point: str | None  # constant name; None: 0
+    scale: str | None  # constant name; None: not known here (applied by a later op)
+    axis: int | None
+
+    def along(self, v: np.ndarray, ndim: int) -> np.ndarray:
+        """A per-tensor or per-axis parameter shaped to broadcast against the constant."""
+        v = np.asarray(v)
+        if self.axis is None or v.size == 1:
+            return v.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = v.size
+        return v.reshape(shape)
+
+
 @dataclass
 class Group:
     """A set of coupled channel spaces, pruned together. DepGraph's *group*."""
@@ -114,6 +133,7 @@ class CouplingGraph:
         self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
         self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
         self.contract_sids: set[int] = set()
+        self.quant: dict[str, Quantization] = {}  # quantized constants (``AnalysisCtx.quantized``)
 
     # -- spaces ------------------------------------------------------------------------------
     def space(self, tensor: str, axis: int) -> int | None:
@@ -195,6 +215,36 @@ class CouplingGraph:
                 g.frozen.append("no weights produce these channels")
             groups.append(g)
         self.groups = groups
+
+    def zero_value(self, const: str, ndim: int) -> np.ndarray:
+        """The value of constant ``const`` that means zero, broadcastable against it: its zero point
+        where it holds quantized values, else 0."""
+        q = self.quant.get(const)
+        zp = self.consts.get(q.zero_point) if q is not None and q.zero_point else None
+        return np.zeros(()) if zp is None else q.along(zp, ndim)
+
+    def zeroed(self, const: str, arr: np.ndarray, where: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """A copy of ``arr`` (the value of ``const``) with the indices ``where`` lists per axis set to the
+        value that means zero (``zero_value``)."""
+        arr = np.array(arr, copy=True)
+        fill = np.broadcast_to(self.zero_value(const, arr.ndim).astype(arr.dtype), arr.shape)
+        for ax, idx in where:
+            sl = [slice(None)] * arr.ndim
+            sl[ax] = idx
+            arr[tuple(sl)] = fill[tuple(sl)]
+        return arr
+
+    def real_value(self, const: str) -> np.ndarray | None:
+        """The value of ``const``, dequantized (``(q - zero_point) * scale``) where it holds quantized
+        values, in float32 (float64 when the scale is)."""
+        v = self.consts.get(const)
+        q = self.quant.get(const)
+        if v is None or q is None:
+            return v
+        scale = self.consts.get(q.scale) if q.scale else None
+        dtype = np.float64 if scale is not None and scale.dtype == np.float64 else np.float32
+        real = v.astype(dtype) - self.zero_value(const, v.ndim).astype(dtype)
+        return real * q.along(scale, v.ndim).astype(dtype) if scale is not None else real
 
     def unit_index(self, group: Group, sid: int) -> np.ndarray:
         """Unit index (0..group.size-1) of every element of space ``sid``."""
@@ -411,6 +461,39 @@ class AnalysisContext:
         sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
         if sid is not None:
             self.cg.contract_sids.add(sid)
+
+    def quantized(self, tensor: str, zero_point: str | None, scale: str | None, axis: int | None) -> None:
+        """Record that the constant behind ``tensor`` (if any) holds quantized values (the Protocol's
+        docstring); the zero point and scale must be constants themselves."""
+        src = self.const_source(tensor)
+        if src is None:
+            return
+        cname, amap = src
+        names = []
+        for what, t in (("zero point", zero_point), ("scale", scale)):
+            if not t:
+                names.append(None)
+                continue
+            s = self.const_source(t)
+            if s is None:
+                raise Barrier(f"the {what} '{t}' of quantized constant '{cname}' is computed")
+            names.append(s[0])
+        caxis = None if axis is None else amap[_norm_axis(axis, self.rank(tensor))]
+        q = Quantization(names[0], names[1], caxis)
+        old = self.cg.quant.get(cname)
+        if old is not None and not self._same_quantization(old, q):
+            raise Barrier(f"constant '{cname}' is dequantized with two different scales or zero points")
+        self.cg.quant[cname] = q
+
+    def _same_quantization(self, a, b) -> bool:
+        """Same axis and the same values (untied copies of one parameter have other names)."""
+        def value(name):
+            return None if name is None else self.cg.consts.get(name)
+
+        def same(x, y):
+            return (x is None) == (y is None) and (x is None or np.array_equal(np.ravel(x), np.ravel(y)))
+
+        return a.axis == b.axis and same(value(a.zero_point), value(b.zero_point)) and same(value(a.scale), value(b.scale))
 
     def class_kind(self, tensor: str, axis: int) -> set[str]:
         """Attention kinds marked anywhere in the identity class of (tensor, axis) (phase 2)."""

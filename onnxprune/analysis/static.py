@@ -14,7 +14,8 @@ of the graph:
   inputs fully known; any other op knows its outputs only when every input is fully known.
 
 The probe supplies values (onnxruntime's, at the analysis sizes); this module only says which of them
-hold at every size.
+hold at every size. A weight stored quantized (an 8-32-bit integer constant dequantized with a float
+scale) is never called static, so it is never folded into a float constant (``_dequantizes``).
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def known_elements(model: onnx.ModelProto, values: dict[str, np.ndarray], tracke
             elif m.any():
                 masks[outs[0]] = m
             continue
+        if _dequantizes(ins, outs, consts, values):
+            continue  # a weight stored quantized is not shape data: folding it would store it as float
         if all(t in full for t in ins):
             full.update(outs)
             continue
@@ -200,6 +203,27 @@ def known_elements(model: onnx.ModelProto, values: dict[str, np.ndarray], tracke
         if t in full and t in values:
             result[t] = np.ones(values[t].shape, dtype=bool)
     return result
+
+
+_QUANTIZED_STORAGE = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32)
+
+
+def _dequantizes(ins: list[str], outs: list[str], consts: ConstantTable, values: dict[str, np.ndarray]) -> bool:
+    """Whether a node writes floats of the shape of a constant it reads stored as 8-32-bit integers,
+    beside a floating-point constant no larger (the scale): the dequantization of a stored weight
+    (DequantizeLinear), whose output is never folded. onnxruntime runs a quantized model's integer
+    kernels only while the dequantization stays in the graph, and a folded weight would be stored as
+    float. (Slice or Gather of a float table by int32 indices writes another shape than the indices', and
+    is folded as before.)"""
+    if len(outs) != 1 or not np.issubdtype(values[outs[0]].dtype, np.floating):
+        return False
+    shape = tuple(values[outs[0]].shape)
+    size = int(np.prod(shape, dtype=np.int64))
+    stored = any(t in consts and consts.dtype(t) in _QUANTIZED_STORAGE and tuple(consts.shape(t)) == shape
+                 for t in ins)
+    scaled = any(t in consts and np.issubdtype(consts.dtype(t), np.floating)
+                 and int(np.prod(consts.shape(t), dtype=np.int64)) <= size for t in ins)
+    return stored and scaled
 
 
 def proven_static(model: onnx.ModelProto, values: dict[str, np.ndarray], tracked: set[str],

@@ -58,6 +58,9 @@ Definitions, so that the numbers can be compared with other tools:
   each tensor once. A BatchNorm folded into a convolution by the exporter leaves its shift as the
   conv bias and its scale inside the weight, so the folded model has one vector per BN fewer than
   the torch module; an unfolded BN also counts its running mean and variance (buffers in torch).
+  A quantized model's weights count too: constants of 8- and 16-bit integers (int8, uint8, int16,
+  uint16), which shape data never uses; int32 and int64 constants do not count (a quantized bias is
+  int32, and so are some exporters' shape constants).
 """
 
 from __future__ import annotations
@@ -279,9 +282,12 @@ def real_shapes(model: onnx.ModelProto, shapes: Shapes, needed: set[str] | None 
 # stats
 
 
+_QUANTIZED_WEIGHTS = (np.int8, np.uint8, np.int16, np.uint16)
+
+
 def count_params(consts: ConstantTable) -> int:
     return sum(int(np.prod(consts.shape(n), dtype=np.int64)) for n in consts.names()
-               if np.issubdtype(consts.dtype(n), np.floating))
+               if np.issubdtype(consts.dtype(n), np.floating) or consts.dtype(n) in _QUANTIZED_WEIGHTS)
 
 
 def model_stats(model: onnx.ModelProto, shapes: Shapes, consts: ConstantTable | None = None,

@@ -90,7 +90,7 @@ def group_importance(cg: CouplingGraph, group: Group, kind: str = "l2", seed: in
         if (s.const, s.axis) in seen:
             continue
         seen.add((s.const, s.axis))
-        w = cg.consts.get(s.const)
+        w = cg.real_value(s.const)  # a quantized weight is scored by its dequantized values
         if w is None or not np.issubdtype(w.dtype, np.floating):
             continue
         w = w.astype(np.float32, copy=False)

@@ -18,6 +18,7 @@ A group whose channels some node divides by, or takes the logarithm or a power o
 zero channel there would become an infinity, and an infinity times a zero consumer weight is NaN.
 ``soft_prune(..., producers=False)`` zeroes the consumer slots only everywhere (the masked original).
 
+A quantized weight is zeroed to its zero point (``CouplingGraph.zeroed``), the value meaning 0.
 Never zeroed: running statistics (``STAT``: a zero variance divides by ``sqrt(eps)``) and the
 constants of elementwise ops (a divisor would become zero). The soft model equals the pruned one on
 exact groups (up to float summation order); an approximate group's soft model is its masked original.
@@ -85,15 +86,6 @@ def soft_zeros(cg: CouplingGraph, plan: Plan, producers: bool = True) -> dict[st
     return zero
 
 
-def _zero(arr: np.ndarray, where: list[tuple[int, np.ndarray]]) -> np.ndarray:
-    arr = np.array(arr, copy=True)
-    for ax, idx in where:
-        sl = [slice(None)] * arr.ndim
-        sl[ax] = idx
-        arr[tuple(sl)] = 0
-    return arr
-
-
 def soft_prune(cut: Analysis, plan: Plan, producers: bool = True) -> onnx.ModelProto:
     """``cut.model`` with the weights of every unit ``plan`` removes zeroed (module docstring); the plan
     is validated first, and nothing else changes (weights inside If branches are zeroed where they live).
@@ -106,10 +98,10 @@ def soft_prune(cut: Analysis, plan: Plan, producers: bool = True) -> onnx.ModelP
     graphs = scopes(m)
     for init in [i for sub in graphs for i in sub.initializer]:
         if init.name in zero:
-            init.CopyFrom(numpy_helper.from_array(_zero(tensor_value(init), zero[init.name]), init.name))
+            init.CopyFrom(numpy_helper.from_array(cg.zeroed(init.name, tensor_value(init), zero[init.name]), init.name))
     for node in [n for sub in graphs for n in sub.node]:
         if node.op_type == "Constant" and node.output and node.output[0] in zero:
-            arr = _zero(constant_node_value(node), zero[node.output[0]])
+            arr = cg.zeroed(node.output[0], constant_node_value(node), zero[node.output[0]])
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(arr)))
     return m
