@@ -49,9 +49,10 @@ from onnxprune.planning.stripes import (
 )
 from onnxprune.rewrite.check import apply_plan, check_shapes, full_check
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
+from onnxprune.rewrite.stripe_refit import StripeRefit, refit_stripes, stripe_gram_specs
 from onnxprune.rewrite.stripes import ShrinkResult, mask_stripes, shrink_stripes
 from onnxprune.runtime.calib import CalibView
-from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture
+from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture, capture_grams
 from onnxprune.runtime.inputs import make_inputs
 
 if TYPE_CHECKING:
@@ -463,6 +464,7 @@ class StripeStage:
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
     serialized: bytes | None = None
+    compensation: StripeRefit | None = None  # the kept stripes' least-squares refit (with fit data)
 
     def conv_macs(self) -> tuple[int, int]:
         """(K×K conv MACs before, after) per sample: physical (the shrunk convs') in shrink mode,
@@ -489,6 +491,7 @@ class StripeStage:
                 "shrink": self.shrink.to_json() if self.shrink is not None else None,
                 "gate": {k: t.to_json() for k, t in self.gate.items()},
                 "skipped": self.skipped, "verification": self.verification.to_json() if self.verification else None,
+                "compensation": self.compensation.to_json() if self.compensation is not None else None,
                 "timings_s": self.timings}
 
 
@@ -565,13 +568,15 @@ def one_box_fallback(source: onnx.ModelProto, opts: StripeOptions, plan: StripeP
 def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.ModelProto | None = None,
                 analysis: Analysis | None = None, plan: StripePlan | None = None, fit: CalibView | None = None,
                 ep: str = "auto", threads: int | None = None, batch: int = 1, verify: bool = False,
-                tol: float = DEFAULT_TOL, input_shapes=None, input_arrays=None, progress=None) -> StripeStage:
+                tol: float = DEFAULT_TOL, input_shapes=None, input_arrays=None, progress=None,
+                compensation: CompensateOptions | None = None) -> StripeStage:
     """Stripe-prune ``source``: score (activation-weighted on ``fit`` when given), select (or take
     ``plan``, a loaded one), then mask or shrink (the latency gate timing each conv's dense and shrunk
     forms on ``ep`` at ``batch`` unless ``opts.gate`` is off), fully check, and with ``verify``
     compare with ``mask_stripes(source, plan)``; the fidelity column against ``original`` (default
     ``source``). ``analysis``: of ``source``, for the channel reordering of splits (made here when
-    needed)."""
+    needed). ``compensation`` (lsq) with ``fit``: the kept stripes are refitted on the fit share first
+    (``rewrite/stripe_refit.py``); the refitted source is masked or shrunk and verified against."""
     opts.validate()
     t0 = time.perf_counter()
     convs, skipped = stripe_convs(source)
@@ -594,6 +599,10 @@ def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.
         t1 = time.perf_counter()
         plan = select_stripe_plan(source, opts, scores, norm, cg)
         timings["select"] = time.perf_counter() - t1
+    refit = None
+    if compensation is not None and compensation.mode == "lsq" and fit is not None and fit.n:
+        source, refit = refit_source(source, plan, fit, compensation, ep, progress)
+        timings["refit"] = refit.seconds + refit.capture_s
     gate: dict[str, SplitTiming] = {}
     shrink = None
     t2 = time.perf_counter()
@@ -622,7 +631,7 @@ def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.
         [c for c in convs if c.key in plan.keep], src_shapes.concrete))
     timings["rewrite_and_check"] = time.perf_counter() - t3
     stage = StripeStage(opts, plan, source, model, shapes, macs, skipped, shrink, gate, timings=timings,
-                        serialized=data)
+                        serialized=data, compensation=refit)
     if verify:
         t4 = time.perf_counter()
         feeds = make_inputs(source, input_shapes, arrays=input_arrays)
@@ -630,3 +639,18 @@ def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.
                                      model, feeds, ep, tol)
         timings["verify"] = time.perf_counter() - t4
     return stage
+
+
+def refit_source(source: onnx.ModelProto, plan: StripePlan, fit: CalibView, comp: CompensateOptions,
+                 ep: str = "auto", progress=None) -> tuple[onnx.ModelProto, StripeRefit]:
+    """``source`` with the kept stripes of ``plan`` refitted by least squares on the Gram matrices of
+    the planned convs' input patches, captured here on ``fit`` (``rewrite/stripe_refit.py``)."""
+    specs = stripe_gram_specs(source, plan, comp.max_features)
+    t0 = time.perf_counter()
+    grams = capture_grams(source, list(dict.fromkeys(specs.values())), fit, rows=comp.rows_per_sample, ep=ep,
+                          budget_bytes=comp.budget_bytes, max_batch=comp.max_batch, seed=comp.seed,
+                          gram_budget=comp.gram_budget, progress=progress).grams if specs else {}
+    capture_s = time.perf_counter() - t0
+    model, rep = refit_stripes(source, plan, grams, comp.ridge, comp.max_features)
+    rep.capture_s = capture_s
+    return model, rep

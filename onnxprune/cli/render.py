@@ -183,3 +183,12 @@ def print_stripes(console, stage) -> None:
         why = next(iter(stage.skipped.values()))
         line += f"; {len(stage.skipped)} convs skipped (e.g. {why})"
     console.print(line, markup=False)
+    rf = getattr(stage, "compensation", None)
+    if rf is not None:
+        done = rf.refitted
+        errs = [(r.error_before, r.error_after) for r in done if r.error_before is not None]
+        fit = (f"; fit rel. error {max(b for b, _ in errs):.3f} -> {max(a for _, a in errs):.3f} (worst conv)"
+               if errs else "")
+        console.print(f"stripe refit (lsq): {len(done)} of {len(rf.convs)} convs refitted on {rf.rows} patch rows in "
+                      f"{rf.seconds + rf.capture_s:.1f}s{fit}; --verify checks against the refitted source, masked",
+                      markup=False)
