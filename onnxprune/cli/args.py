@@ -54,6 +54,7 @@ from onnxprune.planning.importance import (
     default_importance,
 )
 from onnxprune.planning.options import (
+    ALLOCATE_CHOICES,
     GROUP_FISHER_NORMALIZE,
     GROUP_REDUCTIONS,
     HESSIAN_DEFAULT_SAMPLES,
@@ -139,6 +140,7 @@ class Targets:
     latency: float | None
     fidelity: float | None = None  # --target-fidelity: held-out fidelity >= this (needs calibration data)
     metric: str | None = None  # what --target-fidelity judges (None: agreement where classifier-shaped, else cosine)
+    allocate: str = "uniform"  # how --target-latency/--target-macs is met: one ratio searched, or per-group counts
 
     @property
     def given(self) -> bool:
@@ -251,7 +253,7 @@ class PlanArgs(ArgGroup):
                        help="keep unit counts multiples of N (default 1); auto: the execution provider's channel "
                             "block (16 on AVX-512 CPUs, 8 on AVX2 and CUDA)")
         g.add_argument("--global", dest="global_", action="store_true", help="rank units across groups")
-        g.add_argument("--max-ratio", type=float, default=0.9, metavar="R", help="per-group ceiling with --global (default 0.9)")
+        g.add_argument("--max-ratio", type=float, default=0.9, metavar="R", help="per-group ceiling with --global and --allocate latency (default 0.9)")
         g.add_argument("--importance", default=None, choices=sorted(IMPORTANCES),
                        help=f"unit scores (default {DEFAULT_IMPORTANCE}; with calibration data {DEFAULT_DATA_IMPORTANCE}, "
                             f"{DEFAULT_BIAS_IMPORTANCE} with --compensate bias, "
@@ -459,7 +461,7 @@ class TargetArgs(ArgGroup):
     """Pruning to a target: the uniform ratio is searched (bisection) until it is met. ``parse`` takes
     whether calibration data was given (``--target-fidelity`` is measured on its held-out share)."""
 
-    title = "targets (search the uniform --ratio)"
+    title = "targets (search the uniform --ratio, or allocate per group: --allocate)"
 
     def add(self, g) -> None:
         g.add_argument("--target-macs", type=positive_float, default=None, metavar="F",
@@ -476,8 +478,15 @@ class TargetArgs(ArgGroup):
                        help="what --target-fidelity judges, worst output: agreement (top-1 of classifier-shaped "
                             "outputs) or cosine (mean cosine); default agreement when an output is "
                             "classifier-shaped, else cosine")
+        g.add_argument("--allocate", choices=list(ALLOCATE_CHOICES), default=None,
+                       help="how --target-latency / --target-macs is met: uniform (search one --ratio) or latency "
+                            "(per-group kept counts keeping the most importance within the budget, from latency "
+                            "tables measured on --ep at --batch and cached, or from MACs; the pruned model's latency "
+                            "is measured and the allocation refined, at most 3 rounds); default latency with "
+                            "--target-latency, uniform otherwise")
 
     def parse(self, ns, data: bool = False) -> Targets:
+        allocate = self._allocate(ns)
         if ns.metric is not None and ns.target_fidelity is None:
             raise UserError("--metric says what --target-fidelity judges; give --target-fidelity F")
         if ns.target_fidelity is not None:
@@ -486,7 +495,32 @@ class TargetArgs(ArgGroup):
                                 "or --calib-images")
             if ns.target_latency is not None:
                 raise UserError("--target-fidelity combines with --target-macs, not with --target-latency")
-        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric)
+        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric, allocate)
+
+    @staticmethod
+    def _allocate(ns) -> str:
+        """``--allocate``, defaulted (latency with --target-latency and no other schedule) and checked."""
+        schedule = next((flag for flag, on in (("--global", getattr(ns, "global_", False)),
+                                               ("--isomorphic", getattr(ns, "isomorphic", False)),
+                                               ("--greedy", getattr(ns, "greedy", False))) if on), None)
+        if ns.allocate is None:
+            return "latency" if ns.target_latency is not None and ns.target_fidelity is None and schedule is None \
+                and ns.target_macs is None else "uniform"
+        if ns.allocate == "uniform":
+            return "uniform"
+        if ns.target_fidelity is not None:
+            raise UserError("--allocate latency meets a latency or MAC budget; --target-fidelity searches a ratio: "
+                            "use one")
+        if ns.target_latency is None and ns.target_macs is None:
+            raise UserError("--allocate latency distributes a budget over the groups: give --target-latency F or "
+                            "--target-macs F")
+        if ns.target_latency is not None and ns.target_macs is not None:
+            raise UserError("--allocate latency takes one budget: --target-latency F or --target-macs F, not both "
+                            "(--allocate uniform searches a ratio meeting both)")
+        if schedule is not None:
+            raise UserError(f"--allocate latency chooses every group's count; {schedule} ranks units another way: "
+                            "use one")
+        return "latency"
 
 
 class TimingArgs(ArgGroup):

@@ -53,6 +53,7 @@ from onnxprune.cli.render import (
 )
 from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.io import save_atomic, write_json
+from onnxprune.measure.allocation import AllocationSearch
 from onnxprune.measure.fidelity import choose_metric, output_kinds
 from onnxprune.measure.stats import model_stats
 from onnxprune.measure.targets import (
@@ -123,6 +124,36 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
         res = search.search()
     c.print(res.summary())
     return dataclasses.replace(opts, ratio=res.ratio), {"target": res.to_json()}, an
+
+
+def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes, c, arrays=None,
+                      an: pipeline.Analysis | None = None, acts=None, grads=None
+                      ) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+    """``--allocate latency``: per-group kept counts for the latency or MAC budget
+    (``measure.allocation.AllocationSearch``: tables, knapsack, the pruned model measured, refined).
+    Returns (the options carrying the counts, the report's ``allocation`` section, the analysis)."""
+    with c.status("allocating the budget...", spinner="dots") as status:
+        if an is None:
+            an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
+
+        def table_progress(done: int, runs: int) -> None:
+            status.update(f"measuring the latency table: round {done}/{runs}")
+
+        def progress(r) -> None:
+            m = r.measured
+            c.print(f"  allocation round {r.index}: budget {r.budget:.3f}x, predicted {r.allocation.predicted:.3f}x -> "
+                    f"measured {m.ratio:.3f}x" + (f" ± {m.noise * 100:.1f}%" if m.noise else "")
+                    + (f" ({m.pruned_ms:.2f} / {m.original_ms:.2f} ms)" if m.original_ms else "")
+                    + f", importance kept {r.allocation.kept_importance:.3f}", markup=False)
+            status.update("allocating the budget: refining...")
+
+        search = AllocationSearch(an, opts, target_latency=targets.latency, target_macs=targets.macs, ep=ep,
+                                  threads=timing.threads, batch=timing.batch, input_shapes=shapes,
+                                  warmup=timing.warmup, repeat=timing.repeat, activations=acts, gradients=grads,
+                                  progress=progress, table_progress=table_progress)
+        res = search.search()
+    c.print(res.summary(), markup=False)
+    return dataclasses.replace(opts, keep_counts=res.keep_counts), {"allocation": res.to_json()}, an
 
 
 def holdout_trial(model: str, opts: PlanOptions, an: pipeline.Analysis, calib: CalibData,
@@ -337,17 +368,19 @@ def loaded_stripe_plan(files) -> StripePlan | None:
 
 
 def stripe_stage(c, res: pipeline.Result, sopts: StripeOptions, files, calib: CalibData | None, timing: Timing, *,
-                 ep: str, tol: float, verify: bool, shapes=None, arrays=None) -> pipeline.StripeStage:
+                 ep: str, tol: float, verify: bool, shapes=None, arrays=None,
+                 comp: CompensateOptions | None = None) -> pipeline.StripeStage:
     """``--stripe-ratio``: stripes of P (the channel stage's result, or the original) pruned, P
     replaced by the result in ``res`` (its stats, shapes and serialization); the stage's own
-    verification is against P with the stripes zeroed."""
+    verification is against P with the stripes zeroed. ``comp`` (lsq, with calibration data): the
+    kept stripes are refitted on the fit share first (``rewrite/stripe_refit.py``)."""
     fit = calib.fit if calib is not None else None
     what = (f"stripes: scoring on {fit.n} fit samples, " if fit is not None else "stripes: ") + (
         "timing shrunk vs dense convs..." if sopts.mode == "shrink" and sopts.gate == "latency" else "selecting...")
     with c.status(what, spinner="dots"):
         stage = pipeline.run_stripes(res.pruned, sopts, original=res.analysis.model, plan=loaded_stripe_plan(files),
                                      fit=fit, ep=ep, threads=timing.threads, batch=timing.batch, verify=verify,
-                                     tol=tol, input_shapes=shapes, input_arrays=arrays)
+                                     tol=tol, input_shapes=shapes, input_arrays=arrays, compensation=comp)
     res.pruned, res.pruned_shapes, res.serialized = stage.model, stage.shapes, stage.serialized
     res.after = model_stats(stage.model, stage.shapes, registry=res.analysis.registry)
     res.fidelity = None
@@ -373,6 +406,7 @@ def run(args) -> int:
     if sopts is None and loaded_stripe_plan(files) is not None:  # the plan file decides the stripes
         sopts = STRIPES.parse(args, ratio=loaded_stripe_plan(files).ratio or 0.0)
     chan_off = sopts is not None and channels_off(args, files)
+    stripe_comp = comp  # the stripe stage's refit: the parsed mode, also when the channel stage is off
     if chan_off:
         req = dataclasses.replace(req, options=dataclasses.replace(req.options, ratio=0.0, importance="l2"))
         comp = None
@@ -417,8 +451,9 @@ def run(args) -> int:
                                      grads=grads)
         extra.update(found)
     elif targets.given:
-        opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an,
-                                        acts, grads)
+        search = search_allocation if targets.allocate == "latency" else search_target
+        opts, found, an = search(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an, acts,
+                                 grads)
         extra.update(found)
     if res is None:
         with c.status("pruning...", spinner="dots"):
@@ -435,7 +470,7 @@ def run(args) -> int:
     stage = None
     if sopts is not None and (res.verification is None or res.verification.passed):
         stage = stripe_stage(c, res, sopts, files, calib, timing, ep=ex.ep, tol=ex.tol, verify=verify,
-                             shapes=inputs.shapes, arrays=inputs.arrays)
+                             shapes=inputs.shapes, arrays=inputs.arrays, comp=stripe_comp)
         extra["stripes"] = stage.to_json()
     if calib is not None and res.fidelity is None:
         with progress_bar(c, f"fidelity on {calib.holdout.n} held-out samples") as progress:

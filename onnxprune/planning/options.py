@@ -21,6 +21,7 @@ GROUP_FISHER_NORMALIZE = ("flops", "memory", "latency", "none")
 TAYLOR_FORMS = ("param", "activation")
 TP_MEMBERS = ("tp", "all")
 GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)
+ALLOCATE_CHOICES = ("uniform", "latency")  # --allocate: one ratio searched, or per-group counts (planning.allocate)
 HESSIAN_DEFAULT_SAMPLES = 64  # hessian runs one sample per pass: its default cap on the fit samples
 
 
@@ -50,6 +51,9 @@ class PlanOptions:
     greedy: bool = False  # group-fisher only; ranks across groups (as --global), not with --isomorphic
     greedy_batch: float = GREEDY_BATCH  # share of what is left to remove taken per round (0: one unit)
     greedy_macs: float | None = None  # greedy: stop at this share of the model's MACs instead of --ratio
+    # a budget allocation (planning.allocate, --allocate latency): (group id, kept units) per group it
+    # decided, in place of the ratio; the ids are the analysis' (one run's), like --layer-ratio's regexes
+    keep_counts: tuple[tuple[int, int], ...] = ()
 
     @property
     def head_mode(self) -> str:
@@ -79,6 +83,13 @@ class PlanOptions:
         self._validate_schedule()
 
     def _validate_schedule(self) -> None:
+        if self.keep_counts:
+            if self.global_ or self.isomorphic or self.greedy:
+                raise UserError("--allocate latency chooses every group's count; --global, --isomorphic and --greedy "
+                                "rank units another way: use one")
+            for gid, k in self.keep_counts:
+                if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                    raise UserError(f"an allocation keeps {k!r} units of group {gid}: counts must be integers >= 1")
         if self.greedy and self.importance != "group-fisher":
             raise UserError(f"--greedy applies to --importance group-fisher, not {self.importance}")
         if self.greedy and self.isomorphic:
@@ -150,7 +161,8 @@ def options_json(opts: PlanOptions) -> dict:
                if opts.importance in GRAD_CRITERIA else {}),
             **({"isomorphic": True} if opts.isomorphic else {}),
             **({"greedy": True, "greedy_batch": opts.greedy_batch, "greedy_macs": opts.greedy_macs}
-               if opts.greedy else {})}
+               if opts.greedy else {}),
+            **({"allocated": {str(gid): k for gid, k in opts.keep_counts}} if opts.keep_counts else {})}
 
 
 @dataclass(frozen=True, eq=False)

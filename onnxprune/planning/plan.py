@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnxprune.analysis.analyze import Analysis, barrier_summary
+from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.errors import NothingToPrune, UserError
@@ -141,12 +141,20 @@ class Plan:
 
 
 
+def _covers(cg: CouplingGraph, g: Group, sid: int) -> bool:
+    """Whether every unit of ``g`` has an element in space ``sid`` (a concat input holds only its part)."""
+    return np.unique(cg.unit_index(g, sid)).size == g.size
+
+
 def _anchor(cg: CouplingGraph, g: Group) -> int:
-    """The space that names a group in a plan file: a producer weight's output axis if any."""
+    """The space that names a group in a plan file, which must hold every unit (the file lists the
+    kept elements of this one space): a producer weight's output axis that does, else any space that
+    does (a concat's output), else the first (a group no single space covers cannot round-trip)."""
+    covering = [sid for sid in g.spaces if _covers(cg, g, sid)]
     for s in g.slots:
-        if s.role == Role.PRODUCER:
+        if s.role == Role.PRODUCER and s.space in covering:
             return s.space
-    return g.spaces[0]
+    return covering[0] if covering else g.spaces[0]
 
 
 def _check_regexes(cg: CouplingGraph, opts: PlanOptions) -> None:
@@ -203,10 +211,32 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
     """The plan ``opts`` asks for. ``activations``: what the data-aware importances (``act``,
     ``act-var``) read, captured on the fit share of the calibration data (``pipeline.capture_activations``);
     ``gradients``: the scores of a gradient criterion (``pipeline.gradient_scores_for``: collected
-    once, reused at every ratio), at least on every group this plan may prune."""
+    once, reused at every ratio), at least on every group this plan may prune. ``opts.keep_counts``
+    (a budget allocation, ``planning.allocate``): those groups keep that many units."""
     opts.validate()
     if opts.importance in DATA_IMPORTANCES and activations is None:
         raise UserError(f"--importance {opts.importance} needs calibration data (--calib or --calib-images)")
+    candidates, frozen = plan_candidates(cg, opts)
+    scores, importance, gradients = candidate_scores(cg, opts, [g for g, _ in candidates], activations, gradients)
+    groups: dict[int, GroupPlan] = {}
+    counts = dict(opts.keep_counts)
+    if opts.greedy:
+        groups, importance["greedy"] = _plan_greedy(cg, candidates, scores, gradients, opts)
+    elif opts.isomorphic:
+        groups, importance["isomorphic"] = _plan_isomorphic(cg, candidates, scores, opts)
+    elif opts.global_:
+        groups = _plan_global(cg, candidates, scores, opts)
+    else:
+        for g, ratio in candidates:
+            n_remove = int(math.floor(g.size * ratio))
+            keep_n = _round_keep(g.size, counts.get(g.id, g.size - n_remove), opts.round_to)
+            groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
+    return Plan(groups, frozen, options_json(opts), importance)
+
+
+def plan_candidates(cg: CouplingGraph, opts: PlanOptions) -> tuple[list[tuple[Group, float]], dict[int, list[str]]]:
+    """The groups a plan with ``opts`` may prune, each with its ratio (``group_ratio``), and the
+    frozen ones with their reasons (``--ignore``, approximate, a single channel, the analysis')."""
     _check_regexes(cg, opts)
     ignore = [re.compile(r) for r in opts.ignore]
     layer = [(re.compile(r), v) for r, v in opts.layer_ratios]
@@ -218,34 +248,29 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
         if hit is not None:
             reasons.insert(0, f"ignored by --ignore {hit}")
         if g.is_approximate and not opts.allow_approximate and not reasons:
-            reasons.append(f"approximate: {g.approximate[0]} (use --allow-approximate)")
+            reasons.append(f"{APPROXIMATE}{g.approximate[0]} (use --allow-approximate)")
         if g.size <= 1 and not reasons:
             reasons.append("a single channel")
         if reasons:
             frozen[g.id] = reasons
             continue
         candidates.append((g, group_ratio(g, opts, layer)))
+    return candidates, frozen
+
+
+def candidate_scores(cg: CouplingGraph, opts: PlanOptions, groups: list[Group], activations: Activations | None = None,
+                     gradients: GradScores | None = None) -> tuple[dict[int, np.ndarray], dict, GradScores | None]:
+    """One score per unit of each of ``groups`` by ``opts.importance``; the report's ``importance``
+    entry; the gradient scores read (a Torch-Pruning weight criterion: scored here)."""
+    if opts.importance in DATA_IMPORTANCES and activations is None:
+        raise UserError(f"--importance {opts.importance} needs calibration data (--calib or --calib-images)")
     if opts.importance in DATA_IMPORTANCES:
-        ds = data_scores(cg, [g for g, _ in candidates], opts.importance, activations)
-        scores, importance = ds.scores, ds.report(cg, activations)
-    elif opts.importance in GRAD_CRITERIA:
-        scores, importance, gradients = _grad_scores(cg, opts, [g for g, _ in candidates], gradients)
-    else:
-        scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g, _ in candidates}
-        importance = {"criterion": opts.importance, "groups": len(candidates)}
-    groups: dict[int, GroupPlan] = {}
-    if opts.greedy:
-        groups, importance["greedy"] = _plan_greedy(cg, candidates, scores, gradients, opts)
-    elif opts.isomorphic:
-        groups, importance["isomorphic"] = _plan_isomorphic(cg, candidates, scores, opts)
-    elif opts.global_:
-        groups = _plan_global(cg, candidates, scores, opts)
-    else:
-        for g, ratio in candidates:
-            n_remove = int(math.floor(g.size * ratio))
-            keep_n = _round_keep(g.size, g.size - n_remove, opts.round_to)
-            groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
-    return Plan(groups, frozen, options_json(opts), importance)
+        ds = data_scores(cg, groups, opts.importance, activations)
+        return ds.scores, ds.report(cg, activations), gradients
+    if opts.importance in GRAD_CRITERIA:
+        return _grad_scores(cg, opts, groups, gradients)
+    scores = {g.id: group_importance(cg, g, opts.importance, opts.seed) for g in groups}
+    return scores, {"criterion": opts.importance, "groups": len(groups)}, gradients
 
 
 def _top(score: np.ndarray, keep_n: int) -> np.ndarray:
@@ -467,6 +492,38 @@ def build_plan(an: Analysis, opts: PlanOptions, plan_json: dict | None = None,
         return Plan.from_json(plan_json, an.cg)
     plan = make_plan(an.cg, opts, activations, gradients)
     if not plan.groups:
-        lines = barrier_summary(an.cg)
-        raise NothingToPrune("nothing to prune: every group is frozen: " + "; ".join(lines))
+        raise nothing_to_prune(plan)
     return plan
+
+
+APPROXIMATE = "approximate: "  # how the frozen reason of a group left out for being approximate starts
+
+
+def _reason_summary(reasons: list[str], limit: int = 8) -> str:
+    """The most common reasons, with counts."""
+    counts: dict[str, int] = {}
+    for r in reasons:
+        counts[r] = counts.get(r, 0) + 1
+    return "; ".join(f"{r} ({n} group{'s' if n > 1 else ''})"
+                     for r, n in sorted(counts.items(), key=lambda x: -x[1])[:limit])
+
+
+def nothing_to_prune(plan: Plan) -> NothingToPrune:
+    """Why ``plan`` prunes nothing, from each left-out group's first reason. Groups left out only
+    for being approximate come first, with what would prune them: they are not frozen, and a model
+    whose every group mixes channels (ConvNeXt-V2: LayerNorm and GRN) is not one with nothing to
+    prune."""
+    firsts = {gid: r[0] for gid, r in plan.frozen.items() if r}
+    approx = [gid for gid, r in firsts.items() if r.startswith(APPROXIMATE)]
+    others = [r for gid, r in firsts.items() if gid not in set(approx)]
+    if not approx:
+        if not others:
+            return NothingToPrune("nothing to prune: the model has no channel groups")
+        return NothingToPrune("nothing to prune: every group is frozen: " + _reason_summary(others))
+    n = len(approx)
+    example = firsts[approx[0]][len(APPROXIMATE):].removesuffix(" (use --allow-approximate)")
+    msg = (f"nothing to prune: {n} group{'s are' if n > 1 else ' is'} approximate: --allow-approximate prunes "
+           f"{'them' if n > 1 else 'it'}; with --calib the fidelity is measured (e.g. {example})")
+    if others:
+        msg += f"; the other {len(others)} {'are' if len(others) > 1 else 'is'} frozen: " + _reason_summary(others)
+    return NothingToPrune(msg)

@@ -69,6 +69,33 @@ def auto_round_to(ep: str = "auto", flags: frozenset[str] | None = None) -> tupl
     return nchwc_block(flags)
 
 
+def machine_facts(ep: str = "cpu") -> dict:
+    """What a latency measured here depends on, for cache keys (``measure.latency_table``): the CPU
+    model, its logical and usable cores, the SIMD flags onnxruntime's kernels choose by, onnxruntime's
+    version and the execution provider (with CUDA: the GPU's name, when torch can tell)."""
+    facts = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),
+             "simd": sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
+                            if f in cpu_flags()), "ep": ep}
+    try:
+        facts["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        import onnxruntime as ort
+
+        facts["onnxruntime"] = ort.__version__
+    except ImportError:
+        facts["onnxruntime"] = None
+    if ep == "cuda":
+        try:
+            import torch
+
+            facts["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except ImportError:  # the GPU unnamed: the key still holds the provider and onnxruntime's version
+            facts["gpu"] = None
+    return facts
+
+
 def describe() -> dict:
     """The machine, for benchmark reports."""
     info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "machine": platform.machine(),

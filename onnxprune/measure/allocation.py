@@ -1,0 +1,277 @@
+"""``prune --allocate latency``: the budget allocation (``planning.allocate``) made, kept and checked.
+
+A round: allocate for a budget (a share of the original's predicted cost), prune by it, and measure
+the promise: the pruned model's latency against the original's on the execution provider, at
+``--batch``, interleaved (``measure.latency.measure_runners``, ratio of medians), with the noise of
+that ratio (the standard error of the median of the per-round ratios, from their spread); or, for a
+MAC budget, the pruned model's MACs counted (exact, no noise). The first round asks for the target
+itself. When the measured ratio misses the target by more than the noise (above it; or below it by
+more than ``LOW_SLACK``, which wastes importance), the budget is corrected (scaled by target /
+measured; from the second round on, the secant through the rounds that bracket the target) and the
+allocation made again, at most ``MAX_ROUNDS`` rounds in all; an allocation equal to one already
+measured ends the loop. The chosen round is the one that meets the target (measured within the noise
+above it) keeping the most importance, else the one measured fastest. ``refine`` is the loop alone,
+on injected allocate and measure functions; ``AllocationSearch`` wires it to the model, the tables
+(``measure.latency_table``, cached) and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.analysis.analyze import Analysis
+from onnxprune.errors import UserError
+from onnxprune.measure.latency import Runner, measure_runners
+from onnxprune.measure.latency_table import build_table
+from onnxprune.measure.stats import model_stats
+from onnxprune.planning.allocate import Allocation, LatencyModel, TableData, allocate
+from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.plan import build_plan, candidate_scores, plan_candidates
+from onnxprune.rewrite.check import apply_plan
+from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.session import resolve_ep
+
+MAX_ROUNDS = 3
+MIN_NOISE = 0.01  # latency: a miss smaller than this is not refined, whatever the noise says
+LOW_SLACK = 0.03  # below the target by more than this (and the noise): refined upwards
+BUDGET_RANGE = (0.25, 4.0)  # a refinement scales the budget by at most these factors
+
+
+@dataclass
+class Measured:
+    """What a round measured: the pruned / original ratio and its relative noise (0: exact)."""
+
+    ratio: float
+    noise: float = 0.0
+    original_ms: float | None = None
+    pruned_ms: float | None = None
+
+
+@dataclass
+class Round:
+    index: int
+    budget: float  # the share asked of the allocation
+    allocation: Allocation
+    measured: Measured
+    seconds: float = 0.0
+
+    def meets(self, target: float, min_noise: float) -> bool:
+        return self.measured.ratio <= target * (1 + max(self.measured.noise, min_noise)) + 1e-12
+
+    def close(self, target: float, min_noise: float) -> bool:
+        low = max(2 * self.measured.noise, LOW_SLACK)
+        return self.meets(target, min_noise) and self.measured.ratio >= target * (1 - low)
+
+    def to_json(self) -> dict:
+        m = self.measured
+        return {"round": self.index, "budget": self.budget, "predicted": self.allocation.predicted,
+                "measured": m.ratio, "noise": m.noise, "original_ms": m.original_ms, "pruned_ms": m.pruned_ms,
+                "kept_importance": self.allocation.kept_importance, "chose": self.allocation.chose,
+                "uniform": self.allocation.uniform, "seconds": round(self.seconds, 3)}
+
+
+def refine(allocate_at: Callable[[float], Allocation], measure: Callable[[Allocation], Measured], target: float, *,
+           max_rounds: int = MAX_ROUNDS, min_noise: float = MIN_NOISE, progress=None) -> tuple[list[Round], int]:
+    """The rounds (module docstring) and the index of the chosen one."""
+    rounds: list[Round] = []
+    seen: set[tuple] = set()
+    budget = target
+    for i in range(max(1, max_rounds)):
+        t0 = time.perf_counter()
+        a = allocate_at(budget)
+        sig = tuple(sorted(a.counts.items()))
+        if sig in seen:
+            break
+        seen.add(sig)
+        r = Round(i + 1, budget, a, measure(a))
+        r.seconds = time.perf_counter() - t0
+        rounds.append(r)
+        if progress is not None:
+            progress(r)
+        if r.close(target, min_noise) or not (r.measured.ratio > 0 and math.isfinite(r.measured.ratio)):
+            break
+        budget = next_budget(rounds, target)
+    ok = [k for k, r in enumerate(rounds) if r.meets(target, min_noise)]
+    if ok:
+        chosen = max(ok, key=lambda k: (rounds[k].allocation.kept_importance, -k))
+    else:
+        chosen = min(range(len(rounds)), key=lambda k: rounds[k].measured.ratio)
+    return rounds, chosen
+
+
+def next_budget(rounds: list[Round], target: float) -> float:
+    """The budget of the next round: with two rounds measured, the secant through the two that
+    bracket the target (else the last two); with one, or where the secant does not help, the last
+    budget scaled by target / measured; within ``BUDGET_RANGE`` of the last budget either way."""
+    last = rounds[-1]
+    lo, hi = BUDGET_RANGE
+    scaled = last.budget * min(hi, max(lo, target / last.measured.ratio))
+    pts = [(r.budget, r.measured.ratio) for r in rounds]
+    if len(pts) < 2:
+        return scaled
+    below, above = [p for p in pts if p[1] <= target], [p for p in pts if p[1] > target]
+    p1, p2 = (max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])) if below and above else pts[-2:]
+    if p1[0] == p2[0] or p1[1] == p2[1]:
+        return scaled
+    b = p1[0] + (target - p1[1]) * (p2[0] - p1[0]) / (p2[1] - p1[1])
+    if not (b > 0 and math.isfinite(b)):
+        return scaled
+    return min(hi * last.budget, max(lo * last.budget, b))
+
+
+def ratio_noise(original: list[float], pruned: list[float]) -> float:
+    """Relative standard error of the median of the per-round ratios pruned / original (from their
+    interquartile range: sigma ~ IQR / 1.349, the median's error ~ 1.2533 sigma / sqrt(n))."""
+    m = min(len(original), len(pruned))
+    if m < 2:
+        return 0.0
+    r = np.asarray(pruned[:m]) / np.asarray(original[:m])
+    q25, med, q75 = np.percentile(r, [25, 50, 75])
+    return float(1.2533 * (q75 - q25) / 1.349 / math.sqrt(m) / med) if med > 0 else 0.0
+
+
+@dataclass
+class AllocationResult:
+    kind: str  # latency | macs
+    target: float
+    rounds: list[Round]
+    chosen: int
+    table: dict | None = None  # TableData.summary() (cache hit, seconds, key)
+    model: dict | None = None  # LatencyModel.summary()
+    ep: str | None = None
+    batch: int = 1
+    threads: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def allocation(self) -> Allocation:
+        return self.rounds[self.chosen].allocation
+
+    @property
+    def keep_counts(self) -> tuple[tuple[int, int], ...]:
+        return tuple(sorted((int(g), int(k)) for g, k in self.allocation.counts.items()))
+
+    def to_json(self) -> dict:
+        r = self.rounds[self.chosen]
+        return {"kind": self.kind, "target": self.target, "ep": self.ep, "batch": self.batch, "threads": self.threads,
+                "budget": r.budget, "predicted": r.allocation.predicted, "measured": r.measured.ratio,
+                "noise": r.measured.noise, "met": r.meets(self.target, self.min_noise),
+                "kept_importance": r.allocation.kept_importance, "uniform_at_equal_predicted": r.allocation.uniform,
+                "chosen_round": r.index, "rounds": [x.to_json() for x in self.rounds],
+                "table": self.table, "latency_model": self.model, "seconds": round(self.seconds, 2),
+                "allocation": r.allocation.to_json()}
+
+    @property
+    def min_noise(self) -> float:
+        return MIN_NOISE if self.kind == "latency" else 0.0
+
+    def summary(self) -> str:
+        r = self.rounds[self.chosen]
+        what = "latency" if self.kind == "latency" else "MACs"
+        where = f" on {self.ep} at batch {self.batch}" + (f", {self.threads} threads" if self.threads else "") \
+            if self.kind == "latency" else ""
+        noise = f" ± {r.measured.noise * 100:.1f}%" if r.measured.noise else ""
+        met = "meets" if r.meets(self.target, self.min_noise) else "misses"
+        uni = r.allocation.uniform
+        vs = (f"; importance kept {r.allocation.kept_importance:.3f} (uniform ratio {uni['ratio']:.3f} at the same "
+              f"predicted {what}: {uni['kept_importance']:.3f})") if uni else \
+            f"; importance kept {r.allocation.kept_importance:.3f}"
+        table = ""
+        if self.table is not None:
+            table = f"; latency table {'from the cache' if self.table['cache_hit'] else 'measured'} " \
+                    f"({self.table['samples']} samples, {self.table['seconds']:.1f}s)"
+        return (f"allocation ({what}): {what} {r.measured.ratio:.3f}x of the original{noise}{where}, budget "
+                f"{self.target:g}x ({met}; predicted {r.allocation.predicted:.3f}x; round {r.index} of "
+                f"{len(self.rounds)}){vs}{table}")
+
+
+class AllocationSearch:
+    """``--allocate latency``: tables, allocation and refinement on one analysis (module docstring).
+    ``table``: a latency table to use (default: measured, or read from the cache under
+    ``cache_dir``); ``measurer``: replaces the measurement of a pruned model (tests)."""
+
+    def __init__(self, an: Analysis, opts: PlanOptions, *, target_latency: float | None = None,
+                 target_macs: float | None = None, ep: str = "auto", threads: int | None = None, batch: int = 1,
+                 input_shapes=None, warmup: int = 3, repeat: int = 20, activations=None, gradients=None,
+                 table: TableData | None = None, cache: bool = True, cache_dir=None,
+                 measurer: Callable[[object], Measured] | None = None, max_rounds: int = MAX_ROUNDS,
+                 progress=None, table_progress=None):
+        if (target_latency is None) == (target_macs is None):
+            raise UserError("--allocate latency takes one budget: --target-latency F or --target-macs F")
+        target = target_latency if target_latency is not None else target_macs
+        if not 0.0 < target:
+            raise UserError(f"the allocation target must be > 0, got {target:g}")
+        if opts.global_ or opts.isomorphic or opts.greedy:
+            raise UserError("--allocate latency chooses every group's count; --global, --isomorphic and --greedy "
+                            "rank units another way: use one")
+        self.an, self.opts = an, opts
+        self.kind = "latency" if target_latency is not None else "macs"
+        self.target = float(target)
+        self.ep = resolve_ep(ep) if self.kind == "latency" else ep
+        self.threads, self.batch, self.input_shapes = threads, batch, input_shapes
+        self.warmup, self.repeat = warmup, repeat
+        self.activations, self.gradients = activations, gradients
+        self.table, self.cache, self.cache_dir = table, cache, cache_dir
+        self.measurer, self.max_rounds = measurer, max_rounds
+        self.progress, self.table_progress = progress, table_progress
+        self._original: Runner | None = None
+        self._feeds = None
+        self.base = model_stats(an.model, an.shapes, registry=an.registry)
+
+    def pruned(self, a: Allocation):
+        o = dataclasses.replace(self.opts, keep_counts=tuple(sorted(a.counts.items())))
+        plan = build_plan(self.an, o, None, self.activations, self.gradients)
+        return apply_plan(self.an, plan)
+
+    def _measure(self, a: Allocation) -> Measured:
+        pruned, shapes = self.pruned(a)
+        if self.measurer is not None:
+            return self.measurer(pruned)
+        if self.kind == "macs":
+            st = model_stats(pruned, shapes, registry=self.an.registry)
+            return Measured(st.macs / self.base.macs if self.base.macs else 1.0)
+        if self._original is None:
+            self._feeds = make_inputs(self.an.model, dict(self.input_shapes or {}), batch=self.batch)
+            self._original = Runner(self.an.model, self._feeds, self.ep, self.threads)
+        other = Runner(pruned, self._feeds, self.ep, self.threads)
+        lo, lp = measure_runners([self._original, other], self.warmup, self.repeat)
+        return Measured(lp.median_ms / lo.median_ms, ratio_noise(lo.samples_ms, lp.samples_ms), lo.median_ms,
+                        lp.median_ms)
+
+    def search(self) -> AllocationResult:
+        t0 = time.perf_counter()
+        cg = self.an.cg
+        candidates, _ = plan_candidates(cg, self.opts)
+        if not candidates:
+            raise UserError("--allocate latency: every group is frozen; nothing to allocate")
+        scores, _, grads = candidate_scores(cg, self.opts, [g for g, _ in candidates], self.activations,
+                                            self.gradients)
+        table, model = self.table, None
+        if self.kind == "latency" and table is None:
+            table = build_table(self.an, ep=self.ep, threads=self.threads, batch=self.batch,
+                                round_to=self.opts.round_to, input_shapes=self.input_shapes, cache=self.cache,
+                                directory=self.cache_dir, progress=self.table_progress)
+        if table is not None:
+            model = LatencyModel(cg, table).summary()
+
+        def allocate_at(budget: float) -> Allocation:
+            return allocate(cg, self.opts, candidates, scores, self.kind, budget, table=table, gradients=grads)
+
+        rounds, chosen = refine(allocate_at, self._measure, self.target, max_rounds=self.max_rounds,
+                                min_noise=MIN_NOISE if self.kind == "latency" else 0.0, progress=self.progress)
+        if not rounds[chosen].allocation.reached:
+            raise UserError(f"target not reachable: with every group at --max-ratio {self.opts.max_ratio:g} the "
+                            f"predicted {'latency' if self.kind == 'latency' else 'MACs'} is "
+                            f"{rounds[chosen].allocation.predicted:.3f}x of the original (frozen groups, --ignore "
+                            "and --layer-ratio keep the rest)")
+        return AllocationResult(self.kind, self.target, rounds, chosen,
+                                table.summary() if table is not None else None, model,
+                                self.ep if self.kind == "latency" else None, self.batch, self.threads,
+                                time.perf_counter() - t0)
+

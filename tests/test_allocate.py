@@ -1,0 +1,473 @@
+"""``--allocate latency`` (issue 14): the knapsack over latency tables (``planning.allocate``), the
+tables' cache (``measure.latency_table``), the refine loop (``measure.allocation``) and the command
+line. Nothing here times anything: tables are injected (made from a function of each node's kept
+shares), profiles and measurements are faked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from onnxprune import pipeline
+from onnxprune.analysis.shapes import infer_shapes
+from onnxprune.errors import UserError
+from onnxprune.measure import allocation as alloc_mod
+from onnxprune.measure import latency_table as lt
+from onnxprune.measure.allocation import AllocationSearch, Measured, refine
+from onnxprune.measure.stats import model_stats
+from onnxprune.planning import allocate as al
+from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.plan import make_plan, plan_candidates
+from onnxprune.testing import graphs
+
+# x -> ca (32) -> cb (32 = 8 units of 4: the grouped conv's input) -> cg (group=4, 32 = 8 units) -> cc (48) -> fc
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+chain (float[1,3,8,8] x) => (float[1,10] y)
+<float[32,3,3,3] wa, float[32,32,3,3] wb, float[32,8,3,3] wg, float[48,32,1,1] wc, float[10,48] wf, float[10] bf>
+{
+  ca = Conv <pads=[1,1,1,1]> (x, wa)
+  ra = Relu (ca)
+  cb = Conv <pads=[1,1,1,1]> (ra, wb)
+  rb = Relu (cb)
+  cg = Conv <group=4, pads=[1,1,1,1]> (rb, wg)
+  rg = Relu (cg)
+  cc = Conv (rg, wc)
+  rc = Relu (cc)
+  p = GlobalAveragePool (rc)
+  f = Flatten (p)
+  y = Gemm <transB=1> (f, wf, bf)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def chain():
+    m = graphs.from_text(CHAIN, seed=3)
+    for n in m.graph.node:
+        n.name = n.output[0]
+    return pipeline.analyze_model(m)
+
+
+def group_of(an, producer: str) -> int:
+    return next(g.id for g in an.cg.groups if producer in g.producers)
+
+
+def table(an, cost, fractions=(1.0, 0.75, 0.5, 0.25, 0.125), round_to: int = 1, key=None,
+          split: bool = False, outside: float = 0.0) -> al.TableData:
+    """A table whose kernel of node n at a sample takes ``cost(n, shares)`` seconds (shares: group id ->
+    kept share at that sample), every measured group cut together, as ``measure.latency_table`` cuts
+    (``split``: and each side of ``split_groups`` cut alone, at 0.5); ``outside``: seconds of every run
+    outside its kernels."""
+    groups = al.table_groups(an.cg)
+    gid_of_space = {sid: g.id for g in groups for sid in g.spaces}
+    plan = [(f, "all", lt.sample_counts(groups, f, round_to)) for f in fractions]
+    if split:
+        half = lt.sample_counts(groups, 0.5, round_to)
+        for part, side in zip("AB", al.split_groups(an.cg, groups), strict=True):
+            plan.append((0.5, part, {g.id: half[g.id] if g.id in side else g.size for g in groups}))
+    samples = []
+    for f, part, counts in plan:
+        shares = {g.id: counts[g.id] / g.size for g in groups}
+        kernels = {}
+        for n in an.model.graph.node:
+            mine = al._node_groups(an.cg, n, gid_of_space)
+            kernels[n.name] = float(cost(n, {gid: shares[gid] for gid in mine}))
+        samples.append(al.TableSample(f, {al.anchor_key(an.cg, g): counts[g.id] for g in groups}, kernels,
+                                      sum(kernels.values()) + outside, part))
+    return al.TableData(key or {"test": True}, {al.anchor_key(an.cg, g): g.size for g in groups}, samples)
+
+
+def macs_like(n, shares) -> float:
+    """Time proportional to a node's share of work: convs in the product of their groups' shares."""
+    base = {"ca": 1.0, "cb": 4.0, "cg": 1.0, "cc": 2.0}.get(n.name, 0.05)
+    return base * math.prod(shares.values())
+
+
+def run_allocate(an, opts, tab, target, kind="latency"):
+    cands, _ = plan_candidates(an.cg, opts)
+    scores = {g.id: np.linspace(0.5, 1.5, g.size) for g, _ in cands}
+    return al.allocate(an.cg, opts, cands, scores, kind, target, table=tab), cands
+
+
+# ----------------------------------------------------------------------------------------------
+# the latency model
+
+
+def test_the_model_reproduces_the_samples_and_reads_a_group_alone(chain):
+    tab = table(chain, macs_like)
+    lm = al.LatencyModel(chain.cg, tab)
+    assert lm.full() == pytest.approx(tab.samples[0].total_s)
+    for s in tab.samples:
+        counts = {g.id: s.kept[al.anchor_key(chain.cg, g)] for g in lm.measured.values()}
+        assert lm.predict(counts) == pytest.approx(s.total_s, rel=1e-6)
+    gb = group_of(chain, "cb")
+    counts, secs = lm.curve(gb, [8, 4])
+    assert counts == [8, 4] and secs[0] > secs[1] > 0
+    assert lm.summary()["groups_measured"] == len(al.table_groups(chain.cg))
+
+
+def test_a_node_of_two_groups_is_read_at_the_mean_of_its_shares_on_the_diagonal_exactly(chain):
+    lm = al.LatencyModel(chain.cg, table(chain, macs_like))
+    ga, gb = group_of(chain, "ca"), group_of(chain, "cb")
+    # cb's input is ga, its output gb: the pair (1, 0.25) costs what the diagonal costs at sqrt(0.25) = 0.5
+    # when the time is all in the product of the shares (c1 = 0)
+    curve = next(c for c in lm.curves if set(c.groups) == {ga, gb})
+    assert curve.equivalent([1.0, 0.25]) == pytest.approx(0.5, rel=1e-3)
+    assert curve.equivalent([0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_split_samples_tell_a_nodes_input_from_its_output(chain):
+    ga, gb = group_of(chain, "ca"), group_of(chain, "cb")
+    sides = al.split_groups(chain.cg, al.table_groups(chain.cg))
+    assert (ga in sides[0]) != (gb in sides[0])  # cb reads ga and writes gb: on two sides
+
+    def read_bound(n, shares):  # cb costs what it reads (its input, ga) plus its MACs
+        if n.name == "cb":
+            return 3.0 * shares[ga] + 1.0 * shares[ga] * shares[gb]
+        return 0.01
+
+    lm = al.LatencyModel(chain.cg, table(chain, read_bound, split=True))
+    curve = next(c for c in lm.curves if set(c.groups) == {ga, gb})
+    c0, ca, cb, cab = curve.surface
+    assert ca > 2 * max(cb, 1e-9) and cab > 0
+    narrow_in = lm.predict({ga: 8})  # a = 0.25, b = 1
+    narrow_out = lm.predict({gb: 2})  # a = 1, b = 0.25
+    assert narrow_in < narrow_out  # cutting what it reads saves more
+    assert narrow_in == pytest.approx(0.01 * (len(chain.model.graph.node) - 1) + 3.0 * 0.25 + 0.25, rel=0.05)
+
+
+def test_time_outside_kernels_does_not_shrink_with_the_work(chain):
+    lm = al.LatencyModel(chain.cg, table(chain, macs_like, outside=2.0))
+    plain = al.LatencyModel(chain.cg, table(chain, macs_like))
+    half = {g.id: g.size // 2 for g in lm.measured.values()}
+    assert lm.full() == pytest.approx(plain.full() + 2.0)
+    assert lm.predict(half) == pytest.approx(plain.predict(half) + 2.0)
+    lm.remove(group_of(chain, "cb"), np.arange(4))
+    assert lm.total() == pytest.approx(plain.predict({group_of(chain, "cb"): 4}) + 2.0)
+
+
+def test_a_kernel_no_node_owns_is_spread_over_the_terms(chain):
+    tab = table(chain, macs_like)
+    for s in tab.samples:
+        s.kernels["ReorderOutput_token_7"] = 0.5 * s.total_s
+        s.total_s *= 1.5
+    lm = al.LatencyModel(chain.cg, tab)
+    assert lm.unresolved == ["ReorderOutput_token_7"]
+    assert lm.full() == pytest.approx(tab.samples[0].total_s)
+
+
+def test_fused_kernels_resolve_to_their_chain():
+    m = graphs.from_text(CHAIN, seed=3)
+    for n in m.graph.node:
+        n.name = n.output[0]
+    res = al._Resolver(m)
+    assert [n.name for n in res("rb_nchwc")] == ["rb", "cb"]  # Conv+Relu fused, named after the Relu's output
+    assert [n.name for n in res("cc")] == ["cc"]
+    assert [n.name for n in res("rc/QuickGeluFusion/")] == ["rc"]
+    assert res("ReorderInput_token_3") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# the knapsack
+
+
+def test_a_group_whose_latency_is_flat_in_its_width_is_not_pruned(chain):
+    gc = group_of(chain, "cc")
+
+    def flat_cc(n, shares):  # cc's width changes nothing; everything else as its work
+        if n.name in ("cc", "rc", "p", "f", "y"):
+            return 2.0 if n.name == "cc" else 0.05
+        base = {"ca": 1.0, "cb": 4.0, "cg": 1.0}.get(n.name, 0.05)
+        return base * math.prod(v for g, v in shares.items() if g != gc)
+
+    a, _ = run_allocate(chain, PlanOptions(), table(chain, flat_cc), 0.7)
+    assert a.reached and a.predicted <= 0.7 + 1e-9
+    assert a.counts[gc] == 48
+    assert any(a.counts[g.id] < g.size for g in chain.cg.groups if g.prunable and g.id != gc)
+
+
+def test_the_allocation_keeps_at_least_the_uniform_plans_importance_at_equal_predicted_latency(chain):
+    def costly_b(n, shares):  # cb dominates: the allocation should cut its groups, not all alike
+        base = {"ca": 0.2, "cb": 8.0, "cg": 0.2, "cc": 0.2}.get(n.name, 0.01)
+        return base * math.prod(shares.values())
+
+    tab = table(chain, costly_b)
+    for target in (0.8, 0.6, 0.4):
+        a, _ = run_allocate(chain, PlanOptions(), tab, target)
+        assert a.reached and a.predicted <= target + 1e-9
+        assert a.uniform and a.uniform["predicted"] <= target + 1e-9
+        assert a.kept_importance >= a.uniform["kept_importance"] - 1e-12
+    a, _ = run_allocate(chain, PlanOptions(), tab, 0.6)
+    assert a.chose == "knapsack" and a.kept_importance > a.uniform["kept_importance"]
+
+
+def test_round_to_and_max_ratio_are_respected(chain):
+    opts = PlanOptions(round_to=4, max_ratio=0.5)
+    a, cands = run_allocate(chain, opts, table(chain, macs_like, round_to=4), 0.3)
+    for g, _ in cands:
+        k = a.counts[g.id]
+        assert k == g.size or k % 4 == 0
+        assert g.size - k <= math.floor(g.size * 0.5)
+    assert not a.reached or a.predicted <= 0.3 + 1e-9
+
+
+def test_frozen_groups_are_untouched_and_the_plan_keeps_the_counts(chain):
+    gb = group_of(chain, "cb")
+    opts = PlanOptions(ignore=["^cg$"])  # the grouped conv's groups (its input and output) freeze
+    a, cands = run_allocate(chain, opts, table(chain, macs_like), 0.6)
+    frozen = {g.id for g in chain.cg.groups} - {g.id for g, _ in cands}
+    assert gb in frozen and not frozen & set(a.counts)
+    plan = make_plan(chain.cg, PlanOptions(ignore=["^cg$"], keep_counts=tuple(sorted(a.counts.items()))))
+    assert gb in plan.frozen
+    assert {gid: len(gp.keep) for gid, gp in plan.groups.items()} == a.counts
+
+
+def test_grouped_conv_units_are_what_is_counted(chain):
+    gb = group_of(chain, "cb")
+    assert chain.cg.groups[gb].size == 8  # 32 channels, 4 per unit (one per conv group)
+    a, _ = run_allocate(chain, PlanOptions(max_ratio=0.8), table(chain, macs_like), 0.35)
+    res = pipeline.run(chain.model, PlanOptions(max_ratio=0.8, keep_counts=tuple(sorted(a.counts.items()))),
+                       analysis=chain, verify=True, ep="cpu")
+    assert res.verification.passed
+    assert {gid: len(gp.keep) for gid, gp in res.plan.groups.items()} == a.counts
+
+
+def test_a_mac_budget_is_allocated_exactly(chain):
+    a, _ = run_allocate(chain, PlanOptions(), None, 0.5, kind="macs")
+    res = pipeline.run(chain.model, PlanOptions(keep_counts=tuple(sorted(a.counts.items()))), analysis=chain)
+    assert res.after.macs / res.before.macs == pytest.approx(a.predicted, rel=1e-9)
+    assert a.predicted <= 0.5
+
+
+class _Additive:
+    """A separable cost: every unit of a group saves ``per[gid]``."""
+
+    def __init__(self, total: float, per: dict[int, float]):
+        self.t, self.per = total, per
+
+    def total(self):
+        return self.t
+
+    def saving_of(self, gid, units):
+        return self.per[gid] * len(units)
+
+    def remove(self, gid, units):
+        self.t -= self.per[gid] * len(units)
+        return {gid}
+
+    def restore(self, gid, units):
+        self.t += self.per[gid] * len(units)
+        return {gid}
+
+
+def test_the_exchange_step_undoes_a_greedy_overshoot():
+    # group 0: one step saving 10 at loss 1 (the best ratio); group 1: steps saving 2 at loss 0.3.
+    # 4 must go: greedy takes group 0 (loss 1); two steps of group 1 lose 0.6.
+    values = {0: np.array([1.0, 5.0]), 1: np.array([0.3, 0.3, 0.3, 0.3, 0.3, 5.0])}
+    allowed = {0: [2, 1], 1: [6, 5, 4, 3, 2, 1]}
+    cost = _Additive(100.0, {0: 10.0, 1: 2.0})
+    greedy = al.knapsack(cost, values, allowed, 96.0, exchange=False)
+    assert greedy.counts == {0: 1, 1: 6}
+    assert cost.total() == 100.0  # the cost is left as it came
+    best = al.knapsack(cost, values, allowed, 96.0)
+    assert best.counts == {0: 2, 1: 4} and best.reached and best.exchanges >= 1
+    assert best.kept_value == pytest.approx(values[0].sum() + values[1].sum() - 0.6)
+
+
+def test_allowed_counts():
+    assert al.allowed_counts(48, 0.9, 16) == [48, 32, 16]
+    assert al.allowed_counts(40, 0.5, 16) == [40, 32]
+    assert al.allowed_counts(10, 0.9, 16) == list(range(10, 0, -1))
+    assert al.allowed_counts(8, 0.25, 1) == [8, 7, 6]
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache
+
+
+def test_the_cache_key_changes_with_ep_threads_batch_and_machine(chain):
+    machine = {"cpu": "X", "logical_cpus": 2, "onnxruntime": "1.0"}
+    base = dict(ep="cpu", threads=2, batch=1, round_to=16, machine=machine)
+    k0 = lt.table_key(chain.model, **base)
+    variants = [dict(base, ep="cuda"), dict(base, threads=4), dict(base, threads=None), dict(base, batch=8),
+                dict(base, round_to=8), dict(base, machine={**machine, "cpu": "Y"}),
+                dict(base, machine={**machine, "logical_cpus": 16}), dict(base, machine={**machine, "onnxruntime": "2.0"})]
+    files = {lt.key_file(k0, "/c")}
+    for v in variants:
+        k = lt.table_key(chain.model, **v)
+        assert k != k0
+        files.add(lt.key_file(k, "/c"))
+    assert len(files) == len(variants) + 1
+    other = graphs.from_text(CHAIN, seed=4)
+    for n in other.graph.node:
+        n.name = n.output[0]
+    assert lt.table_key(other, **base)["model"] != k0["model"]  # other weights, another table
+    assert lt.table_key(chain.model, **base) == k0
+
+
+def test_a_table_is_measured_once_then_read_from_the_cache(chain, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_profile(models, feeds, ep, threads, runs, warmup, optimize, progress=None):
+        calls.append(len(models))
+        return [({n.name: 1e-3 * (i + 1) for n in m.graph.node}, 1e-3 * (i + 1) * len(m.graph.node))
+                for i, m in enumerate(models)]
+
+    monkeypatch.setattr(lt, "profile_interleaved", fake_profile)
+    monkeypatch.setattr(lt, "whole_runs", lambda models, *a, **k: [1e-3 * (i + 1) * len(m.graph.node)
+                                                                   for i, m in enumerate(models)])
+    monkeypatch.setattr(lt, "machine_facts", lambda ep: {"cpu": "fake", "ep": ep})
+    first = lt.build_table(chain, ep="cpu", threads=2, batch=1, round_to=4, directory=tmp_path)
+    n = len(lt.FRACTIONS) + 2  # and each side of split_groups cut alone
+    assert not first.cached and calls == [n] and [s.part for s in first.samples][-2:] == ["A", "B"]
+    second = lt.build_table(chain, ep="cpu", threads=2, batch=1, round_to=4, directory=tmp_path)
+    assert second.cached and calls == [n]
+    assert second.to_json()["samples"] == first.to_json()["samples"]
+    lt.build_table(chain, ep="cpu", threads=2, batch=8, round_to=4, directory=tmp_path)  # another batch
+    monkeypatch.setattr(lt, "machine_facts", lambda ep: {"cpu": "another", "ep": ep})
+    lt.build_table(chain, ep="cpu", threads=2, batch=1, round_to=4, directory=tmp_path)  # another machine
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    monkeypatch.setenv(lt.CACHE_ENV, str(tmp_path / "env"))
+    assert lt.cache_dir() == tmp_path / "env"
+
+
+def test_a_sample_model_cuts_every_group_to_its_count(chain):
+    groups = al.table_groups(chain.cg)
+    counts = lt.sample_counts(groups, 0.5, 4)
+    assert all(k % 4 == 0 or k == g.size for g in groups for k in [counts[g.id]])
+    m = lt.sample_model(chain, groups, counts)
+    shapes = {t.name: tuple(d for d in t.dims) for t in m.graph.initializer}
+    assert shapes["wb"][0] == 4 * counts[group_of(chain, "cb")]  # 4 channels a unit
+
+
+# ----------------------------------------------------------------------------------------------
+# the refine loop
+
+
+def fake_allocate(budget: float) -> al.Allocation:
+    return al.Allocation("latency", budget, {0: int(round(budget * 1000))}, budget, budget, True)
+
+
+def test_refine_stops_once_within_the_budget():
+    rounds, chosen = refine(fake_allocate, lambda a: Measured(a.predicted * 1.2, 0.005), 0.5)
+    assert len(rounds) == 2 and chosen == 1
+    assert rounds[0].measured.ratio == pytest.approx(0.6)
+    assert rounds[1].budget == pytest.approx(0.5 * 0.5 / 0.6)
+    assert rounds[1].measured.ratio == pytest.approx(0.5) and rounds[1].meets(0.5, 0.01)
+
+
+def test_refine_takes_at_most_three_rounds_and_keeps_the_fastest_when_none_meets():
+    ratios = iter([0.9, 0.8, 0.85, 0.7])
+    rounds, chosen = refine(fake_allocate, lambda a: Measured(next(ratios), 0.01), 0.5)
+    assert len(rounds) == alloc_mod.MAX_ROUNDS == 3 and chosen == 1
+
+
+def test_refine_moves_up_when_far_below_and_stops_at_once_when_close():
+    rounds, chosen = refine(fake_allocate, lambda a: Measured(a.predicted * 0.8, 0.0), 0.5)
+    assert len(rounds) == 2 and rounds[1].budget > rounds[0].budget and chosen == 1
+    rounds, chosen = refine(fake_allocate, lambda a: Measured(0.495, 0.02), 0.5)
+    assert len(rounds) == 1 and chosen == 0
+
+
+def test_the_third_round_takes_the_secant_through_the_two_before():
+    # measured = 0.29 at budget 0.5 (far under), 0.688 at 0.862 (over): the secant aims between
+    measured = iter([0.29, 0.688, 0.5])
+    rounds, chosen = refine(fake_allocate, lambda a: Measured(next(measured), 0.01), 0.5)
+    assert [round(r.budget, 3) for r in rounds] == [0.5, 0.862, round(0.5 + 0.21 * 0.362 / 0.398, 3)]
+    assert chosen == 2 and rounds[2].close(0.5, 0.01)
+
+
+def test_refine_stops_when_the_allocation_no_longer_changes():
+    same = al.Allocation("latency", 0.5, {0: 7}, 0.5, 0.9, True)
+    rounds, _ = refine(lambda b: same, lambda a: Measured(0.7, 0.0), 0.5)
+    assert len(rounds) == 1
+
+
+def test_the_search_measures_each_round_and_returns_the_counts(chain):
+    base = pipeline.run(chain.model, PlanOptions(ratio=0.0), analysis=chain).before.macs
+    seen = []
+
+    def measurer(pruned):  # stands for a measurement: the pruned model's MAC share
+        seen.append(pruned)
+        return Measured(model_stats(pruned, infer_shapes(pruned)).macs / base, 0.0)
+
+    search = AllocationSearch(chain, PlanOptions(), target_latency=0.6, table=table(chain, macs_like),
+                              measurer=measurer)
+    res = search.search()
+    assert 1 <= len(res.rounds) <= 3 and len(seen) == len(res.rounds)
+    assert res.to_json()["rounds"][0]["budget"] == 0.6
+    assert res.rounds[res.chosen].meets(0.6, 0.01)
+    assert dict(res.keep_counts) == res.allocation.counts
+    assert "allocation (latency)" in res.summary()
+
+
+def test_the_search_refuses_two_budgets_and_other_schedules(chain):
+    with pytest.raises(UserError, match="one budget"):
+        AllocationSearch(chain, PlanOptions(), target_latency=0.5, target_macs=0.5)
+    with pytest.raises(UserError, match="--global"):
+        AllocationSearch(chain, PlanOptions(global_=True), target_macs=0.5)
+    with pytest.raises(UserError, match="not reachable"):
+        AllocationSearch(chain, PlanOptions(max_ratio=0.1), target_macs=0.05).search()
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture
+def chain_file(tmp_path, chain):
+    import onnx
+
+    p = tmp_path / "chain.onnx"
+    onnx.save(chain.model, p)
+    return p
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--allocate", "latency"], "give --target-latency F or --target-macs F"),
+    (["--allocate", "latency", "--target-latency", "0.5", "--target-macs", "0.5"], "one budget"),
+    (["--allocate", "latency", "--target-macs", "0.5", "--global"], "--global"),
+    (["--allocate", "latency", "--target-macs", "0.5", "--greedy", "--importance", "group-fisher"], "--greedy"),
+    (["--allocate", "bogus", "--target-macs", "0.5"], "invalid choice"),
+])
+def test_refusals_are_one_line_with_exit_2(run_main, chain_file, tmp_path, args, message):
+    r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_mac_budget(run_main, chain_file, tmp_path):
+    rep = tmp_path / "r.json"
+    r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--allocate", "latency", "--target-macs", "0.5",
+                 "--verify", "--report", rep, "--ep", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "allocation (MACs)" in r.stdout and "PASSED" in r.stdout
+    data = json.loads(rep.read_text())
+    a = data["allocation"]
+    assert a["kind"] == "macs" and a["measured"] <= 0.5 and len(a["rounds"]) == 1 and a["table"] is None
+    assert data["stats"]["pruned"]["macs"] / data["stats"]["original"]["macs"] == pytest.approx(a["measured"])
+    assert data["plan"]["options"]["allocated"]
+
+
+def test_cli_latency_budget_defaults_to_the_allocation(run_main, chain_file, chain, tmp_path, monkeypatch):
+    tab = table(chain, macs_like, key={"injected": True})
+    tab.cached = True
+    monkeypatch.setattr(alloc_mod, "build_table", lambda an, **kw: tab)
+    monkeypatch.setattr(AllocationSearch, "_measure",
+                        lambda self, a: Measured(a.predicted * 1.1, 0.004, 1.0, a.predicted * 1.1))
+    rep = tmp_path / "r.json"
+    r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--target-latency", "0.6", "--report", rep,
+                 "--ep", "cpu", "--threads", "2", "--batch", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "allocation (latency)" in r.stdout and "from the cache" in r.stdout
+    a = json.loads(rep.read_text())["allocation"]
+    assert a["kind"] == "latency" and a["table"]["cache_hit"] and 2 <= len(a["rounds"]) <= 3
+    assert a["rounds"][0]["budget"] == 0.6 and a["rounds"][1]["budget"] < 0.6
+    assert {"budget", "predicted", "measured", "noise"} <= set(a["rounds"][0])
+    r = run_main("prune", chain_file, "-o", tmp_path / "u.onnx", "--target-macs", "0.5", "--report", rep)
+    assert r.returncode == 0 and "allocation" not in json.loads(rep.read_text())  # uniform unless asked
