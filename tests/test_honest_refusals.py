@@ -21,6 +21,8 @@ from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import rel_error, run_model
 from onnxprune.testing import graphs
+from onnxprune.testing.checks import one_line_error
+from onnxprune.testing.checks import save_in_src as _save
 
 # ConvNeXt-V2's block in miniature: a 1x1 conv, LayerNorm over the channels (NHWC), an MLP whose hidden
 # units go through GRN (a global response normalization: each channel divided by the mean over the
@@ -50,23 +52,6 @@ g (float[1,3,8,8] x) => (float[1,8,8,8] y)
   y = Transpose<perm=[0,3,1,2]>(a2)
 }
 """
-
-
-def one_line_error(proc, code: int = 2) -> str:
-    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("onnxprune: error:")
-    return lines[0]
-
-
-def _save(tmp_path: pathlib.Path, model: onnx.ModelProto, name: str = "m.onnx") -> pathlib.Path:
-    d = tmp_path / "src"
-    d.mkdir(exist_ok=True)
-    p = d / name
-    onnx.save(model, str(p))
-    return p
 
 
 @pytest.fixture

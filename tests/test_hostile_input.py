@@ -24,6 +24,8 @@ from onnxprune.measure.verify import compare
 from onnxprune.runtime import session as session_mod
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.testing import checks, graphs
+from onnxprune.testing.checks import one_line_error
+from onnxprune.testing.checks import save_in_src as _save
 from onnxprune.testing.synth import external_mlp
 
 
@@ -40,25 +42,10 @@ g ({t}[{x}] x) => ({t}[1,4,8,8] y{extra_out}) <{t}[8,3,3,3] w1, {t}[8] b1, {t}[4
 """
 
 
-def _save(tmp_path: pathlib.Path, model: onnx.ModelProto, name: str = "m.onnx") -> pathlib.Path:
-    d = tmp_path / "src"
-    d.mkdir(exist_ok=True)
-    p = d / name
-    onnx.save(model, str(p))
-    return p
-
 
 def _listing(d: pathlib.Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
-
-def one_line_error(proc, code: int = 2) -> str:
-    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("onnxprune: error:") and lines[0][len("onnxprune: error:"):].strip()
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import rel_error, run_model
 from onnxprune.testing import graphs, synth
+from onnxprune.testing.checks import one_line_error
 
 CONVERTED = ("convert_opset: converted opset 9 -> 13 with onnx.version_converter; outputs equal on generated "
              "inputs (rel. error 0.0e+00)")
@@ -36,14 +37,6 @@ TOL = 1e-4  # prune --verify's default tolerance
 def _classics():
     return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in synth.LIGHT_CLASSICS]
 
-
-def one_line_error(proc, code: int = 2) -> str:
-    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("onnxprune: error:")
-    return lines[0]
 
 
 def _save(tmp_path: pathlib.Path, model: onnx.ModelProto, name: str) -> pathlib.Path:

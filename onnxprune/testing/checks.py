@@ -387,3 +387,23 @@ class FrozenCases(CaseTests):
     def test_frozen_group(self, frozen_case: tuple[Any, ...]) -> None:
         _id, text, words, *ignore = frozen_case
         assert_prefixed_frozen(graphs.build(text), words, *ignore)
+
+
+def one_line_error(proc, code: int = 2) -> str:
+    """A command that failed as the CLI promises: exit ``code``, no traceback, one non-empty
+    ``onnxprune: error:`` line on stderr (returned)."""
+    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("onnxprune: error:") and lines[0][len("onnxprune: error:"):].strip()
+    return lines[0]
+
+
+def save_in_src(tmp_path, model: onnx.ModelProto, name: str = "m.onnx"):
+    """``model`` saved as ``tmp_path/src/name`` (a directory of its own); returns the path."""
+    d = tmp_path / "src"
+    d.mkdir(exist_ok=True)
+    p = d / name
+    onnx.save(model, str(p))
+    return p

@@ -19,10 +19,11 @@ import onnx
 from onnx import numpy_helper
 
 
-def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = ()) -> onnx.ModelProto:
+def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = (), fill=None) -> onnx.ModelProto:
     """Parse a model in ONNX text format; every tensor declared in the ``<...>`` initializer list
     without a value gets random normal values (names in ``positive`` get values in [0.5, 1.5),
-    e.g. BatchNorm variances)."""
+    e.g. BatchNorm variances). ``fill(name, dims, dtype, rng)``: the value instead (quantized graphs
+    fill integer weights their own way)."""
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(seed)
     produced = {o for n in model.graph.node for o in n.output}
@@ -33,7 +34,9 @@ def from_text(text: str, seed: int = 0, positive: tuple[str, ...] = ()) -> onnx.
             continue
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        if vi.name in positive:
+        if fill is not None:
+            arr = np.asarray(fill(vi.name, dims, dtype, rng)).astype(dtype).reshape(dims)
+        elif vi.name in positive:
             arr = rng.uniform(0.5, 1.5, size=dims).astype(dtype)
         else:
             arr = rng.standard_normal(dims).astype(dtype)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from onnxprune import pipeline
 from onnxprune.errors import NothingToPrune
@@ -27,7 +26,7 @@ from onnxprune.measure.stats import stats_at
 from onnxprune.measure.verify import compare, masked_original
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.testing import checks
-from onnxprune.testing.graphs import MS, Case, header
+from onnxprune.testing.graphs import MS, Case, from_text, header
 
 H12, H17, H21, Q17 = header(12), header(17), header(21), header(17, MS)
 _RNG = np.random.default_rng(7)
@@ -36,33 +35,19 @@ _RNG = np.random.default_rng(7)
 def qbuild(text: str, values: dict, seed: int = 0) -> onnx.ModelProto:
     """Parse ``text``; every initializer declared without a value gets ``values[name]`` or, by type:
     int8 weights uniform in [-60, 60], uint8 in [70, 190], int32 biases in [-300, 300], floats N(0, 0.3²)."""
-    model = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(seed)
-    produced = {o for n in model.graph.node for o in n.output}
-    keep = []
-    for vi in model.graph.value_info:
-        if vi.name in produced:
-            keep.append(vi)
-            continue
-        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        if vi.name in values:
-            arr = np.asarray(values[vi.name]).astype(dtype).reshape(dims)
-        elif dtype == np.int8:
-            arr = rng.integers(-60, 61, size=dims).astype(dtype)
-        elif dtype == np.uint8:
-            arr = rng.integers(70, 191, size=dims).astype(dtype)
-        elif dtype == np.int32:
-            arr = rng.integers(-300, 301, size=dims).astype(dtype)
-        else:
-            arr = (rng.standard_normal(dims) * 0.3).astype(dtype)
-        model.graph.initializer.append(numpy_helper.from_array(arr, vi.name))
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(keep)
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type.lower()}_{i}"
-    return model
+
+    def fill(name, dims, dtype, rng):
+        if name in values:
+            return np.asarray(values[name])
+        if dtype == np.int8:
+            return rng.integers(-60, 61, size=dims)
+        if dtype == np.uint8:
+            return rng.integers(70, 191, size=dims)
+        if dtype == np.int32:
+            return rng.integers(-300, 301, size=dims)
+        return rng.standard_normal(dims) * 0.3
+
+    return from_text(text, seed=seed, fill=fill)
 
 
 def chan(n: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
