@@ -23,7 +23,7 @@ from onnxprune.analysis.contract import Registry
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.analysis.shapes import Shapes, infer_shapes
 from onnxprune.analysis.subgraphs import with_body_shapes
-from onnxprune.errors import RewriteError, UserError
+from onnxprune.errors import UserError
 from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
 from onnxprune.measure.latency import node_latencies
@@ -47,7 +47,7 @@ from onnxprune.planning.stripes import (
     stripe_macs,
     stripe_taps,
 )
-from onnxprune.rewrite.check import apply_plan, check_shapes, full_check
+from onnxprune.rewrite.check import apply_plan, check_shapes, checked_rewrite
 from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
 from onnxprune.rewrite.stripe_refit import StripeRefit, refit_stripes, stripe_gram_specs
 from onnxprune.rewrite.stripes import ShrinkResult, mask_stripes, shrink_stripes
@@ -273,12 +273,7 @@ def checked(an: Analysis, plan: Plan, model: onnx.ModelProto) -> tuple[bytes | N
     """The checks ``apply_plan`` makes of a rewritten model, for one whose values changed after it
     (finetuning): the full ONNX checker (its serialization, None with external data) and every
     static axis against the plan (the shapes inferred anew)."""
-    try:
-        data = full_check(model)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the checker raises several types
-        raise RewriteError(f"finetuned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    data = checked_rewrite(model, "finetuned")
     shapes = infer_shapes(model, an.input_shapes, arrays=an.input_arrays)
     shapes = with_body_shapes(model, shapes, an.registry, an.input_shapes, an.input_arrays)
     check_shapes(model, an.cg, plan, shapes)
@@ -619,12 +614,7 @@ def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.
         shrink = shrink_stripes(source, plan, cg, split)
         model = shrink.model
     t3 = time.perf_counter()
-    try:
-        data = full_check(model)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the checker raises several types
-        raise RewriteError(f"stripe-pruned model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    data = checked_rewrite(model, "stripe-pruned")
     shapes = infer_shapes(model, input_shapes, arrays=input_arrays)
     src_shapes = infer_shapes(source, input_shapes, arrays=input_arrays)
     macs = stripe_macs(plan, [c for c in convs if c.key in plan.keep], conv_out_hw(

@@ -77,6 +77,19 @@ from onnxprune.runtime.machine import auto_round_to
 from onnxprune.runtime.session import EPS
 
 
+def given_options(ns, flags) -> list[str]:
+    """The options of ``flags`` the command line set: not None, and for switches and counts not False
+    or the integer 0 (``--finetune 0`` trains nothing; ``--head-ratio 0.0`` is still given); options a
+    command does not declare count as not given."""
+    out = []
+    for flag in flags:
+        v = getattr(ns, flag.lstrip("-").replace("-", "_"), None)
+        if v is None or v is False or (type(v) is int and v == 0):
+            continue
+        out.append(flag)
+    return out
+
+
 class ArgGroup:
     """Owns some options: ``add`` declares them on an argparse group; ``parse(ns)`` (in each
     subclass, with the arguments it needs) returns their typed value."""
@@ -347,15 +360,8 @@ class StepsArgs(ArgGroup):
         steps = int(ns.steps)
         if steps == 1:
             return steps
-        given = [flag for flag, v in (("--target-macs", getattr(ns, "target_macs", None)),
-                                      ("--target-latency", getattr(ns, "target_latency", None)),
-                                      ("--target-fidelity", getattr(ns, "target_fidelity", None)),
-                                      ("--load-plan", getattr(ns, "load_plan", None)),
-                                      ("--save-plan", getattr(ns, "save_plan", None)),
-                                      ("--head-ratio", getattr(ns, "head_ratio", None)),
-                                      ("--head-dim-ratio", getattr(ns, "head_dim_ratio", None)),
-                                      ("--finetune", getattr(ns, "finetune", None) or None),
-                                      ("--soft", getattr(ns, "soft", None) or None)) if v is not None]
+        given = given_options(ns, ("--target-macs", "--target-latency", "--target-fidelity", "--load-plan",
+                                   "--save-plan", "--head-ratio", "--head-dim-ratio", "--finetune", "--soft"))
         if given:
             raise UserError(f"--steps prunes a share --ratio in steps; it cannot be used with {given[0]}")
         return steps
@@ -817,12 +823,9 @@ class StripeArgs(ArgGroup):
         ratio = ns.stripe_ratio if ns.stripe_ratio is not None else ratio
         if ratio is None:
             return None
-        given = [flag for flag, v in (("--target-macs", getattr(ns, "target_macs", None)),
-                                      ("--target-latency", getattr(ns, "target_latency", None)),
-                                      ("--target-fidelity", getattr(ns, "target_fidelity", None)),
-                                      ("--steps", (getattr(ns, "steps", 1) or 1) > 1 or None),
-                                      ("--finetune", getattr(ns, "finetune", None) or None),
-                                      ("--soft", getattr(ns, "soft", None) or None)) if v is not None]
+        given = given_options(ns, ("--target-macs", "--target-latency", "--target-fidelity", "--finetune", "--soft"))
+        if (getattr(ns, "steps", 1) or 1) > 1:
+            given.insert(0, "--steps")
         if given:
             raise UserError(f"--stripe-ratio cannot be used with {given[0]}")
         opts = StripeOptions(ratio=float(ratio), mode=ns.stripe_mode, shape=ns.stripe_shape,

@@ -90,6 +90,18 @@ def _input_invalid(model: onnx.ModelProto) -> bool:
     return False
 
 
+def checked_rewrite(model: onnx.ModelProto, what: str) -> bytes | None:
+    """``full_check`` of a model onnxprune wrote (``what``: "finetuned", "stripe-pruned", ...): its
+    serialization, or a RewriteError naming the checker's first line (a UserError from the check
+    itself, e.g. a full disk, passes through)."""
+    try:
+        return full_check(model)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types
+        raise RewriteError(f"{what} model fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+
+
 def full_check(model: onnx.ModelProto) -> bytes | None:
     """onnx.checker with full_check; models with external data are checked as saved files.
 
