@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxprune.testing import graphs
+from onnxprune.testing.checks import rel_err as rel
 
 FIRE = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -32,9 +33,6 @@ fire (float[1,3,12,12] x) => (float[1,10] y)
 }
 """
 
-
-def rel(a, b) -> float:
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
 def test_concat_group_plan_replays(tmp_path, run_main, ort_run):

@@ -16,12 +16,10 @@ from onnx import numpy_helper
 
 from onnxprune.planning.stripes import stripe_convs
 from onnxprune.rewrite.stripes import filter_boxes
+from onnxprune.testing.checks import rel_err as rel
 
 REL = 1e-5
 
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
 def outputs(path, feeds, ort_run):
