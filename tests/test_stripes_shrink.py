@@ -16,6 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UserError
+from onnxprune.measure import stripes as stripes_gate
+from onnxprune.measure.latency import Latency
 from onnxprune.measure.stripes import SplitTiming, gate_splits, gated, split_pays
 from onnxprune.pipeline import analyze_model
 from onnxprune.planning.stripes import StripePlan, stripe_convs
@@ -531,6 +533,51 @@ def test_the_rule_with_injected_timings():
     res = shrink_stripes(an.model, plan, cg=an.cg, split=gated(timings))
     assert not res.conv("conv1").shrunk and res.conv("conv2").shrunk
     assert_matches_masked(res, an.model, plan)
+
+
+
+def test_sign_test_verdicts():
+    # binomial tails by hand: P(X >= 22 | 30, 1/2) = 0.0081 < 0.01, P(X >= 21) = 0.0214
+    assert abs(stripes_gate.sign_tail(22, 30) - 0.008062) < 1e-5
+    assert stripes_gate.verdict([1.0] * 22 + [0.5] * 8, [0.9] * 30) == "faster"  # 22 wins of 30
+    assert stripes_gate.verdict([1.0] * 21 + [0.5] * 9, [0.9] * 30) == "tie"     # 21 wins of 30
+    assert stripes_gate.verdict([1.0] * 30, [1.2] * 30) == "slower"
+    assert stripes_gate.verdict([1.0] * 30, [1.02] * 30) == "tie"  # consistent, but under MIN_EFFECT (5%)
+    assert stripes_gate.verdict([1.0] * 30, [1.0] * 30) == "tie"  # equal pairs carry no evidence
+    # a large median gap with inconsistent pairs is still a tie (outliers do not decide)
+    assert stripes_gate.verdict([1.0] * 15 + [9.0] * 15, [2.0] * 15 + [0.5] * 15) == "tie"
+
+
+def test_rule_split_needs_faster_crop_needs_not_slower():
+    assert stripes_gate.makes("split 2", "faster") and not stripes_gate.makes("split 2", "tie")
+    assert stripes_gate.makes("crop 3x2", "tie") and not stripes_gate.makes("crop 3x2", "slower")
+    assert not stripes_gate.makes("dense", "faster")
+    timings = {"a": SplitTiming("a", "split 2", 1.0, 0.9, verdict="tie"),
+               "b": SplitTiming("b", "crop 2x2", 1.0, 1.05, verdict="tie"),
+               "c": SplitTiming("c", "crop 2x2", 1.0, 0.8, verdict="slower")}
+    assert gated(timings) == {"b"}
+
+
+def test_a_tie_is_timed_again_up_to_max_rounds(monkeypatch):
+    an = analyze_model(bn_chain())
+    plan = StripePlan({"conv2": box_mask(6, (3, 3), (1, 2, 0, 2), seed=7)})
+    calls = []
+
+    def fake(runners, warmup=5, repeat=30, **kw):  # the same times for both: always a tie
+        calls.append(repeat)
+        return [Latency("cpu", 1, 1.0, 1.0, repeat, [], [1.0] * repeat) for _ in runners]
+
+    monkeypatch.setattr(stripes_gate, "measure_runners", fake)
+    t = gate_splits(an.model, plan, "cpu", threads=1, repeat=4, cg=an.cg, warmup=1, max_rounds=3)["conv2"]
+    assert calls == [4, 4, 4] and t.rounds == 3 and t.pairs == 12 and t.verdict == "tie" and t.pays
+    seq = iter([[1.0] * 10, [0.5] * 10])
+
+    def decisive(runners, warmup=5, repeat=30, **kw):
+        return [Latency("cpu", 1, 1.0, 1.0, repeat, [], next(seq)) for _ in runners]
+
+    monkeypatch.setattr(stripes_gate, "measure_runners", decisive)
+    t = gate_splits(an.model, plan, "cpu", threads=1, repeat=10, cg=an.cg, warmup=1)["conv2"]
+    assert t.rounds == 1 and t.verdict == "faster"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,8 +149,8 @@ def print_stripes(console, stage) -> None:
         rec, g = recs.get(key), stage.gate.get(key)
         after = rec.macs_after if rec is not None and rec.macs_after is not None else (
             mac.dense if rec is not None else mac.kept)
-        timing = (f"{g.dense_ms:.2f}→{g.shrunk_ms:.2f}" if g is not None and g.dense_ms is not None
-                  and g.shrunk_ms is not None else "")
+        timing = (f"{g.dense_ms:.2f}→{g.shrunk_ms:.2f}" + (f" {g.verdict}" if g.verdict else "")
+                  if g is not None and g.dense_ms is not None and g.shrunk_ms is not None else "")
         if rec is None:
             built = "zeroed (mask)"
         elif rec.split:
@@ -158,7 +158,8 @@ def print_stripes(console, stage) -> None:
         elif rec.shrunk:
             built = f"crop {rec.built[0].kernel[0]}x{rec.built[0].kernel[1]}" + (" +Slice" if rec.sliced else "")
         else:
-            built = "dense" + (f" ({rec.reason})" if rec.reason else (" (slower shrunk)" if g is not None else ""))
+            built = "dense" + (f" ({rec.reason})" if rec.reason else (" (gate: split not faster)" if g is not None and g.verdict == "tie" else
+                                           " (slower shrunk)" if g is not None else ""))
         boxes = _boxes_text(rec.boxes) if rec is not None else f"{int(m.sum())}/{m.size} kept"
         t.add_row(_short(key), f"{m.shape[1]}x{m.shape[2]}", boxes, f"{100 * removed[key] / m.size:.0f}%",
                   f"{human(mac.dense)}→{human(after)}", timing, built)
@@ -176,9 +177,13 @@ def print_stripes(console, stage) -> None:
         dense = [c for c in stage.shrink.convs if not c.shrunk]
         line += f"; {len(done)} shrunk ({sum(c.split for c in done)} split), {len(dense)} kept dense"
         if stage.gate:
-            slower = [k for k, g in stage.gate.items() if g.dense_ms is not None and g.shrunk_ms is not None
-                      and not g.pays]
-            line += f" ({len(slower)} measured slower when shrunk)" if slower else ""
+            timed = [g for g in stage.gate.values() if g.dense_ms is not None and g.shrunk_ms is not None
+                     and not g.pays]
+            slower = sum(g.verdict in (None, "slower") for g in timed)
+            ties = len(timed) - slower
+            why = ([f"{slower} measured slower when shrunk"] if slower else []) + (
+                [f"{ties} splits not measured faster"] if ties else [])
+            line += f" ({', '.join(why)})" if why else ""
     if stage.skipped:
         why = next(iter(stage.skipped.values()))
         line += f"; {len(stage.skipped)} convs skipped (e.g. {why})"

@@ -3,10 +3,15 @@ dense masked conv it replaces?
 
 Every planned conv is cut out as a *micro-model pair* (``rewrite.stripes.micro_pairs``: the dense
 masked conv and its shrunk form, one input of the conv's input shape at ``batch``, equal outputs) and
-the pair is timed interleaved with ``measure.latency.measure_runners``. The *rule*
-(:func:`split_pays`): a conv changes physically only when the shrunk form's median is strictly below
-the dense one's. :func:`gated` turns the timings into the ``split`` set of
-``rewrite.stripes.shrink_stripes``::
+the pair is timed interleaved with ``measure.latency.measure_runners``. The *verdict* (:func:`verdict`)
+is a paired sign test over the interleaved runs (run i of the shrunk form against run i of the dense
+one, both from the same round): ``faster`` or ``slower`` when the one-sided binomial tail is below
+``ALPHA`` (``slower`` also needs the medians ``MIN_EFFECT`` apart), else ``tie``; a tie is timed
+again (pooling the runs) up to ``MAX_ROUNDS`` times. The *rule* (:func:`makes`): a **split** (several convs and a Concat in place of one) is made only when it is
+measured faster; a **crop** (one conv with a smaller kernel: strictly fewer MACs, the same node count)
+is made unless it is measured slower. Medians alone decided before: on a loaded 2-core machine the
+micro-models of sub-millisecond depthwise convs tie, and half of the crops were refused by coin flips.
+:func:`gated` turns the timings into the ``split`` set of ``rewrite.stripes.shrink_stripes``::
 
     timings = gate_splits(model, plan, cg=cg)
     result = shrink_stripes(model, plan, cg, split=gated(timings))
@@ -21,6 +26,7 @@ Not built yet: timing whole models per candidate set, choosing among box groupin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +51,19 @@ class SplitTiming:
     macs_before: int | None = None
     macs_after: int | None = None
     reason: str | None = None
+    #: ``faster`` / ``slower`` / ``tie`` from the paired sign test (None: only medians are known).
+    verdict: str | None = None
+    #: Timing rounds (a tie is timed again) and the paired runs the verdict rests on.
+    rounds: int = 0
+    pairs: int = 0
 
     @property
     def pays(self) -> bool:
-        """The rule: see :func:`split_pays`."""
-        return split_pays(self.dense_ms, self.shrunk_ms)
+        """Whether the rule lets this conv change: :func:`makes` with the verdict, or
+        :func:`split_pays` on the medians where no verdict was taken."""
+        if self.verdict is None:
+            return split_pays(self.dense_ms, self.shrunk_ms)
+        return makes(self.form, self.verdict)
 
     @property
     def gain_ms(self) -> float | None:
@@ -66,13 +80,52 @@ class SplitTiming:
     def to_json(self) -> dict:
         return {"key": self.key, "form": self.form, "dense_ms": self.dense_ms, "shrunk_ms": self.shrunk_ms,
                 "gain_ms": self.gain_ms, "speedup": self.speedup, "pays": self.pays,
-                "macs_before": self.macs_before, "macs_after": self.macs_after, "reason": self.reason}
+                "macs_before": self.macs_before, "macs_after": self.macs_after, "reason": self.reason,
+                "verdict": self.verdict, "rounds": self.rounds, "pairs": self.pairs}
 
 
 def split_pays(dense_ms: float | None, shrunk_ms: float | None) -> bool:
     """A crop or split is made only when the shrunk form's median is strictly below the dense one's
     (never when either was not timed)."""
     return dense_ms is not None and shrunk_ms is not None and shrunk_ms < dense_ms
+
+
+#: One-sided significance of the paired sign test; a tie is re-timed up to MAX_ROUNDS rounds in all.
+ALPHA = 0.01
+MAX_ROUNDS = 3
+#: A shrunk form is "slower" only when its median is at least this share above the dense one's.
+MIN_EFFECT = 0.05
+
+
+def sign_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n if n else 1.0
+
+
+def verdict(dense_ms: list[float], shrunk_ms: list[float], alpha: float = ALPHA,
+            min_effect: float = MIN_EFFECT) -> str:
+    """``faster`` / ``slower`` / ``tie`` for the shrunk form, by a paired sign test over runs taken
+    side by side (equal pairs are dropped); ``slower`` also needs the shrunk median ``min_effect``
+    above the dense one, so that a crop (fewer MACs) is not refused for a consistent 1% that the
+    whole model cannot show."""
+    m = min(len(dense_ms), len(shrunk_ms))
+    d, s = np.asarray(dense_ms[:m]), np.asarray(shrunk_ms[:m])
+    wins, losses = int(np.sum(s < d)), int(np.sum(s > d))
+    n = wins + losses
+    if sign_tail(wins, n) < alpha:
+        return "faster"
+    if sign_tail(losses, n) < alpha and np.median(s) >= (1.0 + min_effect) * np.median(d):
+        return "slower"
+    return "tie"
+
+
+def makes(form: str, verdict_: str) -> bool:
+    """The rule: a split only when measured faster, a crop unless measured slower, nothing else."""
+    if form.startswith("split"):
+        return verdict_ == "faster"
+    if form.startswith("crop"):
+        return verdict_ != "slower"
+    return False
 
 
 def gated(timings: dict[str, SplitTiming]) -> set[str]:
@@ -91,19 +144,20 @@ def form_of(rec: ShrunkConv) -> str:
 
 def gate_splits(model: onnx.ModelProto, plan: StripePlan, ep: str = "auto", threads: int | None = None,
                 batch: int = 1, repeat: int = 30, *, cg: CouplingGraph | None = None, warmup: int = 5,
-                seed: int = 0) -> dict[str, SplitTiming]:
+                seed: int = 0, max_rounds: int = MAX_ROUNDS) -> dict[str, SplitTiming]:
     """``{conv key: SplitTiming}`` for every planned conv: its micro-model pair timed interleaved on
-    one random input (``seed``) on ``ep``; convs with nothing to shrink get an entry without timings.
+    one random input (``seed``) on ``ep``, ``repeat`` paired runs a round, a tie re-timed up to
+    ``max_rounds`` rounds; convs with nothing to shrink get an entry without timings.
     ``cg`` (the coupling graph of ``model``) lets multi-box convs be timed split rather than cropped."""
     rng = np.random.default_rng(seed)
     out: dict[str, SplitTiming] = {}
     for key, pair in micro_pairs(model, plan, cg, batch).items():
-        out[key] = _time_pair(pair, rng, ep, threads, warmup, repeat)
+        out[key] = _time_pair(pair, rng, ep, threads, warmup, repeat, max_rounds)
     return out
 
 
 def _time_pair(pair: MicroPair, rng: np.random.Generator, ep: str, threads: int | None, warmup: int,
-               repeat: int) -> SplitTiming:
+               repeat: int, max_rounds: int = MAX_ROUNDS) -> SplitTiming:
     rec = pair.record
     if pair.shrunk is None or pair.dense is None:
         why = rec.reason or "nothing to shrink"
@@ -112,6 +166,14 @@ def _time_pair(pair: MicroPair, rng: np.random.Generator, ep: str, threads: int 
         return SplitTiming(rec.key, form_of(rec), None, None, rec.macs_before, rec.macs_after, why)
     feeds = {pair.input_name: rng.standard_normal(pair.input_shape).astype(pair.dtype)}
     runners = [Runner(pair.dense, feeds, ep, threads), Runner(pair.shrunk, feeds, ep, threads)]
-    dense, shrunk = measure_runners(runners, warmup=warmup, repeat=repeat)
-    return SplitTiming(rec.key, form_of(rec), dense.median_ms, shrunk.median_ms, rec.macs_before, rec.macs_after,
-                       rec.reason)
+    d_ms: list[float] = []
+    s_ms: list[float] = []
+    rounds, call = 0, "tie"
+    while call == "tie" and rounds < max(1, max_rounds):
+        dense, shrunk = measure_runners(runners, warmup=warmup if rounds == 0 else 1, repeat=repeat)
+        d_ms += dense.samples_ms
+        s_ms += shrunk.samples_ms
+        rounds += 1
+        call = verdict(d_ms, s_ms)
+    return SplitTiming(rec.key, form_of(rec), float(np.median(d_ms)), float(np.median(s_ms)), rec.macs_before,
+                       rec.macs_after, rec.reason, verdict=call, rounds=rounds, pairs=min(len(d_ms), len(s_ms)))
