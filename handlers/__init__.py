@@ -8,6 +8,7 @@ from onnxprune.handlers import (
     conv,
     elementwise,
     gemm,
+    ms_transformer,
     norm,
     pool,
     quant,
@@ -19,6 +20,6 @@ from onnxprune.handlers import (
 
 from onnxprune.analysis.contract import Registry
 
-MODULES = ("concat", "contrib", "controlflow", "conv", "elementwise", "gemm", "norm", "pool", "quant", "reshape", "resize", "rnn", "shapeops")
+MODULES = ("concat", "contrib", "controlflow", "conv", "elementwise", "gemm", "ms_transformer", "norm", "pool", "quant", "reshape", "resize", "rnn", "shapeops")
 
-REGISTRY = Registry.of_modules([concat, contrib, controlflow, conv, elementwise, gemm, norm, pool, quant, reshape, resize, rnn, shapeops])
+REGISTRY = Registry.of_modules([concat, contrib, controlflow, conv, elementwise, gemm, ms_transformer, norm, pool, quant, reshape, resize, rnn, shapeops])

@@ -11,8 +11,9 @@ On the torchvision CNNs, ``ORT_ENABLE_EXTENDED`` with the CPU provider produces 
 - Gelu, QuickGelu (unary) and FastGelu, BiasGelu (input + optional bias broadcast on the last axis):
   elementwise; a constant bias is a param slot.
 
-Every other contrib op (SkipLayerNormalization, BiasSoftmax, FusedMatMul, NhwcConv, Attention, ...)
-has no handler, so it stays a barrier that freezes every tensor it touches.
+The transformer ops (SkipLayerNormalization, Attention, MatMulNBits, ...) are in ``ms_transformer.py``.
+Every other contrib op (BiasSoftmax, FusedMatMul, NhwcConv, ...) has no handler, so it stays a barrier
+that freezes every tensor it touches.
 
 The registry is keyed by domain; the analysis looks contrib ops up at opset 1 (``since = 1``).
 Torch-Pruning's count (``tp_ops``) sees the fused Gelu as nn.GELU (1 per output element) and no

@@ -53,7 +53,7 @@ com.microsoft), each an elementwise map or a float op's channel flow with intege
 Barriers (no handler, or a Barrier raised here): blocked quantization; per-row quantization of a
 matrix product's first operand or output; N-D zero points of MatMulInteger; QLinearSoftmax,
 QLinearReduceMean, QLinearWhere, QAttention, DynamicQuantizeMatMul, MatMulIntegerToFloat,
-DynamicQuantizeLSTM, MatMulNBits and the other com.microsoft quantized ops (their channel semantics is
+DynamicQuantizeLSTM and the other com.microsoft quantized ops (MatMulNBits: ``ms_transformer.py``) (their channel semantics is
 not stated here).
 """
 

@@ -310,6 +310,10 @@ def schema_versions() -> dict[tuple[str, str], tuple[int, ...]]:
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
+# ops onnxruntime defines in the default domain itself (its optimizer writes them there), at version 1
+ORT_DEFAULT_DOMAIN_OPS = frozenset({("", "SimplifiedLayerNormalization")})
+
+
 def check_since(handler: type[Handler]) -> None:
     """Refuse a ``since`` that does not fall where the op's spec changed.
 
@@ -331,6 +335,8 @@ def check_since(handler: type[Handler]) -> None:
     for op in handler.op_types:
         known = versions.get((domain, op))
         where = f"{domain}::{op}" if domain else op
+        if known is None and (domain, op) in ORT_DEFAULT_DOMAIN_OPS:
+            known = (1,)  # onnxruntime's own schema, at version 1
         if known is None:
             raise InvalidSince(f"{name}: onnx {onnx.__version__} defines no op {where}")
         if since > known[0] and since not in known:
