@@ -155,15 +155,30 @@ def _defer_factor(node: Node, ctx: AnalysisCtx, single: str, s_axis: int, multi:
                 ctx.freeze(multi, m_axes[k], f"Reshape '{node.name}': axis {m_axes[k]} merges into a dynamic or size-1 axis")
             return
         want = "heads" if ctx.head_mode == "heads" else "dim"
-        preferred = [k for k in pool if want in ctx.class_kind(multi, m_axes[k])]
+        kinds = {k: ctx.class_kind(multi, m_axes[k]) for k in pool}
+        preferred = [k for k in pool if want in kinds[k]]
         if preferred:
             pool = preferred
+        elif want == "heads":  # a KV projection split into [kv heads, head dim]: the dim is the contraction
+            not_dim = [k for k in pool if "dim" not in kinds[k]]
+            pool = not_dim or pool
+        # grouped-query attention merges [kv heads, copies] (Expand) into the query heads: a unit is a
+        # KV group ("kv") or a query-head position within every group ("query", the copies)
+        repeat = [k for k in pool if "repeat" in kinds[k]]
+        why = "keeps its size"
+        if repeat and len(repeat) < len(pool):
+            if ctx.gqa_unit == "query":
+                pool = repeat
+                why = "keeps its size (KV heads; --gqa query prunes query heads within each KV group)"
+            else:
+                pool = [k for k in pool if k not in repeat]
+                why = "keeps its size (repeated KV heads; --gqa kv prunes whole KV groups)"
         best = max(pool, key=lambda k: (sizes[k], -k))
         e = np.arange(int(np.prod(sizes, dtype=np.int64)))
         ctx.link(single, s_axis, e, multi, m_axes[best], (e // strides[best]) % sizes[best])
         for k in cands:
             if k != best:
-                ctx.freeze(multi, m_axes[k], f"Reshape '{node.name}': factor axis {m_axes[k]} keeps its size")
+                ctx.freeze(multi, m_axes[k], f"Reshape '{node.name}': factor axis {m_axes[k]} {why}")
 
     ctx.defer(decide)
 

@@ -271,6 +271,10 @@ class Expand(Handler):
         return x.expand(shape)
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
+        """Axes the input carries are identities. An axis the target broadcasts from size 1 (or
+        creates) holds copies of one value (GQA's ``repeat_kv``: KV heads repeated for the query heads
+        of their group): removing copies is exact, so it is a channel space of kind "repeat" where its
+        target entry is a constant the rewrite can set (a computed entry leaves it frozen)."""
         x, y = node.input[0], node.output[0]
         xs, ys = ctx.shape(x), ctx.shape(y)
         if xs is None or ys is None:
@@ -282,10 +286,50 @@ class Expand(Handler):
                 ctx.identity(x, j, y, j + R - r)
             else:
                 ctx.cover(x, j)
+        for oy in range(R):
+            j = oy - (R - r)
+            if (j < 0 or xs[j] == 1) and ys[oy] > 1 and const_entry(ctx, node.input[1], oy - R):
+                ctx.cover(y, oy)
+                ctx.mark_repeat(y, oy)
 
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
-        # an entry that broadcast a channel axis becomes 1: the input's own size then wins
-        rewrite_target(rw, node, 1, lambda pos, cur, n: 1 if cur != 1 else None)
+        # an entry that broadcast a channel axis becomes 1: the input's own size then wins; an entry
+        # that made copies of a size-1 axis (a "repeat" space) becomes the number of copies kept
+        xs, ys = rw.old_shape(node.input[0]), rw.old_shape(node.output[0])
+        off = len(ys) - len(xs)
+
+        def entry(pos, cur, n):
+            j = pos - off
+            if j < 0 or xs[j] == 1:
+                return n
+            return 1 if cur != 1 else None
+
+        rewrite_target(rw, node, 1, entry)
+
+
+def const_entry(ctx: AnalysisCtx, t: str, pos: int) -> bool:
+    """Whether entry ``pos`` (negative: from the end) of the 1-D shape vector ``t`` is a constant the
+    rewrite can set: ``t`` a constant, or a Concat (through Cast/Identity) whose part at ``pos`` is one."""
+    for _ in range(8):
+        if ctx.value(t) is not None:
+            v = ctx.value(t).reshape(-1)
+            return -v.size <= pos < 0
+        p = ctx.producer(t)
+        if p is None or p.op_type not in ("Cast", "Identity"):
+            break
+        t = p.input[0]
+    p = ctx.producer(t)
+    if p is None or p.op_type != "Concat":
+        return False
+    parts = []
+    for part in p.input:
+        s = ctx.shape(part)
+        if s is None or len(s) != 1:
+            return False
+        parts.extend([part] * s[0])
+    if not -len(parts) <= pos < 0:
+        return False
+    return ctx.value(parts[pos]) is not None
 
 
 @register

@@ -53,7 +53,7 @@ from onnxprune.rewrite.stripe_refit import StripeRefit, refit_stripes, stripe_gr
 from onnxprune.rewrite.stripes import ShrinkResult, mask_stripes, shrink_stripes
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import DEFAULT_BUDGET, Capture, capture, capture_grams
-from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.inputs import make_inputs, probe_sizes
 
 if TYPE_CHECKING:
     from onnxprune.planning.grad_importance import GradScores
@@ -102,6 +102,7 @@ class Result:
                        "frozen": len(self.plan.frozen)},
             "unknown_ops": {k: v[:5] for k, v in cg.unknown_ops.items()},
             "normalization": list(self.analysis.changes),
+            "probe_sizes": probe_sizes(self.analysis.model, self.analysis.input_shapes, self.analysis.input_arrays),
             "plan": self.plan.to_json(cg),
             "verification": self.verification.to_json() if self.verification else None,
             "importance": self.plan.importance,
@@ -139,7 +140,9 @@ def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
     if plan_json is not None:
         o = plan_json.get("options", {}) if isinstance(plan_json, dict) else {}
         o = o if isinstance(o, dict) else {}
-        return "heads" if o.get("head_ratio") is not None else "dim"
+        if o.get("head_ratio") is None:
+            return "dim"
+        return "heads-query" if o.get("gqa") == "query" else "heads"
     return opts.head_mode
 
 

@@ -31,6 +31,7 @@ APART = {"testing", "models"}
 # third-party packages a function body may import (optional dependencies; the zoo and the test
 # scaffolding may also run onnxruntime directly)
 LAZY_OK = {"torch", "torchvision", "matplotlib", "onnxruntime", "onnxscript", "torch_pruning",
+           "transformers",  # models.hf: tiny random Hugging Face models (the hf extra)
            "onnx.reference"}  # onnx.reference: 0.8 s to import, needed only for partly known shape values
 # package modules a function body may import: the zoo needs torch (the demo's optional extra)
 # and the gradient criteria import torch (through runtime.torch_exec), so the plan and the pipeline

@@ -65,6 +65,12 @@ class AnalysisCtx(Protocol):
     def head_mode(self) -> str:
         """What a unit is where an attention projection is split into heads: "dim" or "heads"."""
 
+    @property
+    def gqa_unit(self) -> str:
+        """With "heads", what a unit is in grouped-query attention (query heads made of repeated KV
+        heads): "kv" (a KV head with the query heads reading it) or "query" (a query-head position
+        within every KV group)."""
+
     def shape(self, name: str) -> tuple[int, ...] | None: ...
 
     def rank(self, name: str) -> int | None: ...
@@ -115,6 +121,10 @@ class AnalysisCtx(Protocol):
 
     def mark_attention(self, tensor: str, axis: int, kind: str) -> None:
         """Axis of an activation x activation MatMul: ``heads`` (a batch axis) or ``dim``."""
+
+    def mark_repeat(self, tensor: str, axis: int) -> None:
+        """Axis whose entries are copies of one another (an Expand of a size-1 axis); ``class_kind``
+        then holds "repeat" for its class."""
 
     def mark_contraction(self, tensor: str, axis: int) -> None:
         """Exact only when the removed positions are zero (an act x act contraction, a quantization

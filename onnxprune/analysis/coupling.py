@@ -132,6 +132,7 @@ class CouplingGraph:
         self.elem_types: dict[str, int] = {}
         self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
         self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
+        self.repeat_sids: set[int] = set()  # axes whose entries are copies of one another (Expand)
         self.contract_sids: set[int] = set()
         self.quant: dict[str, Quantization] = {}  # quantized constants (``AnalysisCtx.quantized``)
 
@@ -284,7 +285,11 @@ class AnalysisContext:
 
     @property
     def head_mode(self) -> str:
-        return self.cg.head_mode
+        return "heads" if self.cg.head_mode.startswith("heads") else self.cg.head_mode
+
+    @property
+    def gqa_unit(self) -> str:
+        return "query" if self.cg.head_mode == "heads-query" else "kv"
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.cg.shapes.get(name) if name else None
@@ -456,6 +461,12 @@ class AnalysisContext:
         if sid is not None:
             self.cg.attn_kind.setdefault(sid, kind)
 
+    def mark_repeat(self, tensor: str, axis: int) -> None:
+        """Axis whose entries are copies of one another (Expand of a size-1 axis): kind "repeat"."""
+        sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
+        if sid is not None:
+            self.cg.repeat_sids.add(sid)
+
     def mark_contraction(self, tensor: str, axis: int) -> None:
         """Exact act x act contraction: masking must zero the producers of the removed positions."""
         sid = self.cg.space(tensor, _norm_axis(axis, self.rank(tensor)))
@@ -552,7 +563,9 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: 
     """Build the coupling graph of ``model`` (pure).
 
     ``head_mode`` decides what a unit is where an attention projection is split into heads:
-    ``"dim"`` (a head-dimension position, shared by every head) or ``"heads"`` (a whole head).
+    ``"dim"`` (a head-dimension position, shared by every head) or ``"heads"`` (a whole head; in
+    grouped-query attention a whole KV group), or ``"heads-query"`` (whole heads; in grouped-query
+    attention a query-head position within every KV group).
 
     The nodes of the subgraphs the analysis follows (``analysis.subgraphs``: If branches whose
     tensors all have shapes) are analysed like the main graph's; what a subgraph reads from outside
@@ -603,6 +616,8 @@ def analyze(model: onnx.ModelProto, shapes: Shapes, registry: Registry, consts: 
         kinds: dict[int, set[str]] = defaultdict(set)
         for sid, kind in cg.attn_kind.items():
             kinds[ctx._find(sid)].add(kind)
+        for sid in cg.repeat_sids:
+            kinds[ctx._find(sid)].add("repeat")
         ctx._kinds_by_root = kinds
 
     refresh()

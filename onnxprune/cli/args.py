@@ -211,7 +211,8 @@ class ModelInputArgs(ArgGroup):
                             "spatial 224, others 16")
         if self.values:
             g.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                           help="value of a graph input from a .npy file (repeatable)")
+                           help="value of a graph input from a .npy file (repeatable), or FILE.npz: one array "
+                                "per graph input, by name; the probes run at these sizes")
 
     def parse(self, ns) -> ModelInputs:
         shapes = parse_shapes(ns.input_shape)
@@ -256,6 +257,10 @@ class PlanArgs(ArgGroup):
                                 "--head-ratio/--head-dim-ratio")
             g.add_argument("--head-ratio", type=float, default=None, metavar="R",
                            help="remove floor(H*R) whole heads of every attention block (never all)")
+            g.add_argument("--gqa", choices=["kv", "query"], default="kv",
+                           help="with --head-ratio on grouped-query attention (several query heads share a KV "
+                                "head): remove whole KV groups, a KV head with its query heads (kv, default), or "
+                                "query heads within every KV group, the same positions in each (query)")
             g.add_argument("--head-dim-ratio", type=float, default=None, metavar="R",
                            help="remove the same head-dimension positions from q/k (and v/out) of every head")
             g.add_argument("--layer-ratio", action="append", default=[], metavar="REGEX=R",
@@ -329,6 +334,7 @@ class PlanArgs(ArgGroup):
             round_to, why = auto_round_to(ep)
         opts = PlanOptions(ratio=ratio, layer_ratios=parse_layer_ratios(ns.layer_ratio) if self.amounts else [],
                            ignore=list(ns.ignore), head_ratio=head_ratio, head_dim_ratio=head_dim_ratio,
+                           gqa=getattr(ns, "gqa", "kv") if self.amounts else "kv",
                            round_to=round_to, global_=ns.global_, max_ratio=ns.max_ratio, importance=importance,
                            allow_approximate=ns.allow_approximate, seed=ns.seed,
                            group_reduction=ns.group_reduction or "mean", normalizer=ns.normalizer,

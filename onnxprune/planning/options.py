@@ -20,6 +20,7 @@ NORMALIZERS = ("mean", "max", "sum", "standardization", "gaussian", "none")
 GROUP_FISHER_NORMALIZE = ("flops", "memory", "latency", "none")
 TAYLOR_FORMS = ("param", "activation")
 TP_MEMBERS = ("tp", "all")
+GQA_UNITS = ("kv", "query")  # --gqa: what --head-ratio removes in grouped-query attention
 GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)
 ALLOCATE_CHOICES = ("uniform", "latency")  # --allocate: one ratio searched, or per-group counts (planning.allocate)
 HESSIAN_DEFAULT_SAMPLES = 64  # hessian runs one sample per pass: its default cap on the fit samples
@@ -38,6 +39,10 @@ class PlanOptions:
     seed: int = 0
     head_ratio: float | None = None  # whole attention heads (analysis in "heads" mode)
     head_dim_ratio: float | None = None  # head-dimension positions (analysis in "dim" mode)
+    # grouped-query attention with --head-ratio: a unit is a whole KV group (its KV head and every query
+    # head reading it: "kv") or a query-head position within every KV group ("query"; analysis in
+    # "heads-query" mode)
+    gqa: str = "kv"
     # how the gradient and Torch-Pruning criteria score (planning.grad_importance.GradOptions); each
     # only with the criteria it applies to (validate)
     group_reduction: str = "mean"  # over a group's members (not group-fisher: one shared mask)
@@ -57,11 +62,15 @@ class PlanOptions:
 
     @property
     def head_mode(self) -> str:
-        return "heads" if self.head_ratio is not None else "dim"
+        if self.head_ratio is None:
+            return "dim"
+        return "heads-query" if self.gqa == "query" else "heads"
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.gqa not in GQA_UNITS:
+            raise UserError(f"--gqa must be one of {', '.join(GQA_UNITS)}, got {self.gqa!r}")
         if self.head_ratio is not None and self.head_dim_ratio is not None:
             raise UserError("use one of --head-ratio / --head-dim-ratio per run (prune twice to combine)")
         for name, r in (("--head-ratio", self.head_ratio), ("--head-dim-ratio", self.head_dim_ratio)):
@@ -156,6 +165,7 @@ def options_json(opts: PlanOptions) -> dict:
             "round_to": opts.round_to, "global": opts.global_, "max_ratio": opts.max_ratio,
             "importance": opts.importance, "allow_approximate": opts.allow_approximate, "seed": opts.seed,
             "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio,
+            **({"gqa": opts.gqa} if opts.gqa != "kv" else {}),
             **({"group_reduction": opts.group_reduction, "normalizer": opts.normalizer, "taylor_form": opts.taylor_form,
                 "normalize": opts.normalize, "tp_members": opts.tp_members}
                if opts.importance in GRAD_CRITERIA else {}),

@@ -98,3 +98,67 @@ g (float[N,3,8,8] x) => (float[N,4,8,8] y)
     gather = next(nd for nd in res.pruned.graph.node if nd.op_type == "Gather")
     new_idx = checks.inits(res.pruned)[gather.input[1]]
     assert new_idx.max() < shapes["w1"][0] and len(np.unique(new_idx)) == len(new_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expand of a size-1 axis: grouped-query attention's repeat_kv (2 KV heads, 2 query heads each)
+
+GQA = H17 + """
+g (float[N,S,16] x) => (float[N,S,16] y)
+<float[16,16] wq, float[16,8] wk, float[16,8] wv, float[16,16] wo, int64[4] sq = {0, 0, 4, 4},
+ int64[4] skv = {0, 0, 2, 4}, int64[1] two = {2}, int64[5] ex = {1, 1, 2, 1, 1}, int64[4] sh4 = {0, 4, -1, 4},
+ int64[3] sf = {0, 0, 16}>
+{
+  q = MatMul(x, wq)
+  q4 = Reshape(q, sq)
+  qt = Transpose<perm=[0,2,1,3]>(q4)
+  k = MatMul(x, wk)
+  k4 = Reshape(k, skv)
+  kt = Transpose<perm=[0,2,1,3]>(k4)
+  ku = Unsqueeze(kt, two)
+  ke = Expand(ku, ex)
+  kr = Reshape(ke, sh4)
+  ktt = Transpose<perm=[0,1,3,2]>(kr)
+  sc = MatMul(qt, ktt)
+  p = Softmax<axis=-1>(sc)
+  v = MatMul(x, wv)
+  v4 = Reshape(v, skv)
+  vt = Transpose<perm=[0,2,1,3]>(v4)
+  vu = Unsqueeze(vt, two)
+  ve = Expand(vu, ex)
+  vr = Reshape(ve, sh4)
+  o = MatMul(p, vr)
+  ot = Transpose<perm=[0,2,1,3]>(o)
+  of = Reshape(ot, sf)
+  y = MatMul(of, wo)
+}"""
+
+
+@pytest.mark.parametrize("gqa,expect,copies", [
+    ("kv", {"wq": (16, 8), "wk": (16, 4), "wv": (16, 4), "wo": (8, 16)}, 2),  # one KV group and its 2 query heads
+    ("query", {"wq": (16, 8), "wk": (16, 8), "wv": (16, 8), "wo": (8, 16)}, 1),  # one query head per group
+])
+def test_expand_repeat_follows_grouped_query_heads(gqa, expect, copies):
+    """The repeated axis is a channel space ("repeat"): with --gqa kv the query heads follow their KV
+    head, with --gqa query they follow the copy index and the Expand entry becomes the copies kept."""
+    model = graphs.build(GQA)
+    res = checks.prune_and_verify(model, ratio=0.0, head_ratio=0.5, gqa=gqa)
+    checks.assert_exact(res, model, expect)
+    targets = {tuple(int(v) for v in checks.inits(res.pruned)[nd.input[1]]) for nd in res.pruned.graph.node
+               if nd.op_type == "Expand"}
+    assert targets == {(1, 1, copies, 1, 1)}, targets
+    if gqa == "query":
+        assert any("--gqa query" in r for r in checks.frozen_reasons(res))
+
+
+def test_expand_repeat_count_inside_a_computed_target():
+    """The target is a Concat of the run-time batch and constants (as exporters write it): the
+    constant repeat entry is rewritten, the batch entry stays computed."""
+    text = GQA.replace("int64[5] ex = {1, 1, 2, 1, 1}, ", "int64[1] one = {1}, int64[1] two2 = {2}, ").replace(
+        "ke = Expand(ku, ex)", "xs = Shape<start=0, end=1>(x)\n  ex = Concat<axis=0>(xs, one, two2, one, one)\n"
+                               "  ke = Expand(ku, ex)")
+    model = graphs.build(text)
+    res = checks.prune_and_verify(model, ratio=0.0, head_ratio=0.5, gqa="query")
+    checks.assert_exact(res, model, {"wq": (16, 8), "wk": (16, 8), "wv": (16, 8), "wo": (8, 16)})
+    cat = next(nd for nd in res.pruned.graph.node if nd.op_type == "Concat")
+    assert int(checks.inits(res.pruned)[cat.input[2]][0]) == 1  # one copy of each KV head kept
