@@ -13,7 +13,7 @@ import onnx
 from onnxprune.ir.graph import input_feeds_spec, weightless
 from onnxprune.ir.graph import value_dims as _dims
 from onnxprune.ir.tensors import ConstantTable
-from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.inputs import make_inputs, plan_shapes
 from onnxprune.runtime.probe import run_for_shapes, scaled_feeds
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,9 @@ def infer_shapes(model: onnx.ModelProto, feeds_overrides: dict[str, tuple[int, .
         missing = [n for n in missing if n in needed]
     if missing:
         run1 = run_for_shapes(model, missing, feeds_overrides, scale=1, arrays=arrays)
+        if {k: v.shape for k, v in feeds.items()} != {k: p.shape for k, p in plan_shapes(
+                model, feeds_overrides, arrays=arrays).items()}:  # the probe grew sizes the model rejected
+            return infer_shapes(model, feeds_overrides, needed, arrays)
         run2 = run_for_shapes(model, missing, feeds_overrides, scale=2, arrays=arrays)
         if not run2 and run1:
             notes.append(f"the model does not run at a second input size: the {len(run1)} tensors whose shapes "

@@ -72,7 +72,13 @@ from onnxprune.rewrite.check import full_check
 from onnxprune.rewrite.compensate import CompensateOptions
 from onnxprune.rewrite.soft import soft_prune
 from onnxprune.runtime.calib import CalibData, open_calib
-from onnxprune.runtime.inputs import make_inputs
+from onnxprune.runtime.inputs import (
+    calib_sample_shapes,
+    describe_probe_sizes,
+    make_inputs,
+    probe_sizes,
+    use_data_sizes,
+)
 from onnxprune.runtime.session import resolve_ep
 
 OUTPUT = OutputArgs(required=True, soft=True)
@@ -415,6 +421,8 @@ def run(args) -> int:
                         "--load-plan")
     c = console()
     print_round_to(c, req)
+    if calib_spec is not None and calib_spec.path is not None:  # tried first where the default sizes fail
+        use_data_sizes(calib_sample_shapes(calib_spec.path))
     opts, extra, an = req.options, req.report(), None
     calib, analyzed, acts = None, 0.0, None
     if calib_spec is not None:  # checked against the model before any planning
@@ -481,6 +489,10 @@ def run(args) -> int:
         c.print("normalization:", markup=False)
         for line in res.analysis.changes:
             c.print(f"  {line}", markup=False)
+    sizes_line = describe_probe_sizes(probe_sizes(res.analysis.model, res.analysis.input_shapes,
+                                                  res.analysis.input_arrays))
+    if sizes_line:
+        c.print(sizes_line, markup=False)
     print_stats_table(c, res.before, res.after, title=f"onnxprune: {Path(args.model).name}", fidelity=res.fidelity)
     print_coverage(c, res.analysis.cg)
     c.print(f"pruned {len(res.plan.pruned())} groups; {len(res.plan.frozen)} frozen"

@@ -31,6 +31,7 @@ from onnxprune.measure.stats import human
 from onnxprune.measure.sweep import Row, plot, sweep
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
 from onnxprune.runtime.calib import open_calib
+from onnxprune.runtime.inputs import calib_sample_shapes, use_data_sizes
 from onnxprune.runtime.machine import describe
 from onnxprune.runtime.session import resolve_ep
 
@@ -91,6 +92,8 @@ def run(args) -> int:
     inputs = INPUTS.parse(args)
     c = console()
     print_round_to(c, req)
+    if calib_spec is not None and calib_spec.path is not None:  # tried first where the default sizes fail
+        use_data_sizes(calib_sample_shapes(calib_spec.path))
     with c.status("analyzing...", spinner="dots"):
         an = pipeline.analyze_model(args.model, inputs.shapes, input_arrays=inputs.arrays, bias_inputs=comp is not None)
     trial, calib = None, None

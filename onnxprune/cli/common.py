@@ -126,7 +126,18 @@ def _parse_dims(text: str) -> tuple[int, ...]:
 
 def _load_npy(path: str) -> np.ndarray:
     try:
-        return np.load(path)
+        got = np.load(path, allow_pickle=False)
+        if isinstance(got, np.lib.npyio.NpzFile):
+            with got:
+                if len(got.files) != 1:
+                    raise ValueError(f"a .npz after NAME= must hold one array, this one holds {len(got.files)} "
+                                     "(give --input FILE.npz for one array per input)")
+                return np.asarray(got[got.files[0]])
+        return got
+    except ValueError as exc:
+        if "must hold one array" in str(exc):
+            raise
+        raise ValueError(f"cannot read ({type(exc).__name__})") from None
     except Exception as exc:  # noqa: BLE001 - numpy raises several types
         raise ValueError(f"cannot read ({type(exc).__name__})") from None
 
@@ -136,7 +147,21 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def parse_arrays(items: list[str]) -> dict[str, np.ndarray]:
-    return _split_items(items, "--input", "NAME=FILE.npy", _load_npy)
+    """``--input NAME=FILE.npy`` (or a .npz holding one array) and ``--input FILE.npz`` (one array per
+    graph input, by name)."""
+    out: dict[str, np.ndarray] = {}
+    named = []
+    for it in items:
+        if "=" not in it and it.lower().endswith(".npz"):
+            try:
+                with np.load(it, allow_pickle=False) as z:
+                    out.update({k: np.asarray(z[k]) for k in z.files})
+            except Exception as exc:  # noqa: BLE001 - numpy raises several types
+                raise UserError(f"--input {it}: cannot read ({type(exc).__name__})") from None
+        else:
+            named.append(it)
+    out.update(_split_items(named, "--input", "NAME=FILE.npy or FILE.npz", _load_npy))
+    return out
 
 
 def parse_layer_ratios(items: list[str]) -> list[tuple[str, float]]:
