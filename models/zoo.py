@@ -53,6 +53,12 @@ ARCHS: tuple[str, ...] = (
     "mnasnet1_0",
     "fcn_resnet50",
 )
+#: Networks whose channels are mixed by LayerNorm: their groups are approximate (prune them with
+#: ``--allow-approximate``; without it only the groups LayerNorm does not touch, such as ConvNeXt's MLP
+#: hidden units, are pruned). Not in :data:`ARCHS`, so the matrices that prune every zoo model exactly at
+#: ``--ratio 0.5`` leave them out; :data:`ALL_ARCHS` is every name :func:`export` takes.
+APPROXIMATE_ARCHS: tuple[str, ...] = ("convnext_tiny",)
+ALL_ARCHS: tuple[str, ...] = ARCHS + APPROXIMATE_ARCHS
 EXPORTERS: tuple[str, ...] = ("legacy", "dynamo")
 BN_MODES: tuple[str, ...] = ("fold", "unfused")
 
@@ -62,6 +68,8 @@ SEED = 0
 LEGACY_DEFAULT_OPSET = 17
 #: Gamma multiplier of the last BatchNorm in ResNet blocks (see damp_residual_branches).
 RESIDUAL_GAMMA_SCALE = 0.25
+#: Range of ConvNeXt's per-channel layer scale (see spread_layer_scale).
+LAYER_SCALE_RANGE = (0.1, 0.3)
 #: Batch of the example input used while tracing (>1 avoids 0/1 specialisation).
 TRACE_BATCH = 2
 INPUT_NAME = "input"
@@ -87,8 +95,8 @@ def default_input_shape(name: str, input_size: int = 224) -> tuple[int, int, int
 
 
 def _check_name(name: str) -> None:
-    if name not in ARCHS:
-        raise ValueError(f"unknown arch {name!r}; expected one of {', '.join(ARCHS)}")
+    if name not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {name!r}; expected one of {', '.join(ALL_ARCHS)}")
 
 
 def _segmentation_wrapper() -> type[nn.Module]:
@@ -166,6 +174,29 @@ def damp_residual_branches(model: nn.Module, scale: float = RESIDUAL_GAMMA_SCALE
     return changed
 
 
+def spread_layer_scale(model: nn.Module, low: float = LAYER_SCALE_RANGE[0], high: float = LAYER_SCALE_RANGE[1],
+                       seed: int = SEED) -> int:
+    """Draw every ConvNeXt block's layer scale from U(``low``, ``high``), per channel.
+
+    torchvision initialises it to 1e-6, so a freshly built ConvNeXt is its stem, downsampling layers
+    and head: every block's branch (depthwise conv, LayerNorm, MLP) is scaled away and pruning it
+    changes nothing measurable. Trained ConvNeXts have layer scales of order 0.1 to 1. Returns the
+    number of blocks changed.
+    """
+    import torch
+    from torchvision.models.convnext import CNBlock
+
+    gen = torch.Generator().manual_seed(seed + 2)
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CNBlock):
+                ls = module.layer_scale
+                ls.copy_(low + (high - low) * torch.rand(ls.shape, generator=gen, dtype=ls.dtype))
+                changed += 1
+    return changed
+
+
 def _batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -220,6 +251,7 @@ def build_model(name: str, *, input_size: int = 224, seed: int = SEED) -> nn.Mod
         torch.manual_seed(seed)
         with _quiet():
             model = _construct(name)
+    spread_layer_scale(model, seed=seed)
     randomize_constant_params(model, seed=seed)
     damp_residual_branches(model)
     return calibrate_bn(model, default_input_shape(name, input_size), seed=seed)
@@ -518,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m onnxprune.models.zoo", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("name", choices=ARCHS)
+    parser.add_argument("name", choices=ALL_ARCHS)
     parser.add_argument("--exporter", choices=EXPORTERS, default="legacy")
     parser.add_argument("--bn", choices=BN_MODES, default="fold")
     parser.add_argument("--opset", type=int, default=None)

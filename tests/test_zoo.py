@@ -110,9 +110,50 @@ def test_calibrate_bn_sets_running_statistics() -> None:
     assert torch.allclose(y.mean(dim=(0, 2, 3)), bn.bias, atol=0.2)
 
 
+def test_convnext_is_in_the_zoo_but_not_in_the_exact_matrices() -> None:
+    assert "convnext_tiny" in zoo.ALL_ARCHS and "convnext_tiny" not in zoo.ARCHS
+    assert zoo.cache_path("convnext_tiny").name.startswith("convnext_tiny-legacy-")
+    assert zoo.default_input_shape("convnext_tiny") == (1, 3, 224, 224)
+
+
+def test_spread_layer_scale_gives_convnext_blocks_a_branch() -> None:
+    import torch
+    from torchvision.models.convnext import CNBlock
+
+    net = torch.nn.Sequential(CNBlock(8, 1e-6, 0.0), CNBlock(8, 1e-6, 0.0))
+    assert zoo.spread_layer_scale(net) == 2
+    lo, hi = zoo.LAYER_SCALE_RANGE
+    for blk in net:
+        ls = blk.layer_scale.detach().flatten()
+        assert bool(((ls >= lo) & (ls <= hi)).all()) and len(set(ls.tolist())) == 8
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the residual branch now changes the output
+        assert float((net[0](x) - x).abs().max()) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--allow-approximate"]], ids=["exact", "approximate"])
+def test_convnext_allocates_and_verifies(flags: list[str], tmp_path: pathlib.Path) -> None:
+    """convnext_tiny's MLP hidden units are exact groups; its LayerNorm-mixed streams need the flag
+    (a MAC budget: nothing timed)."""
+    import json
+
+    from onnxprune.cli import main
+
+    src = zoo.export("convnext_tiny", "legacy")
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    rc = main(["prune", str(src), "-o", str(out), "--target-macs", "0.5", "--allocate", "latency", "--verify",
+               "--round-to", "8", "--ep", "cpu", "--report", str(rep), *flags])
+    assert rc == 0
+    data = json.loads(rep.read_text())
+    a = data["allocation"]
+    assert a["measured"] <= 0.5 and a["approximate_groups_left"] == (0 if flags else 4)
+    assert data["verification"]["passed"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
-@pytest.mark.parametrize("name", zoo.ARCHS)
+@pytest.mark.parametrize("name", zoo.ALL_ARCHS)
 def test_zoo_export(name: str, exporter: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     path = zoo.export(name, exporter, cache_dir=tmp_path_factory.mktemp("zoo"))
     onnx.checker.check_model(str(path), full_check=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class AllocationResult:
     batch: int = 1
     threads: int | None = None
     seconds: float = 0.0
+    approximate_left: int = 0  # approximate groups kept whole (no --allow-approximate)
 
     @property
     def allocation(self) -> Allocation:
@@ -165,7 +167,7 @@ class AllocationResult:
                 "kept_importance": r.allocation.kept_importance, "uniform_at_equal_predicted": r.allocation.uniform,
                 "chosen_round": r.index, "rounds": [x.to_json() for x in self.rounds],
                 "table": self.table, "latency_model": self.model, "seconds": round(self.seconds, 2),
-                "allocation": r.allocation.to_json()}
+                "approximate_groups_left": self.approximate_left, "allocation": r.allocation.to_json()}
 
     @property
     def min_noise(self) -> float:
@@ -186,9 +188,14 @@ class AllocationResult:
         if self.table is not None:
             table = f"; latency table {'from the cache' if self.table['cache_hit'] else 'measured'} " \
                     f"({self.table['samples']} samples, {self.table['seconds']:.1f}s)"
+        approx = ""
+        if self.approximate_left:
+            n = self.approximate_left
+            approx = (f"; {n} approximate group{'s' if n != 1 else ''} (normalized or reduced over the channels) "
+                      f"kept whole: --allow-approximate allocates {'them' if n != 1 else 'it'} too")
         return (f"allocation ({what}): {what} {r.measured.ratio:.3f}x of the original{noise}{where}, budget "
                 f"{self.target:g}x ({met}; predicted {r.allocation.predicted:.3f}x; round {r.index} of "
-                f"{len(self.rounds)}){vs}{table}")
+                f"{len(self.rounds)}){vs}{table}{approx}")
 
 
 class AllocationSearch:
@@ -263,15 +270,34 @@ class AllocationSearch:
         def allocate_at(budget: float) -> Allocation:
             return allocate(cg, self.opts, candidates, scores, self.kind, budget, table=table, gradients=grads)
 
+        min_noise = MIN_NOISE if self.kind == "latency" else 0.0
         rounds, chosen = refine(allocate_at, self._measure, self.target, max_rounds=self.max_rounds,
-                                min_noise=MIN_NOISE if self.kind == "latency" else 0.0, progress=self.progress)
-        if not rounds[chosen].allocation.reached:
+                                min_noise=min_noise, progress=self.progress)
+        best = rounds[chosen]
+        # the measurement decides: a table's prediction that even the narrowest allowed plan misses the
+        # budget is refuted when that plan, measured, meets it (a table measured on a busy machine)
+        if not best.allocation.reached and not best.meets(self.target, min_noise):
+            what = "latency" if self.kind == "latency" else "MACs"
+            measured = f", measured {best.measured.ratio:.3f}x" if self.kind == "latency" else ""
             raise UserError(f"target not reachable: with every group at --max-ratio {self.opts.max_ratio:g} the "
-                            f"predicted {'latency' if self.kind == 'latency' else 'MACs'} is "
-                            f"{rounds[chosen].allocation.predicted:.3f}x of the original (frozen groups, --ignore "
-                            "and --layer-ratio keep the rest)")
+                            f"predicted {what} is {best.allocation.predicted:.3f}x of the original{measured} "
+                            f"(frozen groups{self._approximate_hint(cg, candidates)}, --ignore and --layer-ratio "
+                            "keep the rest)")
         return AllocationResult(self.kind, self.target, rounds, chosen,
                                 table.summary() if table is not None else None, model,
                                 self.ep if self.kind == "latency" else None, self.batch, self.threads,
-                                time.perf_counter() - t0)
+                                time.perf_counter() - t0, approximate_left=self._approximate_left(cg, candidates))
+
+    def _approximate_left(self, cg, candidates) -> int:
+        """Approximate groups left whole because --allow-approximate is off (nothing else froze them)."""
+        if self.opts.allow_approximate:
+            return 0
+        cand = {g.id for g, _ in candidates}
+        ignore = [re.compile(r) for r in self.opts.ignore]
+        return sum(1 for g in cg.groups if g.prunable and g.is_approximate and g.id not in cand
+                   and not any(p.search(n) for p in ignore for n in g.nodes))
+
+    def _approximate_hint(self, cg, candidates) -> str:
+        n = self._approximate_left(cg, candidates)
+        return f", {n} approximate group{'s' if n != 1 else ''} without --allow-approximate" if n else ""
 

@@ -37,7 +37,9 @@ Terms.
   sum over kept units, as a share of the whole.
 
 The knapsack (``knapsack``): greedy, each step the move of one group to a lower allowed count
-(looking a few counts ahead, so that a plateau of the table is crossed) with the least importance
+(looking ``LOOKAHEAD`` counts ahead, and on past them until a count saves something, so that a
+plateau of the table is crossed however many counts it spans: between two samples an eighth of a
+group apart, a 3072-unit group at ``--round-to 8`` has 48 counts) with the least importance
 lost per unit of cost saved, the savings recomputed at the widths left (a convolution's cost falls
 as either of its groups narrows); then an exchange pass: put one step of a group back and remove
 elsewhere what the budget needs, kept when that keeps more importance. Allowed counts respect
@@ -68,7 +70,7 @@ from onnxprune.planning.costs import CostModel, handler_macs
 from onnxprune.planning.options import ALLOCATE_CHOICES, PlanOptions  # noqa: F401 (the choices, re-exported)
 
 TABLE_FORMAT = 1
-LOOKAHEAD = 8  # allowed counts a greedy move may jump (crosses a plateau of a noisy or aligned table)
+LOOKAHEAD = 8  # allowed counts a greedy move compares (further only while none of them saves anything)
 EXCHANGE_SWEEPS = 3
 _EPS = 1e-12
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "MatMulNBits",
@@ -544,7 +546,9 @@ class _State:
             best = (math.inf, -1, 0.0)
             al, p, n = self.allowed[gid], self.pos[gid], self.size[gid]
             cur = self.count[gid]
-            for j in range(p + 1, min(len(al), p + 1 + self.lookahead)):
+            j = p
+            while j + 1 < len(al) and (j < p + self.lookahead or not math.isfinite(best[0])):
+                j += 1  # past the lookahead only while nothing saved yet: a plateau wider than it is crossed
                 saving = self.cost.saving_of(gid, self.orders[gid][n - cur:n - al[j]])
                 if saving <= _EPS:
                     continue
