@@ -122,7 +122,7 @@ def node_macs(args: dict) -> float:
 
 
 def _export(arch: str):
-    if arch in zoo.ARCHS:
+    if arch in getattr(zoo, "ALL_ARCHS", zoo.ARCHS):
         return zoo.export(arch, "legacy")
     from onnxprune.models import transformers as tr
     if arch in tr.VISION_ARCHS:
