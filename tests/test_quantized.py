@@ -122,4 +122,14 @@ def test_quantized_zoo_prunes_bit_exactly(arch, kind, quantized_zoo, run_main, t
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "kind"), SLOW, ids=[f"{a}-{k}" for a, k in SLOW])
 def test_quantized_zoo_prunes_bit_exactly_slow(arch, kind, quantized_zoo, run_main, tmp_path):
+    import platform
+
+    from onnxprune.runtime.machine import cpu_flags
+
+    if (kind == "dynamic" and platform.machine() in ("x86_64", "AMD64")
+            and not {"avx512_vnni", "avx_vnni", "amx_tile"} & cpu_flags()):
+        # uint8 activations x int8 weights: onnxruntime's x86 kernels without VNNI (VPMADDUBSW) saturate
+        # pairwise int16 sums, so the masked and the pruned model round differently (seen: rel. error
+        # 3.7e-2 on an AVX2 host; the same commit is bit-exact on an AVX-512 VNNI host)
+        pytest.skip("u8s8 integer kernels saturate on x86 without VNNI: bit-exactness is not defined here")
     assert_prunes_bit_exactly(quantized_zoo(arch, kind), tmp_path / "pruned.onnx", run_main)
