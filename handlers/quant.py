@@ -50,6 +50,11 @@ com.microsoft), each an elementwise map or a float op's channel flow with intege
   MatMul, MatMulInteger or Gemm writes them, then ops that keep a zero channel zero), the group is
   marked to mask its producers (``ctx.mark_contraction``) and stays exact; otherwise it is approximate.
 
+``integer_products`` (QLinearConv, ConvInteger, MatMulInteger, QLinearMatMul, QGemm): the inputs
+(activation, weight, weight zero point) of each integer product; each op takes a uint8 weight as well as an
+int8 one, which ``measure.verify.integer_exact`` uses to verify on the exact integers where u8s8 kernels
+saturate.
+
 Barriers (no handler, or a Barrier raised here): blocked quantization; per-row quantization of a
 matrix product's first operand or output; N-D zero points of MatMulInteger; QLinearSoftmax,
 QLinearReduceMean, QLinearWhere, QAttention, DynamicQuantizeMatMul, MatMulIntegerToFloat,
@@ -278,6 +283,7 @@ class QLinearConv(_QConv):
     """x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp[, B]."""
 
     op_types = ("QLinearConv",)
+    integer_products = ((0, 3, 5),)
     w_index, w_scale, w_zp, bias = 3, 4, 5, 8
     x_params = (1, 2, 6, 7)
 
@@ -287,6 +293,7 @@ class ConvInteger(_QConv):
     """x, w[, x_zp[, w_zp]] -> int32."""
 
     op_types = ("ConvInteger",)
+    integer_products = ((0, 1, 3),)
     w_index, w_zp = 1, 3
     x_params = (2,)
 
@@ -327,6 +334,7 @@ class MatMulInteger(_QMatMul):
     """A, B[, a_zp[, b_zp]] -> int32."""
 
     op_types = ("MatMulInteger",)
+    integer_products = ((0, 1, 3), (1, 0, 2))
     a_zp, b_zp = 2, 3
 
 
@@ -335,6 +343,7 @@ class QLinearMatMul(_QMatMul):
     """a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp."""
 
     op_types = ("QLinearMatMul",)
+    integer_products = ((0, 3, 5), (3, 0, 2))
     a, b = 0, 3
     a_scale, a_zp, b_scale, b_zp = 1, 2, 4, 5
     y_params = (6, 7)
@@ -345,6 +354,7 @@ class QGemm(Handler):
     """A, a_scale, a_zp, B, b_scale, b_zp[, C[, y_scale, y_zp]] (com.microsoft)."""
 
     op_types = ("QGemm",)
+    integer_products = ((0, 3, 5),)
     domain = DOMAIN
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:

@@ -244,6 +244,11 @@ class Handler:
     # Torch-Pruning count (``tp_ops``' default): operations per element of input 0 / output 0
     tp_per_input: ClassVar[int] = 0
     tp_per_output: ClassVar[int] = 0
+    # integer products, as input indices (activation, weight, weight's zero point): the op computes
+    # (a - a_zp)·(w - w_zp) exactly in int32 and takes a uint8 weight as well as an int8 one, so an int8
+    # weight and its zero point re-expressed as uint8 (both + 128) define the same integers; with a
+    # uint8 activation, kernels without saturation then compute them (measure.verify, integer-exact rule)
+    integer_products: ClassVar[tuple[tuple[int, int, int], ...]] = ()
 
     def analyze(self, node: Node, ctx: AnalysisCtx) -> None:
         raise NotImplementedError
