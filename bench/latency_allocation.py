@@ -64,6 +64,7 @@ from onnxprune.measure.verify import compare
 from onnxprune.planning.allocate import LatencyModel, allocation_values, uniform_counts
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import candidate_scores, plan_candidates
+from onnxprune.planning.rounding import unit_steps
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.machine import auto_round_to
 
@@ -101,7 +102,7 @@ def uniform_ratios(an, opts, table, shares) -> list[float]:
     full = lm.full()
     grid = {}
     for r in np.arange(0.0, opts.max_ratio + 1e-9, 0.0125):
-        counts = uniform_counts(groups, float(r), opts.round_to)
+        counts = uniform_counts(groups, float(r), unit_steps(an.cg, groups, opts.round_to))
         grid.setdefault(tuple(sorted(counts.items())), (float(r), lm.predict(counts) / full))
     points = sorted(grid.values())
     out = []

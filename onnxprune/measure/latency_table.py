@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.measure.latency import Runner, measure_runners
 from onnxprune.planning.allocate import TableData, TableSample, anchor_key, split_groups, table_groups
 from onnxprune.planning.plan import GroupPlan, Plan, select_units
+from onnxprune.planning.rounding import round_keep, step_of, unit_steps
 from onnxprune.rewrite.apply import rewrite
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.machine import machine_facts
@@ -130,15 +132,10 @@ def store(data: TableData, directory=None) -> Path | None:
     return path
 
 
-def sample_counts(groups: list[Group], fraction: float, round_to: int) -> dict[int, int]:
-    """Kept count of every group at ``fraction``: ``ceil(f x size)``, rounded up to ``round_to``."""
-    out = {}
-    for g in groups:
-        k = max(1, min(g.size, int(math.ceil(fraction * g.size - 1e-9))))
-        if round_to > 1 and g.size >= round_to:
-            k = min(g.size, int(math.ceil(k / round_to)) * round_to)
-        out[g.id] = k
-    return out
+def sample_counts(groups: list[Group], fraction: float, steps: int | Mapping[int, int]) -> dict[int, int]:
+    """Kept count of every group at ``fraction``: ``ceil(f x size)``, rounded up to the group's step
+    (``steps``: one for all, or per group id, ``planning.rounding.unit_steps``)."""
+    return {g.id: round_keep(g.size, int(math.ceil(fraction * g.size - 1e-9)), step_of(steps, g.id)) for g in groups}
 
 
 def sample_model(an: Analysis, groups: list[Group], counts: dict[int, int]) -> onnx.ModelProto:
@@ -230,9 +227,10 @@ def build_table(an: Analysis, *, ep: str = "auto", threads: int | None = None, b
         if hit is not None and hit.sizes == sizes:
             return hit
     t0 = time.perf_counter()
-    plan = [(float(f), "all", sample_counts(groups, f, round_to)) for f in fractions]
+    steps = unit_steps(an.cg, groups, round_to)
+    plan = [(float(f), "all", sample_counts(groups, f, steps)) for f in fractions]
     if split and len(groups) > 1:
-        half = sample_counts(groups, SPLIT_FRACTION, round_to)
+        half = sample_counts(groups, SPLIT_FRACTION, steps)
         for part, side in zip("AB", split_groups(an.cg, groups), strict=True):
             plan.append((SPLIT_FRACTION, part, {g.id: half[g.id] if g.id in side else g.size for g in groups}))
     models = [sample_model(an, groups, c) for _, _, c in plan]

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,8 +68,9 @@ from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.errors import UserError
 from onnxprune.planning.costs import CostModel, handler_macs
 from onnxprune.planning.options import ALLOCATE_CHOICES, PlanOptions  # noqa: F401 (the choices, re-exported)
+from onnxprune.planning.rounding import round_keep, step_of, unit_step, unit_steps
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: grouped-conv groups sampled at unit steps of rounding.unit_step
 LOOKAHEAD = 8  # allowed counts a greedy move compares (further only while none of them saves anything)
 EXCHANGE_SWEEPS = 3
 _EPS = 1e-12
@@ -485,7 +486,8 @@ class StepCost(Protocol):
 
 def allowed_counts(size: int, max_ratio: float, round_to: int) -> list[int]:
     """Kept counts a group of ``size`` units may end at, descending from ``size``: multiples of
-    ``round_to`` (when the group has that many units; else any count) losing at most
+    ``round_to`` units (the group's ``rounding.unit_step``; when the group has that many units, else
+    any count) losing at most
     ``floor(size x max_ratio)`` units (and never all)."""
     lowest = size - min(size - 1, int(math.floor(size * max_ratio)))
     if round_to > 1 and size >= round_to:
@@ -649,16 +651,10 @@ def allocation_values(cg: CouplingGraph, opts: PlanOptions, scores: dict[int, np
     return out
 
 
-def _round_keep(size: int, keep: int, round_to: int) -> int:  # as planning.plan rounds a ratio's count
-    keep = max(1, min(size, keep))
-    if round_to > 1 and size >= round_to:
-        keep = min(size, int(math.ceil(keep / round_to)) * round_to)
-    return keep
-
-
-def uniform_counts(groups: list[Group], ratio: float, round_to: int) -> dict[int, int]:
-    """The counts the uniform plan at ``ratio`` keeps (``planning.plan.make_plan``)."""
-    return {g.id: _round_keep(g.size, g.size - int(math.floor(g.size * ratio)), round_to) for g in groups}
+def uniform_counts(groups: list[Group], ratio: float, steps: int | Mapping[int, int]) -> dict[int, int]:
+    """The counts the uniform plan at ``ratio`` keeps (``planning.plan.make_plan``); ``steps``: the
+    rounding step of every group, or per group id (``rounding.unit_steps``)."""
+    return {g.id: round_keep(g.size, g.size - int(math.floor(g.size * ratio)), step_of(steps, g.id)) for g in groups}
 
 
 @dataclass
@@ -689,7 +685,8 @@ def _fixed_groups(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[G
     out = {}
     for g, ratio in candidates:
         if g.attention or any(p.search(x) for p in layer for x in g.producers):
-            out[g.id] = _round_keep(g.size, g.size - int(math.floor(g.size * ratio)), opts.round_to)
+            out[g.id] = round_keep(g.size, g.size - int(math.floor(g.size * ratio)),
+                                   unit_step(cg, g, opts.round_to))
     return out
 
 
@@ -724,14 +721,15 @@ def allocate(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group,
     cost, full, rest = make_cost(cg, kind, groups, table, macs_of)
     budget = target * (full + rest) - rest
     values = allocation_values(cg, opts, {g.id: scores[g.id] for g in groups}, gradients)
-    allowed = {g.id: allowed_counts(g.size, opts.max_ratio, opts.round_to) for g in movable}
+    steps = unit_steps(cg, groups, opts.round_to)
+    allowed = {g.id: allowed_counts(g.size, opts.max_ratio, steps[g.id]) for g in movable}
     res = knapsack(cost, values, allowed, budget, fixed=fixed, exchange=exchange)
     ids = [g.id for g in movable]
     denom = _kept_value(values, {}, ids) or 1.0
     out = Allocation(kind, target, res.counts, (res.cost + rest) / (full + rest),
                      _kept_value(values, res.counts, ids) / denom if movable else 1.0, res.reached,
                      exchanges=res.exchanges, fixed=sorted(fixed))
-    uni = uniform_at(cost, values, movable, fixed, budget, opts)
+    uni = uniform_at(cost, values, movable, fixed, budget, opts, steps)
     if uni is not None:
         u_counts, u_ratio, u_cost = uni
         u_kept = _kept_value(values, u_counts, ids) / denom
@@ -752,7 +750,8 @@ def _kept_value(values: dict[int, np.ndarray], counts: dict[int, int], gids: lis
 
 
 def uniform_at(cost: StepCost, values: dict[int, np.ndarray], movable: list[Group], fixed: dict[int, int],
-               budget: float, opts: PlanOptions) -> tuple[dict[int, int], float, float] | None:
+               budget: float, opts: PlanOptions,
+               steps: int | Mapping[int, int] | None = None) -> tuple[dict[int, int], float, float] | None:
     """The uniform plan (every movable group at one ratio, ``make_plan``'s counts) with the smallest
     ratio meeting ``budget`` on ``cost`` (bisection): (counts, ratio, cost); None when even
     ``opts.max_ratio`` does not meet it. ``cost`` is left as it came (every group at full width)."""
@@ -762,7 +761,7 @@ def uniform_at(cost: StepCost, values: dict[int, np.ndarray], movable: list[Grou
         st.set_count(gid, k)
 
     def meets(r: float) -> bool:
-        for gid, k in uniform_counts(movable, r, opts.round_to).items():
+        for gid, k in uniform_counts(movable, r, opts.round_to if steps is None else steps).items():
             st.set_count(gid, k)
         return cost.total() <= budget * (1 + 1e-9)
 

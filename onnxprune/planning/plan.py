@@ -22,6 +22,7 @@ from onnxprune.planning.importance import (
     group_importance,
 )
 from onnxprune.planning.options import PlanOptions, options_json
+from onnxprune.planning.rounding import round_keep, unit_step
 
 if TYPE_CHECKING:
     from onnxprune.planning.grad_importance import GradOptions, GradScores
@@ -168,13 +169,6 @@ def _check_regexes(cg: CouplingGraph, opts: PlanOptions) -> None:
             raise UserError(f"regular expression '{rx}' matches no node of the model")
 
 
-def _round_keep(size: int, keep: int, round_to: int) -> int:
-    keep = max(1, min(size, keep))
-    if round_to > 1 and size >= round_to:
-        keep = min(size, int(math.ceil(keep / round_to)) * round_to)
-    return keep
-
-
 def grad_options(opts: PlanOptions) -> GradOptions:
     """The ``planning.grad_importance`` options of a gradient or Torch-Pruning criterion (imports torch)."""
     from onnxprune.planning.grad_importance import GradOptions  # optional torch: only for these criteria
@@ -229,7 +223,7 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
     else:
         for g, ratio in candidates:
             n_remove = int(math.floor(g.size * ratio))
-            keep_n = _round_keep(g.size, counts.get(g.id, g.size - n_remove), opts.round_to)
+            keep_n = round_keep(g.size, counts.get(g.id, g.size - n_remove), unit_step(cg, g, opts.round_to))
             groups[g.id] = GroupPlan(g.id, g.size, select_units(cg, g, scores[g.id], keep_n), g.is_approximate)
     return Plan(groups, frozen, options_json(opts), importance)
 
@@ -342,7 +336,7 @@ def _plan_global(cg: CouplingGraph, candidates, scores, opts: PlanOptions,
             done += 1
     out = {}
     for gid, g in by_id.items():
-        keep_n = _round_keep(g.size, g.size - removed[gid], opts.round_to)
+        keep_n = round_keep(g.size, g.size - removed[gid], unit_step(cg, g, opts.round_to))
         out[gid] = GroupPlan(gid, g.size, select_units(cg, g, scores[gid], keep_n), g.is_approximate)
     return out
 
@@ -459,7 +453,7 @@ def _plan_greedy(cg: CouplingGraph, candidates, scores, gradients: GradScores | 
                             latency_of=latency_of if opts.normalize == "latency" else None)
     out = {}
     for g in groups:
-        keep_n = _round_keep(g.size, g.size - len(order[g.id]), opts.round_to)
+        keep_n = round_keep(g.size, g.size - len(order[g.id]), unit_step(cg, g, opts.round_to))
         if np.all(_incidence(cg, g) == 1):
             mask = np.ones(g.size, dtype=bool)
             mask[np.asarray(order[g.id][:g.size - keep_n], dtype=np.int64)] = False
