@@ -39,7 +39,15 @@ from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph
 from onnxprune.handlers import REGISTRY
 from onnxprune.ir.attrs import get_attr
-from onnxprune.ir.graph import default_opset, nested_graphs, producers, used_names, weightless
+from onnxprune.ir.graph import (
+    all_names,
+    default_opset,
+    fresh_name,
+    nested_graphs,
+    producers,
+    used_names,
+    weightless,
+)
 from onnxprune.ir.tensors import constant_node_value, tensor_value
 from onnxprune.planning.plan import Plan
 from onnxprune.rewrite.apply import rewrite, scopes
@@ -315,7 +323,7 @@ def integer_exact(model: onnx.ModelProto, registry=REGISTRY) -> tuple[onnx.Model
     opset = default_opset(model) or 1
     init = {t.name: t for t in g.initializer}
     types = _elem_types(model)
-    inside = set().union({o.name for o in g.output}, *(used_names(sub) for sub in nested_graphs(g)))
+    inside = set().union({o.name for o in (*g.output, *g.input)}, *(used_names(sub) for sub in nested_graphs(g)))
     uses: dict[str, list[tuple[int, int]]] = {}  # name -> (node index, input index) of every read
     for k, n in enumerate(g.node):
         for i, t in enumerate(n.input):
@@ -343,7 +351,7 @@ def integer_exact(model: onnx.ModelProto, registry=REGISTRY) -> tuple[onnx.Model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     oinit = {t.name: t for t in out.graph.initializer}
-    taken = {t.name for t in out.graph.initializer} | {x for n in out.graph.node for x in (*n.input, *n.output)}
+    taken = all_names(out.graph)
     done: set[str] = set()
     for k, w, z in products:
         node = out.graph.node[k]
@@ -355,10 +363,7 @@ def integer_exact(model: onnx.ModelProto, registry=REGISTRY) -> tuple[onnx.Model
                 t.CopyFrom(numpy_helper.from_array(shifted, name))
                 done.add(name)
         if not zn:
-            zn = f"{node.input[w]}__uint8_zero_point"
-            while zn in taken:
-                zn += "_"
-            taken.add(zn)
+            zn = fresh_name(f"{node.input[w]}__uint8_zero_point", taken)
             out.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zn))
             while len(node.input) <= z:
                 node.input.append("")
