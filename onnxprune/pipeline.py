@@ -26,9 +26,9 @@ from onnxprune.analysis.subgraphs import with_body_shapes
 from onnxprune.errors import UserError
 from onnxprune.handlers import REGISTRY
 from onnxprune.measure.fidelity import Fidelity, measure_fidelity
-from onnxprune.measure.latency import node_latencies
+from onnxprune.measure.latency import Runner, measure_runners, node_latencies
 from onnxprune.measure.stats import ModelStats, model_stats, node_macs, real_shapes
-from onnxprune.measure.stripes import SplitTiming, gate_splits, gated
+from onnxprune.measure.stripes import SplitTiming, gate_splits, gated, immaterial_crops
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
@@ -524,21 +524,41 @@ def select_stripe_plan(model: onnx.ModelProto, opts: StripeOptions, scores: dict
 
 
 def gate_batches(source: onnx.ModelProto, plan: StripePlan, ep: str, threads: int | None, batch: int,
-                 cg: CouplingGraph | None) -> dict[str, SplitTiming]:
+                 cg: CouplingGraph | None, input_shapes=None, input_arrays=None) -> dict[str, SplitTiming]:
     """The latency gate at batch 1 and at ``batch`` (the deployment batch, when it is another): a
     conv's timing is the one at ``batch``, or the first batch at which its shrunk form does not
-    pay, so a shrink is made only where it is faster at both."""
+    pay, so a shrink is made only where it is faster at both; except the crops whose slowdowns are
+    immaterial to the whole model (``measure.stripes.immaterial_crops``; the model is timed at each
+    batch only when some crop was refused)."""
     out: dict[str, SplitTiming] = {}
+    per_batch: dict[int, dict[str, SplitTiming]] = {}
     for b in sorted({1, int(batch)}, reverse=True):
-        for k, t in gate_splits(source, plan, ep, threads, b, cg=cg).items():
+        per_batch[b] = gate_splits(source, plan, ep, threads, b, cg=cg)
+        for k, t in per_batch[b].items():
             if k not in out or (out[k].pays and not t.pays):
                 out[k] = t
+    if any(not t.pays and t.form.startswith("crop") for t in out.values()):
+        model_ms = {b: model_latency_ms(source, ep, threads, b, input_shapes, input_arrays) for b in per_batch}
+        for k, why in immaterial_crops(per_batch, model_ms).items():
+            out[k] = dataclasses.replace(out[k], immaterial=why)
     return out
+
+
+def model_latency_ms(model: onnx.ModelProto, ep: str, threads: int | None, batch: int, input_shapes=None,
+                     input_arrays=None, repeat: int = 10) -> float | None:
+    """The whole model's median latency (ms) at ``batch`` on generated inputs; None when it cannot run
+    here (then no crop is taken as immaterial)."""
+    try:
+        feeds = make_inputs(model, input_shapes, batch=batch, arrays=input_arrays)
+        (lat,) = measure_runners([Runner(model, feeds, ep, threads)], warmup=2, repeat=repeat)
+    except Exception:  # noqa: BLE001 - a model the generated inputs cannot run: the strict rule stands
+        return None
+    return float(lat.median_ms)
 
 
 def one_box_fallback(source: onnx.ModelProto, opts: StripeOptions, plan: StripePlan, gate: dict[str, SplitTiming],
                      scores: dict, norm: str, cg: CouplingGraph | None, ep: str, threads: int | None,
-                     batch: int) -> tuple[StripePlan, dict[str, SplitTiming]]:
+                     batch: int, input_shapes=None, input_arrays=None) -> tuple[StripePlan, dict[str, SplitTiming]]:
     """Box plans: a conv whose split measured slower than its dense form gets a second candidate,
     one box (a crop, selected at the same removed count), timed the same way; it replaces the split
     where it pays. Returns the plan and the gate's timings, updated."""
@@ -553,7 +573,8 @@ def one_box_fallback(source: onnx.ModelProto, opts: StripeOptions, plan: StripeP
     per.update({k: 1 for k in retry})
     groups = {c.key: c.group for c in stripe_convs(source)[0]}
     crops = select_boxes(scores, opts.ratio, per, norm, groups=groups, global_=opts.global_, max_ratio=opts.max_ratio)
-    timed = gate_batches(source, StripePlan({k: crops.keep[k] for k in retry}, shape="box"), ep, threads, batch, cg)
+    timed = gate_batches(source, StripePlan({k: crops.keep[k] for k in retry}, shape="box"), ep, threads, batch, cg,
+                         input_shapes, input_arrays)
     keep, gate = dict(plan.keep), dict(gate)
     for k in retry:
         if timed[k].pays:
@@ -609,9 +630,10 @@ def run_stripes(source: onnx.ModelProto, opts: StripeOptions, *, original: onnx.
     else:
         split = None
         if opts.gate == "latency":
-            gate = gate_batches(source, plan, ep, threads, batch, cg)
+            gate = gate_batches(source, plan, ep, threads, batch, cg, input_shapes, input_arrays)
             if selected:
-                plan, gate = one_box_fallback(source, opts, plan, gate, scores, norm, cg, ep, threads, batch)
+                plan, gate = one_box_fallback(source, opts, plan, gate, scores, norm, cg, ep, threads, batch,
+                                              input_shapes, input_arrays)
             split = gated(gate)
             timings["gate"] = time.perf_counter() - t2
         shrink = shrink_stripes(source, plan, cg, split)

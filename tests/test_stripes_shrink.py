@@ -8,6 +8,7 @@ the full checker."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -631,3 +632,53 @@ def test_property_random_single_convs():
         assert_matches_masked(res, m, plan, seeds=(seed,))
 
     check()
+
+
+def _crop(key: str, dense: float, shrunk: float, verdict: str, saved: int = 100) -> SplitTiming:
+    return SplitTiming(key, "crop 2x2", dense, shrunk, macs_before=1000, macs_after=1000 - saved, verdict=verdict)
+
+
+def test_immaterial_crops_take_the_cheapest_slowdowns_within_the_slack():
+    """Model of 10 ms at batch 1 and 80 ms at batch 8, slack 1%: 0.1 ms and 0.8 ms of losses in all.
+    "a" (+0.05 ms at b1, faster at b8) and "c" (+0.04 at b1) fit; "b" (+0.2 ms) alone exceeds b1's
+    0.1 ms; a split and a crop that pays are never in the answer."""
+    per = {8: {"a": _crop("a", 5.0, 4.0, "faster"), "b": _crop("b", 5.0, 4.0, "faster"),
+               "c": _crop("c", 5.0, 5.0, "tie"), "s": SplitTiming("s", "split 2", 1.0, 2.0, verdict="slower"),
+               "ok": _crop("ok", 1.0, 0.5, "faster")},
+           1: {"a": _crop("a", 0.50, 0.55, "slower"), "b": _crop("b", 0.50, 0.70, "slower"),
+               "c": _crop("c", 0.50, 0.54, "slower"), "s": SplitTiming("s", "split 2", 1.0, 2.0, verdict="slower"),
+               "ok": _crop("ok", 1.0, 0.5, "faster")}}
+    got = stripes_gate.immaterial_crops(per, {1: 10.0, 8: 80.0}, slack=0.01)
+    assert set(got) == {"a", "c"}
+    assert "batch 1" in got["a"] and "0.050 ms" in got["a"]
+    # the summed losses decide: with room for one, the one saving more MACs per share lost goes first
+    per1 = {1: {"a": _crop("a", 0.5, 0.56, "slower", saved=100), "c": _crop("c", 0.5, 0.56, "slower", saved=300)}}
+    assert set(stripes_gate.immaterial_crops(per1, {1: 10.0}, slack=0.01)) == {"c"}
+    # no model latency (the model could not be timed): the strict rule stands
+    assert stripes_gate.immaterial_crops(per, {1: None, 8: 80.0}) == {}
+    # an accepted crop pays, and gated() lets it change
+    t = dataclasses.replace(per[1]["a"], immaterial=got["a"])
+    assert t.pays and gated({"a": t}) == {"a"}
+
+
+def test_gate_makes_immaterial_crops_and_says_so(resnet18_onnx, monkeypatch):
+    """Injected timings (tests never time): every crop measures 1% slower than its dense conv at batch 1
+    (a verdict of slower), faster at batch 8; the model 'measures' 1000 ms, so the slowdowns are
+    immaterial and every conv is cropped; with a model of 0.5 ms none is (0.01 ms each, 0.005 ms of slack)."""
+    from onnxprune import pipeline
+    from onnxprune.planning.options import StripeOptions
+
+    def fake_gate(model, plan, ep="auto", threads=None, batch=1, repeat=30, *, cg=None, **_):
+        return {k: SplitTiming(k, "crop 2x2", 1.0, 1.01 if batch == 1 else 0.5, 100, 50,
+                               verdict="slower" if batch == 1 else "faster") for k in plan.keep}
+
+    monkeypatch.setattr(pipeline, "gate_splits", fake_gate)
+    model = onnx.load(str(resnet18_onnx))
+    opts = StripeOptions(ratio=0.5, boxes=1)
+    monkeypatch.setattr(pipeline, "model_latency_ms", lambda *a, **k: 1000.0)
+    stage = pipeline.run_stripes(model, opts, batch=8, verify=True)
+    assert stage.verification.passed
+    assert all(c.shrunk for c in stage.shrink.convs) and all(g.immaterial for g in stage.gate.values())
+    monkeypatch.setattr(pipeline, "model_latency_ms", lambda *a, **k: 0.5)
+    stage = pipeline.run_stripes(model, opts, batch=8, verify=True)
+    assert not any(c.shrunk for c in stage.shrink.convs) and not any(g.immaterial for g in stage.gate.values())

@@ -8,6 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from onnxprune.measure.stats import delta, human
+from onnxprune.measure.stripes import CROP_SLACK
 
 
 def print_stats_table(console, before, after, latency=None, title="onnxprune", fidelity=None) -> None:
@@ -150,6 +151,7 @@ def print_stripes(console, stage) -> None:
         after = rec.macs_after if rec is not None and rec.macs_after is not None else (
             mac.dense if rec is not None else mac.kept)
         timing = (f"{g.dense_ms:.2f}→{g.shrunk_ms:.2f}" + (f" {g.verdict}" if g.verdict else "")
+                  + (" (immaterial)" if g.immaterial else "")
                   if g is not None and g.dense_ms is not None and g.shrunk_ms is not None else "")
         if rec is None:
             built = "zeroed (mask)"
@@ -184,6 +186,10 @@ def print_stripes(console, stage) -> None:
             why = ([f"{slower} measured slower when shrunk"] if slower else []) + (
                 [f"{ties} splits not measured faster"] if ties else [])
             line += f" ({', '.join(why)})" if why else ""
+            slack = sum(1 for g in stage.gate.values() if g.immaterial)
+            if slack:
+                line += (f"; {slack} crop{'s' if slack > 1 else ''} measured slower made anyway (together within "
+                         f"{100 * CROP_SLACK:g}% of the model's latency: see --report)")
     if stage.skipped:
         why = next(iter(stage.skipped.values()))
         line += f"; {len(stage.skipped)} convs skipped (e.g. {why})"

@@ -9,7 +9,9 @@ one, both from the same round): ``faster`` or ``slower`` when the one-sided bino
 ``ALPHA`` (``slower`` also needs the medians ``MIN_EFFECT`` apart), else ``tie``; a tie is timed
 again (pooling the runs) up to ``MAX_ROUNDS`` times. The *rule* (:func:`makes`): a **split** (several convs and a Concat in place of one) is made only when it is
 measured faster; a **crop** (one conv with a smaller kernel: strictly fewer MACs, the same node count)
-is made unless it is measured slower. Medians alone decided before: on a loaded 2-core machine the
+is made unless it is measured slower, or when it is measured slower by an *immaterial* amount
+(:func:`immaterial_crops`: the slowdowns of the crops so accepted add up, at every gated batch, to at
+most ``CROP_SLACK`` of the whole model's latency there, measured once). Medians alone decided before: on a loaded 2-core machine the
 micro-models of sub-millisecond depthwise convs tie, and half of the crops were refused by coin flips.
 :func:`gated` turns the timings into the ``split`` set of ``rewrite.stripes.shrink_stripes``::
 
@@ -27,6 +29,7 @@ Not built yet: timing whole models per candidate set, choosing among box groupin
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,11 +59,15 @@ class SplitTiming:
     #: Timing rounds (a tie is timed again) and the paired runs the verdict rests on.
     rounds: int = 0
     pairs: int = 0
+    #: A crop measured slower but made anyway (:func:`immaterial_crops`): what it costs, per batch.
+    immaterial: str | None = None
 
     @property
     def pays(self) -> bool:
         """Whether the rule lets this conv change: :func:`makes` with the verdict, or
-        :func:`split_pays` on the medians where no verdict was taken."""
+        :func:`split_pays` on the medians where no verdict was taken; an immaterial crop does."""
+        if self.immaterial is not None:
+            return True
         if self.verdict is None:
             return split_pays(self.dense_ms, self.shrunk_ms)
         return makes(self.form, self.verdict)
@@ -81,7 +88,7 @@ class SplitTiming:
         return {"key": self.key, "form": self.form, "dense_ms": self.dense_ms, "shrunk_ms": self.shrunk_ms,
                 "gain_ms": self.gain_ms, "speedup": self.speedup, "pays": self.pays,
                 "macs_before": self.macs_before, "macs_after": self.macs_after, "reason": self.reason,
-                "verdict": self.verdict, "rounds": self.rounds, "pairs": self.pairs}
+                "verdict": self.verdict, "rounds": self.rounds, "pairs": self.pairs, "immaterial": self.immaterial}
 
 
 def split_pays(dense_ms: float | None, shrunk_ms: float | None) -> bool:
@@ -126,6 +133,46 @@ def makes(form: str, verdict_: str) -> bool:
     if form.startswith("crop"):
         return verdict_ != "slower"
     return False
+
+
+#: Crops measured slower are made while their slowdowns, summed, stay within this share of the whole
+#: model's latency at every gated batch (a 0.02 ms loss on a 43 ms model is not worth 7x7 -> 6x4).
+CROP_SLACK = 0.01
+
+
+def immaterial_crops(per_batch: Mapping[int, Mapping[str, SplitTiming]], model_ms: Mapping[int, float],
+                     slack: float = CROP_SLACK) -> dict[str, str]:
+    """The crops the rule refused (measured slower at some batch of ``per_batch``: {batch: {conv key:
+    timing}}) that are made after all, with why: taken in order of MACs saved per share of the model's
+    latency lost (the worst batch), each while the summed losses (shrunk median minus dense median,
+    where positive) at every batch stay within ``slack`` x ``model_ms`` there (the whole model's median,
+    ms). A crop not timed at every batch, a split, or a batch without a model latency: never."""
+    if not per_batch or any(not (model_ms.get(b) or 0) > 0 for b in per_batch):
+        return {}
+    keys = set.intersection(*(set(t) for t in per_batch.values()))
+    loss: dict[str, dict[int, float]] = {}
+    for k in keys:
+        ts = [per_batch[b][k] for b in per_batch]
+        if not ts[0].form.startswith("crop") or all(t.pays for t in ts) or \
+                any(t.dense_ms is None or t.shrunk_ms is None for t in ts):
+            continue
+        loss[k] = {b: max(0.0, per_batch[b][k].shrunk_ms - per_batch[b][k].dense_ms) for b in per_batch}
+
+    def worth(k: str) -> float:
+        t = next(iter(per_batch.values()))[k]
+        saved = float((t.macs_before or 0) - (t.macs_after or 0))
+        worst = max(loss[k][b] / model_ms[b] for b in per_batch)
+        return saved / max(worst, 1e-12)
+
+    used = dict.fromkeys(per_batch, 0.0)
+    out: dict[str, str] = {}
+    for k in sorted(loss, key=lambda k: (-worth(k), k)):
+        if all(used[b] + loss[k][b] <= slack * model_ms[b] for b in per_batch):
+            for b in per_batch:
+                used[b] += loss[k][b]
+            out[k] = ", ".join(f"+{loss[k][b]:.3f} ms at batch {b} ({100 * loss[k][b] / model_ms[b]:.2f}% of the "
+                               f"model's {model_ms[b]:.1f} ms)" for b in sorted(per_batch))
+    return out
 
 
 def gated(timings: dict[str, SplitTiming]) -> set[str]:
