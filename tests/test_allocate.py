@@ -16,11 +16,14 @@ from onnxprune.analysis.shapes import infer_shapes
 from onnxprune.errors import UserError
 from onnxprune.measure import allocation as alloc_mod
 from onnxprune.measure import latency_table as lt
-from onnxprune.measure.allocation import AllocationSearch, Measured, refine
+from onnxprune.measure import sensitivity as sens_mod
+from onnxprune.measure.allocation import AllocationSearch, CalibSource, Measured, refine
+from onnxprune.measure.sensitivity import Sensitivity, sample_counts
 from onnxprune.measure.stats import model_stats
 from onnxprune.planning import allocate as al
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import make_plan, plan_candidates
+from onnxprune.runtime.calib import CalibView
 from onnxprune.testing import graphs
 
 # x -> ca (32) -> cb (32 = 8 units of 4: the grouped conv's input) -> cg (group=4, 32 = 8 units) -> cc (48) -> fc
@@ -567,3 +570,135 @@ def test_cli_latency_budget_defaults_to_the_allocation(run_main, chain_file, cha
     assert {"budget", "predicted", "measured", "noise"} <= set(a["rounds"][0])
     r = run_main("prune", chain_file, "-o", tmp_path / "u.onnx", "--target-macs", "0.5", "--report", rep)
     assert r.returncode == 0 and "allocation" not in json.loads(rep.read_text())  # uniform unless asked
+
+
+# ----------------------------------------------------------------------------------------------
+# measured sensitivity as the value (measure.sensitivity, --allocate-value)
+
+
+def gid_of(an, producer: str) -> int:
+    return next(g.id for g in an.cg.groups if producer in g.producers)
+
+
+def test_the_curve_is_interpolated_in_the_count_and_never_falls():
+    # measured: 2 removed -> 0.2, 5 removed -> 0.1 (noise: held at 0.2), 8 removed -> 1.0
+    s = Sensitivity({0: [10, 8, 5, 2]}, {0: [0.0, 0.2, 0.1, 1.0]})
+    c = s.curve(0, 10)
+    assert c == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 1.0])
+    order = np.array([3, 1, 4, 0, 2, 9, 8, 7, 6, 5])  # the removal order: unit 3 goes first
+    v = s.values(0, 10, order)
+    assert np.cumsum(v[order])[:9] == pytest.approx(c[1:])  # the first r units removed cost curve(r)
+    assert v.min() >= 0 and v[order[-1]] == 0.0  # the last unit is never removed
+
+
+def test_sample_counts_spread_evenly_down_to_the_smallest_allowed():
+    allowed = [32, 28, 24, 20, 16, 12, 8, 4]
+    # wanted 25, 18, 11, 4: the nearest allowed (a tie goes to the smaller)
+    assert sample_counts(allowed, 4) == [24, 16, 12, 4]
+    assert sample_counts(allowed, 20) == allowed[1:]
+    assert sample_counts([5], 4) == []
+
+
+class _FakeJudge:
+    """Damage 100 x (share of group ``hurt``'s units removed), read from the pruned model's weight
+    shapes; every other cut costs 1e-3 per share removed."""
+
+    hurt_const = "wa"  # ca's weight: its output axis is the group's size
+
+    def __init__(self, original, view, ep):
+        self.orig = {t.name: list(t.dims) for t in original.graph.initializer}
+
+    def damage(self, pruned) -> float:
+        shapes = {t.name: list(t.dims) for t in pruned.graph.initializer}
+        out = 0.0
+        for name, dims in self.orig.items():
+            if name in shapes and shapes[name] and dims:
+                lost = 1 - shapes[name][0] / dims[0]
+                out += (100.0 if name == self.hurt_const else 1e-3) * lost
+        return out
+
+
+def test_the_allocation_keeps_a_group_whose_cut_the_measurement_says_hurts(chain, monkeypatch):
+    """MAC budget 0.5 on the chain: the criterion's values (no data) cut ca's group; measured damage
+    that makes any cut of ca cost 100x the others keeps it whole and cuts elsewhere."""
+    monkeypatch.setattr(sens_mod, "Judge", _FakeJudge)
+    monkeypatch.setattr(alloc_mod, "Judge", _FakeJudge)
+    ca = gid_of(chain, "ca")
+
+    def prune(o: PlanOptions):
+        return pipeline.run(chain.model, o, analysis=chain).pruned
+
+    view = CalibView(None, "fit", np.arange(8))
+    plain = AllocationSearch(chain, PlanOptions(), target_macs=0.5).search()
+    assert plain.allocation.counts[ca] < chain.cg.groups[ca].size  # the criterion alone cuts ca
+    res = AllocationSearch(chain, PlanOptions(), target_macs=0.5,
+                           data=CalibSource(prune, view, samples=3), value="sensitivity").search()
+    assert res.allocation.counts[ca] == chain.cg.groups[ca].size
+    assert res.rounds[res.chosen].measured.ratio <= 0.5
+    j = res.to_json()
+    assert j["value"] == "sensitivity" and j["sensitivity"]["rows"] == 8
+    curve = j["sensitivity"]["curves"][str(ca)]
+    assert curve["counts"][0] == chain.cg.groups[ca].size and curve["damage"][0] == 0.0
+    assert curve["damage"][-1] == pytest.approx(100.0 * (1 - curve["counts"][-1] / curve["counts"][0]))
+    assert "damage of each group's cut measured on 8 fit samples" in res.summary()
+
+
+def test_with_data_the_least_damaged_candidate_is_taken(chain, monkeypatch):
+    """Importance values (the default) with calibration data: the knapsack, the knapsack with --max-ratio
+    capped a little above the uniform ratio and the uniform plan are each pruned and judged; the least damaged goes
+    (here: cutting ca costs 100x, so a candidate that cuts ca less than the uncapped knapsack wins)."""
+    monkeypatch.setattr(alloc_mod, "Judge", _FakeJudge)
+    ca = gid_of(chain, "ca")
+    pruned = []
+
+    def prune(o: PlanOptions):
+        pruned.append(dict(o.keep_counts))
+        return pipeline.run(chain.model, o, analysis=chain).pruned
+
+    plain = AllocationSearch(chain, PlanOptions(), target_macs=0.5).search()
+    res = AllocationSearch(chain, PlanOptions(), target_macs=0.5,
+                           data=CalibSource(prune, CalibView(None, "fit", np.arange(8)))).search()
+    checked = res.allocation.checked
+    names = [c["candidate"] for c in checked]
+    assert names[0] == "knapsack" and "uniform" in names and len(pruned) >= len(checked)  # each round its own
+    best = min(checked, key=lambda c: c["damage"])
+    assert best["chosen"] and sum(c["chosen"] for c in checked) == 1
+    assert res.allocation.counts[ca] > plain.allocation.counts[ca]  # the uncapped knapsack cut ca most
+    assert res.rounds[res.chosen].measured.ratio <= 0.5
+    assert res.to_json()["allocation"]["checked"] == checked
+    assert f"{len(checked)} candidates pruned and judged on the fit share" in res.summary()
+
+
+def test_cli_allocates_with_calibration_data(run_main, chain_file, tmp_path):
+    """A MAC budget with --calib, each value: the candidates are judged on the fit share (real runs,
+    real damage: non-negative, the chosen one the least); with sensitivity each group's curve starts at
+    0 damage and never falls; the budget holds."""
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    for value in ("importance", "sensitivity"):
+        rep = tmp_path / f"{value}.json"
+        r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--allocate", "latency", "--target-macs",
+                     "0.5", "--calib", calib, "--report", rep, "--ep", "cpu", "--allocate-value", value)
+        assert r.returncode == 0, r.stdout + r.stderr
+        a = json.loads(rep.read_text())["allocation"]
+        assert a["value"] == value and a["measured"] <= 0.5
+        checked = a["allocation"]["checked"]
+        assert len(checked) >= 2 and all(c["damage"] >= 0 for c in checked)
+        assert next(c for c in checked if c["chosen"])["damage"] == min(c["damage"] for c in checked)
+        assert "judged on the fit share" in r.stdout
+        if value == "sensitivity":
+            for curve in a["sensitivity"]["curves"].values():
+                d = curve["damage"]
+                assert d[0] == 0.0 and min(d) >= 0.0 and d[-1] > 0.0  # each group's deepest cut costs something
+            assert "damage of each group's cut" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--allocate", "latency", "--target-macs", "0.5", "--allocate-value", "sensitivity"], "needs --calib"),
+    (["--ratio", "0.5", "--allocate-value", "sensitivity"], "says what --allocate latency keeps"),
+])
+def test_allocate_value_refusals(run_main, chain_file, tmp_path, args, message):
+    r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.onnx").exists()

@@ -55,6 +55,7 @@ from onnxprune.planning.importance import (
 )
 from onnxprune.planning.options import (
     ALLOCATE_CHOICES,
+    ALLOCATE_VALUES,
     GROUP_FISHER_NORMALIZE,
     GROUP_REDUCTIONS,
     HESSIAN_DEFAULT_SAMPLES,
@@ -154,6 +155,7 @@ class Targets:
     fidelity: float | None = None  # --target-fidelity: held-out fidelity >= this (needs calibration data)
     metric: str | None = None  # what --target-fidelity judges (None: agreement where classifier-shaped, else cosine)
     allocate: str = "uniform"  # how --target-latency/--target-macs is met: one ratio searched, or per-group counts
+    value: str = "importance"  # what the per-group allocation keeps most of: importance | sensitivity (measured)
 
     @property
     def given(self) -> bool:
@@ -496,6 +498,14 @@ class TargetArgs(ArgGroup):
                             "tables measured on --ep at --batch and cached, or from MACs; the pruned model's latency "
                             "is measured and the allocation refined, at most 3 rounds); default latency with "
                             "--target-latency, uniform otherwise")
+        g.add_argument("--allocate-value", choices=list(ALLOCATE_VALUES), default="importance",
+                       help="what --allocate latency keeps most of: importance (default: the criterion's scores, "
+                            "weighted by the weights a unit owns) or sensitivity (each group's cut measured: the "
+                            "output error of the model pruned at a few counts of that group, compensated as the "
+                            "run is, on the fit share; needs --calib; slower). With --calib the allocation's "
+                            "candidates (the knapsack; the knapsack with --max-ratio capped at the uniform ratio + "
+                            "0.05/0.1/0.2/0.3; the uniform plan) are pruned and the least damaged on the fit share "
+                            "is taken")
 
     def parse(self, ns, data: bool = False) -> Targets:
         allocate = self._allocate(ns)
@@ -507,7 +517,14 @@ class TargetArgs(ArgGroup):
                                 "or --calib-images")
             if ns.target_latency is not None:
                 raise UserError("--target-fidelity combines with --target-macs, not with --target-latency")
-        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric, allocate)
+        value = getattr(ns, "allocate_value", "importance")
+        if value != "importance" and allocate != "latency":
+            raise UserError(f"--allocate-value {value} says what --allocate latency keeps; this run searches one "
+                            "ratio (give --target-latency F or --target-macs F with --allocate latency)")
+        if value == "sensitivity" and not data:
+            raise UserError("--allocate-value sensitivity measures each group's cut on calibration data: it needs "
+                            "--calib or --calib-images")
+        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric, allocate, value)
 
     @staticmethod
     def _allocate(ns) -> str:

@@ -53,7 +53,7 @@ from onnxprune.cli.render import (
 )
 from onnxprune.errors import RewriteError, UserError
 from onnxprune.ir.io import save_atomic, write_json
-from onnxprune.measure.allocation import AllocationSearch
+from onnxprune.measure.allocation import AllocationSearch, CalibSource
 from onnxprune.measure.fidelity import choose_metric, output_kinds
 from onnxprune.measure.stats import model_stats
 from onnxprune.measure.targets import (
@@ -133,14 +133,27 @@ def search_target(model: str, opts: PlanOptions, targets: Targets, timing: Timin
 
 
 def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: Timing, ep: str, shapes, c, arrays=None,
-                      an: pipeline.Analysis | None = None, acts=None, grads=None
-                      ) -> tuple[PlanOptions, dict, pipeline.Analysis]:
+                      an: pipeline.Analysis | None = None, acts=None, grads=None, *, calib: CalibData | None = None,
+                      comp: CompensateOptions | None = None) -> tuple[PlanOptions, dict, pipeline.Analysis]:
     """``--allocate latency``: per-group kept counts for the latency or MAC budget
     (``measure.allocation.AllocationSearch``: tables, knapsack, the pruned model measured, refined).
-    Returns (the options carrying the counts, the report's ``allocation`` section, the analysis)."""
+    With ``calib``, the candidate allocations are pruned as the run prunes (``acts``, ``grads``,
+    ``comp``) and judged on the fit share (and with ``targets.value`` sensitivity each group's cut is
+    measured first). Returns (the options carrying the
+    counts, the report's ``allocation`` section, the analysis)."""
     with c.status("allocating the budget...", spinner="dots") as status:
         if an is None:
             an = pipeline.analyze_model(model, shapes, head_mode=pipeline.head_mode_for(opts), input_arrays=arrays)
+        data = None
+        if calib is not None:
+            def prune(o: PlanOptions):
+                return pipeline.run(model, o, input_shapes=shapes, input_arrays=arrays, ep=ep, analysis=an,
+                                    calib=acts, compensation=comp, fit=calib.fit, gradients=grads).pruned
+
+            def data_progress(what: str) -> None:
+                status.update(f"allocating the budget: {what}...")
+
+            data = CalibSource(prune, calib.fit, ep=ep, progress=data_progress)
 
         def table_progress(done: int, runs: int) -> None:
             status.update(f"measuring the latency table: round {done}/{runs}")
@@ -156,7 +169,8 @@ def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: T
         search = AllocationSearch(an, opts, target_latency=targets.latency, target_macs=targets.macs, ep=ep,
                                   threads=timing.threads, batch=timing.batch, input_shapes=shapes,
                                   warmup=timing.warmup, repeat=timing.repeat, activations=acts, gradients=grads,
-                                  progress=progress, table_progress=table_progress)
+                                  progress=progress, table_progress=table_progress, data=data,
+                                  value=targets.value)
         res = search.search()
     c.print(res.summary(), markup=False)
     return dataclasses.replace(opts, keep_counts=res.keep_counts), {"allocation": res.to_json()}, an
@@ -459,9 +473,12 @@ def run(args) -> int:
                                      grads=grads)
         extra.update(found)
     elif targets.given:
-        search = search_allocation if targets.allocate == "latency" else search_target
-        opts, found, an = search(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays, an, acts,
-                                 grads)
+        if targets.allocate == "latency":
+            opts, found, an = search_allocation(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays,
+                                                an, acts, grads, calib=calib, comp=comp)
+        else:
+            opts, found, an = search_target(args.model, opts, targets, timing, ex.ep, inputs.shapes, c, inputs.arrays,
+                                            an, acts, grads)
         extra.update(found)
     if res is None:
         with c.status("pruning...", spinner="dots"):

@@ -671,12 +671,14 @@ class Allocation:
     chose: str = "knapsack"  # or "uniform" (it kept more)
     exchanges: int = 0
     fixed: list[int] = field(default_factory=list)
+    uniform_counts: dict[int, int] = field(default_factory=dict)  # the uniform plan's counts (not in the JSON)
+    checked: list[dict] = field(default_factory=list)  # candidates measured on data (measure.allocation)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "budget": self.target, "predicted": self.predicted,
                 "kept_importance": self.kept_importance, "reached": self.reached, "uniform": self.uniform,
                 "chose": self.chose, "exchanges": self.exchanges, "fixed_groups": len(self.fixed),
-                "groups": len(self.counts)}
+                "groups": len(self.counts), **({"checked": self.checked} if self.checked else {})}
 
 
 def _fixed_groups(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group, float]]) -> dict[int, int]:
@@ -707,55 +709,92 @@ def make_cost(cg: CouplingGraph, kind: str, groups: list[Group], table: TableDat
     return model, model.total(), whole - model.total()
 
 
+@dataclass
+class AllocationSpace:
+    """What an allocation chooses among: the movable groups with their allowed counts (descending
+    from the size), the fixed ones with their counts, and every candidate's rounding step."""
+
+    movable: list[Group]
+    fixed: dict[int, int]
+    allowed: dict[int, list[int]]
+    steps: dict[int, int]
+
+
+def allocation_space(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group, float]]) -> AllocationSpace:
+    fixed = _fixed_groups(cg, opts, candidates)
+    groups = [g for g, _ in candidates]
+    movable = [g for g in groups if g.id not in fixed]
+    steps = unit_steps(cg, groups, opts.round_to)
+    return AllocationSpace(movable, fixed, {g.id: allowed_counts(g.size, opts.max_ratio, steps[g.id]) for g in movable},
+                           steps)
+
+
+def removal_order(score: np.ndarray) -> np.ndarray:
+    """The order in which a plan removes a group's units at falling counts (``plan.select_units``'
+    top-k, ordinary groups: the lowest score first)."""
+    return np.argsort(-np.asarray(score), kind="stable")[::-1]
+
+
 def allocate(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group, float]], scores: dict[int, np.ndarray],
              kind: str, target: float, *, table: TableData | None = None, gradients=None,
-             macs_of: Callable[[onnx.NodeProto], float] | None = None, exchange: bool = True) -> Allocation:
+             macs_of: Callable[[onnx.NodeProto], float] | None = None, exchange: bool = True,
+             values: Mapping[int, np.ndarray] | None = None) -> Allocation:
     """Kept counts for ``candidates`` (``plan.plan_candidates``; ``scores``: ``plan.candidate_scores``)
     keeping the most importance with the predicted ``kind`` cost (latency from ``table``, or MACs)
-    at most ``target`` x the original's."""
+    at most ``target`` x the original's. ``values``: per-unit values of some groups in place of
+    ``allocation_values`` (measured damage, ``measure.sensitivity``), summed in ``removal_order``."""
     if not 0.0 < target:
         raise UserError(f"the allocation budget must be > 0, got {target:g}")
     groups = [g for g, _ in candidates]
-    fixed = _fixed_groups(cg, opts, candidates)
-    movable = [g for g in groups if g.id not in fixed]
+    space = allocation_space(cg, opts, candidates)
+    fixed, movable, steps, allowed = space.fixed, space.movable, space.steps, space.allowed
     cost, full, rest = make_cost(cg, kind, groups, table, macs_of)
     budget = target * (full + rest) - rest
+    given = dict(values or {})
     values = allocation_values(cg, opts, {g.id: scores[g.id] for g in groups}, gradients)
-    steps = unit_steps(cg, groups, opts.round_to)
-    allowed = {g.id: allowed_counts(g.size, opts.max_ratio, steps[g.id]) for g in movable}
-    res = knapsack(cost, values, allowed, budget, fixed=fixed, exchange=exchange)
+    values.update(given)
+    orders = {gid: (removal_order(scores[gid]) if gid in given else np.argsort(np.asarray(v), kind="stable"))
+              for gid, v in values.items()}
+    res = knapsack(cost, values, allowed, budget, orders=orders, fixed=fixed, exchange=exchange)
     ids = [g.id for g in movable]
     denom = _kept_value(values, {}, ids) or 1.0
     out = Allocation(kind, target, res.counts, (res.cost + rest) / (full + rest),
-                     _kept_value(values, res.counts, ids) / denom if movable else 1.0, res.reached,
+                     _kept_value(values, res.counts, ids, orders) / denom if movable else 1.0, res.reached,
                      exchanges=res.exchanges, fixed=sorted(fixed))
-    uni = uniform_at(cost, values, movable, fixed, budget, opts, steps)
+    uni = uniform_at(cost, values, movable, fixed, budget, opts, steps, orders)
     if uni is not None:
         u_counts, u_ratio, u_cost = uni
-        u_kept = _kept_value(values, u_counts, ids) / denom
+        u_kept = _kept_value(values, u_counts, ids, orders) / denom
         out.uniform = {"ratio": u_ratio, "predicted": (u_cost + rest) / (full + rest), "kept_importance": u_kept}
+        out.uniform_counts = dict(u_counts)
         if u_kept > out.kept_importance + 1e-12 or not res.reached:
             out.counts, out.predicted, out.kept_importance = u_counts, out.uniform["predicted"], u_kept
             out.reached, out.chose = True, "uniform"
     return out
 
 
-def _kept_value(values: dict[int, np.ndarray], counts: dict[int, int], gids: list[int]) -> float:
-    """The value kept in ``gids`` at ``counts`` (absent: full), the most valuable units kept."""
+def _kept_value(values: dict[int, np.ndarray], counts: dict[int, int], gids: list[int],
+                orders: Mapping[int, np.ndarray] | None = None) -> float:
+    """The value kept in ``gids`` at ``counts`` (absent: full): the units left when they go in
+    ``orders`` (default: the least valuable first)."""
     out = 0.0
     for gid in gids:
-        v = np.sort(np.asarray(values[gid], dtype=np.float64))
+        v = np.asarray(values[gid], dtype=np.float64)
+        v = v[orders[gid]] if orders is not None and gid in orders else np.sort(v)
         out += float(v[len(v) - counts.get(gid, len(v)):].sum())
     return out
 
 
 def uniform_at(cost: StepCost, values: dict[int, np.ndarray], movable: list[Group], fixed: dict[int, int],
                budget: float, opts: PlanOptions,
-               steps: int | Mapping[int, int] | None = None) -> tuple[dict[int, int], float, float] | None:
+               steps: int | Mapping[int, int] | None = None,
+               orders: Mapping[int, np.ndarray] | None = None) -> tuple[dict[int, int], float, float] | None:
     """The uniform plan (every movable group at one ratio, ``make_plan``'s counts) with the smallest
     ratio meeting ``budget`` on ``cost`` (bisection): (counts, ratio, cost); None when even
-    ``opts.max_ratio`` does not meet it. ``cost`` is left as it came (every group at full width)."""
-    orders = {gid: np.argsort(np.asarray(v), kind="stable") for gid, v in values.items()}
+    ``opts.max_ratio`` does not meet it. ``cost`` is left as it came (every group at full width).
+    ``orders``: the units' removal order (default: the least valuable first)."""
+    orders = dict(orders) if orders is not None else {
+        gid: np.argsort(np.asarray(v), kind="stable") for gid, v in values.items()}
     st = _State(cost, values, orders, {}, 0)
     for gid, k in fixed.items():
         st.set_count(gid, k)

@@ -23,6 +23,7 @@ TP_MEMBERS = ("tp", "all")
 GQA_UNITS = ("kv", "query")  # --gqa: what --head-ratio removes in grouped-query attention
 GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)
 ALLOCATE_CHOICES = ("uniform", "latency")  # --allocate: one ratio searched, or per-group counts (planning.allocate)
+ALLOCATE_VALUES = ("importance", "sensitivity")  # --allocate-value: measured damage or the criterion's scores
 HESSIAN_DEFAULT_SAMPLES = 64  # hessian runs one sample per pass: its default cap on the fit samples
 
 

