@@ -477,7 +477,8 @@ def main() -> int:
     ap.add_argument("--from-json", metavar="FILE", help="render the rows of an earlier run (no measurement)")
     ap.add_argument("--allow-approximate", action="store_true",
                     help="real-weight models: every pruning run with --allow-approximate")
-    ap.add_argument("--save", metavar="FILE", help="write the rows measured so far to FILE after every row")
+    ap.add_argument("--save", metavar="FILE", help="write the rows measured so far to FILE after every row "
+                    "(render them later with --from-json)")
     ap.add_argument("--merge", action="store_true",
                     help="zoo rows: keep the other rows of bench/results/latency_allocation.json (same model "
                          "and batch replaced)")
@@ -523,6 +524,8 @@ def main() -> int:
                      "machine": machine_line()}
             rows.append(r)
             print(r, flush=True)
+            if args.save:
+                Path(args.save).write_text(json.dumps({"rows": rows}, default=str))
     if calib_rows:
         publish("latency_allocation_calib", render_calib(calib_rows, real, args.batch, args.data),
                 {"rows": calib_rows, "data": args.data}, write=args.write)

@@ -428,6 +428,25 @@ def test_the_third_round_takes_the_secant_through_the_two_before():
     assert chosen == 2 and rounds[2].close(0.5, 0.01)
 
 
+def test_refine_prefers_the_least_damaged_round_when_candidates_were_judged():
+    """Two rounds both meet the budget (the first 20% under it, so a second is made): without data the
+    one keeping more importance is chosen (the second); with judged candidates, the one whose chosen
+    candidate measured less damage (the first)."""
+    def run(judged: bool):
+        plans = [al.Allocation("latency", b, {0: n}, b, kept, True) for b, n, kept in ((0.5, 500, 0.7), (0.6, 600, 0.9))]
+        if judged:
+            for a, damage in zip(plans, (0.01, 0.05), strict=True):
+                a.checked = [{"candidate": "uniform", "damage": damage, "chosen": True}]
+        made = iter(plans)
+        measured = iter([0.4, 0.5])
+        return refine(lambda b: next(made), lambda a: Measured(next(measured), 0.0), 0.5)
+
+    rounds, chosen = run(judged=False)
+    assert len(rounds) == 2 and all(r.meets(0.5, 0.01) for r in rounds) and chosen == 1
+    rounds, chosen = run(judged=True)
+    assert len(rounds) == 2 and chosen == 0
+
+
 def test_refine_stops_when_the_allocation_no_longer_changes():
     same = al.Allocation("latency", 0.5, {0: 7}, 0.5, 0.9, True)
     rounds, _ = refine(lambda b: same, lambda a: Measured(0.7, 0.0), 0.5)

@@ -10,7 +10,8 @@ more than ``LOW_SLACK``, which wastes importance), the budget is corrected (scal
 measured; from the second round on, the secant through the rounds that bracket the target) and the
 allocation made again, at most ``MAX_ROUNDS`` rounds in all; an allocation equal to one already
 measured ends the loop. The chosen round is the one that meets the target (measured within the noise
-above it) keeping the most importance, else the one measured fastest. ``refine`` is the loop alone,
+above it) keeping the most importance (with calibration data: the least damaged), else the one
+measured fastest. ``refine`` is the loop alone,
 on injected allocate and measure functions; ``AllocationSearch`` wires it to the model, the tables
 (``measure.latency_table``, cached) and onnxruntime.
 
@@ -119,10 +120,18 @@ def refine(allocate_at: Callable[[float], Allocation], measure: Callable[[Alloca
         budget = next_budget(rounds, target)
     ok = [k for k, r in enumerate(rounds) if r.meets(target, min_noise)]
     if ok:
-        chosen = max(ok, key=lambda k: (rounds[k].allocation.kept_importance, -k))
+        chosen = max(ok, key=lambda k: (merit(rounds[k].allocation), -k))
     else:
         chosen = min(range(len(rounds)), key=lambda k: rounds[k].measured.ratio)
     return rounds, chosen
+
+
+def merit(a: Allocation) -> float:
+    """What makes one round's allocation better than another's: the importance it keeps, or, where
+    its candidates were judged on data (``checked``), the least output damage."""
+    if a.checked:
+        return -next(c["damage"] for c in a.checked if c["chosen"])
+    return a.kept_importance
 
 
 def next_budget(rounds: list[Round], target: float) -> float:
