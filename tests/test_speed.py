@@ -167,6 +167,34 @@ def test_interleaving_rotates_the_order():
     assert calls == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
+def test_a_cpu_session_waits_before_its_block_when_another_ran_last(monkeypatch):
+    """Other sessions' spinning worker threads: a pause before each block that switches runner, none
+    within a block or when the same runner goes on (round boundaries), none for one runner alone."""
+    from onnxprune.measure import latency as lat_mod
+
+    events: list = []
+
+    class Fake:
+        ep, providers, feeds = "cpu", ["CPUExecutionProvider"], {"x": np.zeros((1, 3))}
+
+        def __init__(self, i):
+            self.i = i
+
+        def __call__(self):
+            events.append(self.i)
+            return 0.001
+
+    monkeypatch.setattr(lat_mod.time, "sleep", lambda s: events.append(("sleep", s)))
+    lat_mod.measure_runners([Fake(0), Fake(1)], warmup=0, repeat=4, block=3)
+    # round 1 runs 0 then 1, round 2 (reversed) 1 then 0: a pause before each block whose runner is not
+    # the one that ran just before it
+    assert events == [0, 0, 0, ("sleep", lat_mod.SWITCH_PAUSE_S), 1, 1, 1, 1, 1, 1,
+                      ("sleep", lat_mod.SWITCH_PAUSE_S), 0, 0, 0]
+    events.clear()
+    lat_mod.measure_runners([Fake(0)], warmup=0, repeat=4, block=3)
+    assert ("sleep", lat_mod.SWITCH_PAUSE_S) not in events
+
+
 @pytest.mark.gpu
 def test_bench_cuda_runs_on_cuda(run_cli, resnet18_onnx):
     if not _cuda():

@@ -6,6 +6,12 @@ rounds, the order rotated every round (and reversed every other round) so that d
 (default 3) and all but the first are recorded: the first re-warms the caches the other model evicted,
 so that the smaller model is not measured with the larger one's weights in its caches. The speedup is
 the ratio of the medians; the spread of the per-round ratios says how noisy it was.
+On the CPU each switch to another session waits ``SWITCH_PAUSE_S`` first: onnxruntime's intra-op
+worker threads spin for a while after a run (``session.intra_op.allow_spinning``, on by default, as a
+deployed session runs), so the session that ran before still holds the cores when the next one starts.
+Measured on 2 cores, five sessions of the *same* mobilenet_v2 at batch 1, interleaved without the pause:
+medians 8.0 to 12.5 ms (3.35 ms for the session alone), ratio noise 10-25%; with a 50 ms pause 3.8 to 4.0
+ms, 2% (20 ms: 4.0 to 4.9 ms, 4-9%).
 On CUDA the inputs are copied to the device once and the outputs stay there (IO binding), so a run
 measures the model, not PCIe copies.
 """
@@ -84,10 +90,11 @@ def batch_of(feeds: dict[str, np.ndarray]) -> int:
 
 
 DEFAULT_BLOCK = 3
+SWITCH_PAUSE_S = 0.05  # before a CPU session's block when another session ran last (module docstring)
 
 
 def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, min_seconds: float = 0.0,
-                    progress=None, block: int = DEFAULT_BLOCK) -> list[Latency]:
+                    progress=None, block: int = DEFAULT_BLOCK, pause: float | None = None) -> list[Latency]:
     """Interleaved timing of prepared runners (see the module docstring).
 
     At least ``repeat`` recorded runs per model (exactly ``repeat`` without ``min_seconds``) and at least
@@ -95,8 +102,12 @@ def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, mi
     runs are recorded: the first re-warms the caches that the other model's run evicted, so the
     latencies are steady-state ones, as in a serving loop, while the models still alternate every few
     runs. ``block=1`` alternates single runs (each run then starts with the other model's data in the
-    caches, which penalizes the smaller model)."""
+    caches, which penalizes the smaller model). ``pause``: seconds slept before a block whose runner
+    is not the one that ran last (default ``SWITCH_PAUSE_S`` when several runners run on the CPU)."""
     block = max(1, int(block))
+    if pause is None:
+        pause = SWITCH_PAUSE_S if len(runners) > 1 and any(getattr(r, "ep", None) == "cpu" for r in runners) else 0.0
+    last = None
     for r in runners:
         for _ in range(warmup):
             r()
@@ -110,6 +121,9 @@ def measure_runners(runners: list[Runner], warmup: int = 5, repeat: int = 30, mi
         if (k // n) % 2 == 1:
             order.reverse()
         for i in order:
+            if pause > 0 and last is not None and last != i:
+                time.sleep(pause)
+            last = i
             for j in range(block):
                 t = runners[i]()
                 if block == 1 or j > 0:
