@@ -70,7 +70,7 @@ from onnxprune.planning.costs import CostModel, handler_macs
 from onnxprune.planning.options import ALLOCATE_CHOICES, PlanOptions  # noqa: F401 (the choices, re-exported)
 from onnxprune.planning.rounding import round_keep, step_of, unit_step, unit_steps
 
-TABLE_FORMAT = 2  # 2: grouped-conv groups sampled at unit steps of rounding.unit_step
+TABLE_FORMAT = 3  # 2: grouped-conv groups sampled at unit steps of rounding.unit_step; 3: timed with the switch pause (measure.latency)
 LOOKAHEAD = 8  # allowed counts a greedy move compares (further only while none of them saves anything)
 EXCHANGE_SWEEPS = 3
 _EPS = 1e-12
