@@ -59,7 +59,10 @@ from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.session import resolve_ep
 
 MAX_ROUNDS = 3
-MIN_NOISE = 0.01  # latency: a miss smaller than this is not refined, whatever the noise says
+# latency: a miss smaller than this is not refined, whatever the noise says: identical models, five
+# sessions interleaved (mobilenet_v2, efficientnet_b0 at batch 1, 2 cores), measured 0.964-1.007 of each
+# other, with the switch pause of measure.latency
+MIN_NOISE = 0.02
 LOW_SLACK = 0.03  # below the target by more than this (and the noise): refined upwards
 BUDGET_RANGE = (0.25, 4.0)  # a refinement scales the budget by at most these factors
 
