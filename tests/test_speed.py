@@ -141,28 +141,30 @@ def test_bench_pair_reports_provider_macs_and_speedup(run_main, tmp_path):
     assert m0 == 2 * (16 * 16 * 40 * 27 + 16 * 16 * 56 * 40 * 9 + 10 * 56)
 
 
+class _FakeRunner:
+    """A CPU runner that records its index in ``log`` at every run and takes 1 ms."""
+
+    ep, providers = "cpu", ["CPUExecutionProvider"]
+
+    def __init__(self, i: int, log: list, batch: int = 1):
+        self.i, self.log, self.feeds = i, log, {"x": np.zeros((batch, 3))}
+
+    def __call__(self) -> float:
+        self.log.append(self.i)
+        return 0.001
+
+
 def test_interleaving_rotates_the_order():
     from onnxprune.measure.latency import measure_runners
 
-    calls: list[int] = []
-
-    class Fake:
-        ep, providers, feeds = "cpu", ["CPUExecutionProvider"], {"x": np.zeros((4, 3))}
-
-        def __init__(self, i):
-            self.i = i
-
-        def __call__(self):
-            calls.append(self.i)
-            return 0.001
-
-    lats = measure_runners([Fake(0), Fake(1)], warmup=0, repeat=8, block=1)
+    calls: list = []
+    lats = measure_runners([_FakeRunner(0, calls, 4), _FakeRunner(1, calls, 4)], warmup=0, repeat=8, block=1)
     assert [lat.runs for lat in lats] == [8, 8] and lats[0].batch == 4
     rounds = [tuple(calls[k:k + 2]) for k in range(0, len(calls), 2)]
     assert rounds.count((0, 1)) == rounds.count((1, 0)) == 4  # each goes first equally often
     # blocks: 3 runs per model per round, the first (cache re-warming) not recorded
     calls.clear()
-    lats = measure_runners([Fake(0), Fake(1)], warmup=0, repeat=8, block=3)
+    lats = measure_runners([_FakeRunner(0, calls, 4), _FakeRunner(1, calls, 4)], warmup=0, repeat=8, block=3)
     assert [lat.runs for lat in lats] == [8, 8]
     assert calls == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
@@ -173,25 +175,14 @@ def test_a_cpu_session_waits_before_its_block_when_another_ran_last(monkeypatch)
     from onnxprune.measure import latency as lat_mod
 
     events: list = []
-
-    class Fake:
-        ep, providers, feeds = "cpu", ["CPUExecutionProvider"], {"x": np.zeros((1, 3))}
-
-        def __init__(self, i):
-            self.i = i
-
-        def __call__(self):
-            events.append(self.i)
-            return 0.001
-
     monkeypatch.setattr(lat_mod.time, "sleep", lambda s: events.append(("sleep", s)))
-    lat_mod.measure_runners([Fake(0), Fake(1)], warmup=0, repeat=4, block=3)
+    lat_mod.measure_runners([_FakeRunner(0, events), _FakeRunner(1, events)], warmup=0, repeat=4, block=3)
     # round 1 runs 0 then 1, round 2 (reversed) 1 then 0: a pause before each block whose runner is not
     # the one that ran just before it
     assert events == [0, 0, 0, ("sleep", lat_mod.SWITCH_PAUSE_S), 1, 1, 1, 1, 1, 1,
                       ("sleep", lat_mod.SWITCH_PAUSE_S), 0, 0, 0]
     events.clear()
-    lat_mod.measure_runners([Fake(0)], warmup=0, repeat=4, block=3)
+    lat_mod.measure_runners([_FakeRunner(0, events)], warmup=0, repeat=4, block=3)
     assert ("sleep", lat_mod.SWITCH_PAUSE_S) not in events
 
 

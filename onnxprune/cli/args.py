@@ -41,6 +41,7 @@ from onnxprune.cli.common import (
     positive_int,
 )
 from onnxprune.errors import UserError
+from onnxprune.measure.exchange import EVALS as EXCHANGE_EVALS
 from onnxprune.measure.fidelity import METRICS
 from onnxprune.measure.verify import DEFAULT_TOL
 from onnxprune.planning.importance import (
@@ -156,6 +157,7 @@ class Targets:
     metric: str | None = None  # what --target-fidelity judges (None: agreement where classifier-shaped, else cosine)
     allocate: str = "uniform"  # how --target-latency/--target-macs is met: one ratio searched, or per-group counts
     value: str = "importance"  # what the per-group allocation keeps most of: importance | sensitivity (measured)
+    exchange: int | None = None  # --allocate-exchange: prunes the measured exchange may spend (None: its default)
 
     @property
     def given(self) -> bool:
@@ -506,6 +508,11 @@ class TargetArgs(ArgGroup):
                             "candidates (the knapsack; the knapsack with --max-ratio capped at the uniform ratio + "
                             "0.05/0.1/0.2/0.3; the uniform plan) are pruned and the least damaged on the fit share "
                             "is taken")
+        g.add_argument("--allocate-exchange", type=non_negative_int, default=None, metavar="N",
+                       help="with --allocate latency and --calib: the most prunes the measured exchange spends per "
+                            "allocation round (each group narrowed one step in context, then moves that widen the "
+                            "most damaged group and narrow the least, kept when the output damage on the fit share "
+                            f"falls, within the same predicted budget; default {EXCHANGE_EVALS}: off; 40 is a start)")
 
     def parse(self, ns, data: bool = False) -> Targets:
         allocate = self._allocate(ns)
@@ -524,7 +531,14 @@ class TargetArgs(ArgGroup):
         if value == "sensitivity" and not data:
             raise UserError("--allocate-value sensitivity measures each group's cut on calibration data: it needs "
                             "--calib or --calib-images")
-        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric, allocate, value)
+        exchange = getattr(ns, "allocate_exchange", None)
+        if exchange is not None and allocate != "latency":
+            raise UserError("--allocate-exchange improves the plan of --allocate latency; this run searches one ratio "
+                            "(give --target-latency F or --target-macs F with --allocate latency)")
+        if exchange and not data:
+            raise UserError("--allocate-exchange judges its moves on calibration data: it needs --calib or "
+                            "--calib-images")
+        return Targets(ns.target_macs, ns.target_latency, ns.target_fidelity, ns.metric, allocate, value, exchange)
 
     @staticmethod
     def _allocate(ns) -> str:

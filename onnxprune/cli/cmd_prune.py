@@ -170,7 +170,8 @@ def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: T
                                   threads=timing.threads, batch=timing.batch, input_shapes=shapes,
                                   warmup=timing.warmup, repeat=timing.repeat, activations=acts, gradients=grads,
                                   progress=progress, table_progress=table_progress, data=data,
-                                  value=targets.value)
+                                  value=targets.value,
+                                  **({} if targets.exchange is None else {"exchange_evals": targets.exchange}))
         res = search.search()
     c.print(res.summary(), markup=False)
     return dataclasses.replace(opts, keep_counts=res.keep_counts), {"allocation": res.to_json()}, an

