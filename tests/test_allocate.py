@@ -17,7 +17,7 @@ from onnxprune.errors import UserError
 from onnxprune.measure import allocation as alloc_mod
 from onnxprune.measure import latency_table as lt
 from onnxprune.measure import sensitivity as sens_mod
-from onnxprune.measure.allocation import AllocationSearch, CalibSource, Measured, refine
+from onnxprune.measure.allocation import AllocationSearch, CalibSource, Measured, ratio_noise, refine
 from onnxprune.measure.sensitivity import Sensitivity, sample_counts
 from onnxprune.measure.stats import model_stats
 from onnxprune.planning import allocate as al
@@ -750,3 +750,32 @@ def test_the_measured_exchange_never_returns_a_plan_more_damaged_than_the_check_
     assert res.to_json()["allocation"]["exchange"] == ex
     off = AllocationSearch(chain, PlanOptions(), target_macs=0.5, data=data).search()  # the default: off
     assert not off.allocation.exchange and "measured exchange" not in off.summary()
+
+
+def test_a_noisy_ratio_is_measured_again_and_pooled(chain, monkeypatch):
+    """A round whose latency ratio is noisier than NOISE_GOAL gets up to MORE_BLOCKS more blocks of
+    --repeat runs, pooled; the noise falls with the square root of the runs; a quiet one is measured once."""
+    from onnxprune.measure.latency import Latency
+
+    calls: list[int] = []
+
+    def fake_measure(pruned_ms):
+        def measure_runners(runners, warmup, repeat):
+            calls.append(warmup)
+            return [Latency("cpu", 1, 10.0, 10.0, repeat, samples_ms=[10.0] * repeat),
+                    Latency("cpu", 1, 5.0, 6.0, repeat, samples_ms=[pruned_ms(i) for i in range(repeat)])]
+        return measure_runners
+
+    monkeypatch.setattr(alloc_mod, "Runner", lambda *a, **k: object())
+    search = AllocationSearch(chain, PlanOptions(), target_latency=0.5, repeat=20, table=object())
+    a = al.Allocation("latency", 0.5, {}, 0.5, 1.0, True)
+    monkeypatch.setattr(alloc_mod, "measure_runners", fake_measure(lambda i: 4.0 if i % 2 else 6.0))
+    m = search._measure(a)
+    one_block = ratio_noise([10.0] * 20, [4.0 if i % 2 else 6.0 for i in range(20)])
+    assert one_block > alloc_mod.NOISE_GOAL
+    assert len(calls) == 1 + alloc_mod.MORE_BLOCKS and calls[1:] == [0] * alloc_mod.MORE_BLOCKS
+    assert m.ratio == pytest.approx(0.5) and m.noise == pytest.approx(one_block / 2)  # 4x the runs
+    calls.clear()
+    monkeypatch.setattr(alloc_mod, "measure_runners", fake_measure(lambda i: 5.0))
+    m = search._measure(a)
+    assert len(calls) == 1 and m.ratio == pytest.approx(0.5) and m.noise == 0.0
