@@ -74,6 +74,10 @@ LOW_SLACK = 0.03  # below the target by more than this (and the noise): refined 
 NOISE_GOAL = MIN_NOISE / 2
 MORE_BLOCKS = 3
 BUDGET_RANGE = (0.25, 4.0)  # a refinement scales the budget by at most these factors
+# an exact measurement (MACs) is a staircase of the budget: a refinement aiming at the target itself lands
+# on either side of it by a step (ddddocr's recognizer, --target-macs 0.5: the secant's third round measured
+# 0.50035x, a miss), so it aims this share below the target; a round within it still counts as close
+EXACT_AIM = 0.002
 
 
 @dataclass
@@ -129,7 +133,7 @@ def refine(allocate_at: Callable[[float], Allocation], measure: Callable[[Alloca
             progress(r)
         if r.close(target, min_noise) or not (r.measured.ratio > 0 and math.isfinite(r.measured.ratio)):
             break
-        budget = next_budget(rounds, target)
+        budget = next_budget(rounds, target if min_noise > 0 else target * (1 - EXACT_AIM))
     ok = [k for k, r in enumerate(rounds) if r.meets(target, min_noise)]
     if ok:
         chosen = max(ok, key=lambda k: (merit(rounds[k].allocation), -k))
