@@ -62,8 +62,10 @@ from captcha_calib import ctc_decode
 
 from onnxprune import pipeline
 from onnxprune.analysis.shapes import infer_shapes
+from onnxprune.cli import main as onnxprune_main
 from onnxprune.errors import UserError
 from onnxprune.measure.allocation import AllocationSearch, ratio_noise
+from onnxprune.measure.fidelity import measure_fidelity
 from onnxprune.measure.latency import measure
 from onnxprune.measure.latency_table import build_table
 from onnxprune.measure.stats import model_stats
@@ -73,6 +75,7 @@ from onnxprune.planning.allocate import LatencyModel, allocation_values, uniform
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import candidate_scores, plan_candidates
 from onnxprune.planning.rounding import unit_steps
+from onnxprune.runtime.calib import CalibSpec, CalibView, open_calib
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.machine import auto_round_to
 from onnxprune.runtime.session import make_session, run_session
@@ -232,8 +235,6 @@ def split_data(path: str, n_calib: int, tmp: str) -> tuple[str, str, int, int]:
 
 def cli(argv: list[str], log: list[str]) -> None:
     """``onnxprune`` in process; its console output kept in ``log``; fails loudly."""
-    from onnxprune.cli import main as onnxprune_main
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         rc = onnxprune_main(argv)
@@ -245,8 +246,6 @@ def cli(argv: list[str], log: list[str]) -> None:
 
 def eval_view(model: onnx.ModelProto, path: str):
     """Every sample of the evaluation file, as a view ``measure.fidelity`` reads."""
-    from onnxprune.runtime.calib import CalibSpec, CalibView, open_calib
-
     data = open_calib(model, CalibSpec(path=path, holdout=0.5))
     return CalibView(data, "eval", np.arange(data.available))
 
@@ -254,8 +253,6 @@ def eval_view(model: onnx.ModelProto, path: str):
 def fidelity_of(original: onnx.ModelProto, pruned: onnx.ModelProto, view, read=None, held: str | None = None) -> dict:
     """``measure.fidelity`` on the evaluation view; with ``read`` (``READS``) the agreement is the share of
     the evaluation file's samples (``held``, one at a time) that the pruned model reads as the original."""
-    from onnxprune.measure.fidelity import measure_fidelity
-
     s = measure_fidelity(original, pruned, view, ep="cpu").summary()
     out = {"agreement": s["min_top1_agreement"], "cosine": s["min_cosine"], "rel_error": s["worst_rel_error_l2"],
            "samples": s["held_out"]}
