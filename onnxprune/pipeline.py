@@ -48,7 +48,7 @@ from onnxprune.planning.stripes import (
     stripe_taps,
 )
 from onnxprune.rewrite.check import apply_plan, check_shapes, checked_rewrite
-from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate
+from onnxprune.rewrite.compensate import Compensated, CompensateOptions, compensate, compensate_many
 from onnxprune.rewrite.stripe_refit import StripeRefit, refit_stripes, stripe_gram_specs
 from onnxprune.rewrite.stripes import ShrinkResult, mask_stripes, shrink_stripes
 from onnxprune.runtime.calib import CalibView
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from onnxprune.rewrite.distill import Distilled, DistillOptions
 
 __all__ = ["Activations", "Analysis", "Result", "analyze_model", "apply_plan", "barrier_summary", "build_plan",
-           "capture_activations", "finetune_result", "gradient_scores_for", "run", "step_options", "step_ratio",
+           "capture_activations", "finetune_result", "gradient_scores_for", "prune_many", "run", "step_options", "step_ratio",
            "verify_plan"]
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,38 @@ def run(model: onnx.ModelProto | str, opts: PlanOptions, *, input_shapes=None, i
 
 
 NEEDS_FIT = "--finetune needs calibration data (--calib or --calib-images)"
+
+#: bytes of model copies ``prune_many`` holds at once (each variant: its compensated original and its
+#: pruned model); more variants are made in several rounds of shared passes
+VARIANT_BYTES = 2 << 30
+
+
+def prune_many(an: Analysis, options: list[PlanOptions], *, activations: Activations | None = None,
+               gradients: GradScores | None = None, compensation: CompensateOptions | None = None,
+               fit: CalibView | None = None, ep: str = "auto", progress=None) -> list[onnx.ModelProto]:
+    """The pruned model ``run`` makes at each of ``options`` from ``an`` (made as ``run`` makes it:
+    with zero biases when compensating), scored on ``activations`` and ``gradients`` captured before,
+    compensated on ``fit`` with the flat fits of all of them in shared passes over the data
+    (``rewrite.compensate.compensate_many``), rewritten and checked; no statistics, verification or
+    report. For searches that only run the results: the sensitivity cuts of one group at several
+    counts, the allocation's candidate plans."""
+    comp_on = compensation is not None and compensation.mode != "none"
+    if comp_on and fit is None:
+        raise UserError(f"compensation '{compensation.mode}' needs calibration data (--calib or --calib-images)")
+    for o in options:
+        o.validate()
+        if o.importance in GRADIENT_IMPORTANCES and gradients is None:
+            raise UserError(f"--importance {o.importance} needs gradients on calibration data (--calib or "
+                            "--calib-images)")
+    per_round = max(1, VARIANT_BYTES // max(1, 2 * an.model.ByteSize()))
+    out: list[onnx.ModelProto] = []
+    for i in range(0, len(options), per_round):
+        part = options[i:i + per_round]
+        plans = [build_plan(an, o, None, activations if o.importance in DATA_IMPORTANCES else None, gradients)
+                 for o in part]
+        comps = compensate_many(an, plans, fit, compensation, ep, progress) if comp_on else [None] * len(plans)
+        out += [apply_plan(c.analysis if c is not None else an, p)[0] for p, c in zip(plans, comps, strict=True)]
+    return out
 
 
 def verify_result(res: Result, input_shapes=None, input_arrays=None, ep: str = "auto",

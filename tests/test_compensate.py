@@ -23,7 +23,14 @@ from onnxprune import pipeline
 from onnxprune.analysis.passes import add_bias_inputs
 from onnxprune.planning.options import PlanOptions
 from onnxprune.planning.plan import Plan
-from onnxprune.rewrite.compensate import CompensateOptions, find_batchnorms, find_consumers
+from onnxprune.rewrite import compensate as comp_mod
+from onnxprune.rewrite.compensate import (
+    CompensateOptions,
+    compensate,
+    compensate_many,
+    find_batchnorms,
+    find_consumers,
+)
 from onnxprune.runtime.calib import CalibSpec, open_calib
 from onnxprune.runtime.capture import with_outputs
 from onnxprune.testing import from_text
@@ -211,6 +218,67 @@ def test_every_path_verifies_and_improves(tmp_path, layerwise):
         w = an2.cg.consts.get(c.weight)
         removed = np.setdiff1d(np.arange(w.shape[c.w_axis]), c.kept_w)
         assert removed.size and not np.take(w, removed, axis=c.w_axis).any()
+
+
+def _passes(monkeypatch) -> list[int]:
+    """Counts the compensation's runs over the data (``run_batched`` in rewrite/compensate.py)."""
+    calls: list[int] = []
+    real = comp_mod.run_batched
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(comp_mod, "run_batched", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["flat", "layerwise"])
+def test_plans_compensated_together_equal_each_compensated_alone(tmp_path, monkeypatch, layerwise):
+    """``compensate_many``: three plans of MIXED (ratios 0.25, 0.5, 0.75: other kept channels, other
+    features per consumer) fitted together give every plan the constants it gets alone, and the flat
+    fits of all three take one run over the data where alone each takes its own (layerwise: a later
+    level reads each plan's own pruned model, so nothing is shared)."""
+    m = _model(MIXED, seed=5)
+    an = pipeline.analyze_model(m, bias_inputs=True)
+    view = open_calib(an.model, CalibSpec(path=_calib(tmp_path, np.random.default_rng(6).standard_normal(
+        (60, 3, 8, 8))), holdout=0.2)).fit
+    plans = [pipeline.build_plan(an, PlanOptions(ratio=r)) for r in (0.25, 0.5, 0.75)]
+    opts = CompensateOptions(mode="lsq", layerwise=layerwise)
+    calls = _passes(monkeypatch)
+    alone = [compensate(an, p, view, opts, "cpu") for p in plans]
+    n_alone = len(calls)
+    together = compensate_many(an, plans, view, opts, "cpu")
+    n_together = len(calls) - n_alone
+    assert (n_alone, n_together) == ((9, 9) if layerwise else (3, 1))
+    for a, t in zip(alone, together, strict=True):
+        assert [r.to_json() for r in t.consumers] == [r.to_json() for r in a.consumers]
+        ia = {i.name: onnx.numpy_helper.to_array(i) for i in a.analysis.model.graph.initializer}
+        it = {i.name: onnx.numpy_helper.to_array(i) for i in t.analysis.model.graph.initializer}
+        assert ia.keys() == it.keys()
+        changed = [k for k in ia if not np.array_equal(ia[k], onnx.numpy_helper.to_array(
+            next(i for i in an.model.graph.initializer if i.name == k)))]
+        assert changed  # the fits wrote something
+        for k in ia:
+            assert _rel_vec(it[k], ia[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("mode", ["lsq", "none"])
+def test_prune_many_gives_the_models_run_gives(tmp_path, mode):
+    """``pipeline.prune_many``: for each of several options the model ``run`` makes (same outputs
+    on unseen inputs to float rounding), compensated or not."""
+    m = _model(MIXED, seed=9)
+    an = pipeline.analyze_model(m, bias_inputs=mode != "none")
+    view = open_calib(an.model, CalibSpec(path=_calib(tmp_path, np.random.default_rng(10).standard_normal(
+        (50, 3, 8, 8))), holdout=0.2)).fit
+    comp = CompensateOptions(mode=mode)
+    options = [PlanOptions(ratio=r) for r in (0.3, 0.6)]
+    many = pipeline.prune_many(an, options, compensation=comp, fit=view, ep="cpu")
+    feeds = {"x": np.random.default_rng(11).standard_normal((7, 3, 8, 8)).astype(np.float32)}
+    for o, p in zip(options, many, strict=True):
+        want = pipeline.run(m, o, analysis=an, compensation=comp, fit=view, ep="cpu").pruned
+        assert _rel(p, want, feeds) < 1e-5
+        assert _rel(p, m, feeds) > 1e-3  # pruned: not the original
 
 
 def test_fidelity_order_lsq_bias_none(tmp_path):

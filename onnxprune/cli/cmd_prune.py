@@ -150,10 +150,14 @@ def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: T
                 return pipeline.run(model, o, input_shapes=shapes, input_arrays=arrays, ep=ep, analysis=an,
                                     calib=acts, compensation=comp, fit=calib.fit, gradients=grads).pruned
 
+            def prune_many(options: list[PlanOptions]):
+                return pipeline.prune_many(an, options, activations=acts, gradients=grads, compensation=comp,
+                                           fit=calib.fit, ep=ep)
+
             def data_progress(what: str) -> None:
                 status.update(f"allocating the budget: {what}...")
 
-            data = CalibSource(prune, calib.fit, ep=ep, progress=data_progress)
+            data = CalibSource(prune, calib.fit, ep=ep, progress=data_progress, prune_many=prune_many)
 
         def table_progress(done: int, runs: int) -> None:
             status.update(f"measuring the latency table: round {done}/{runs}")

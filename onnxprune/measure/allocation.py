@@ -287,6 +287,8 @@ class CalibSource:
     rows: int = ROWS
     check_rows: int = CHECK_ROWS
     progress: Callable[[str], None] | None = None
+    # several options -> their pruned models, compensated in shared passes (pipeline.prune_many)
+    prune_many: Callable[[list[PlanOptions]], list] | None = None
 
 
 class _Checker:
@@ -299,11 +301,24 @@ class _Checker:
                            src.ep)
         self.cache: dict[tuple, float] = {}
 
+    @staticmethod
+    def _key(counts: dict[int, int]) -> tuple:
+        return tuple(sorted((int(g), int(k)) for g, k in counts.items()))
+
     def damage(self, counts: dict[int, int]) -> float:
-        key = tuple(sorted((int(g), int(k)) for g, k in counts.items()))
-        if key not in self.cache:
-            self.cache[key] = self.judge.damage(self.src.prune(dataclasses.replace(self.opts, keep_counts=key)))
-        return self.cache[key]
+        return self.damages([counts])[0]
+
+    def damages(self, plans: list[dict[int, int]]) -> list[float]:
+        """The damage of each plan; those not judged before pruned together (``CalibSource.prune_many``)."""
+        keys = [self._key(c) for c in plans]
+        new = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if new:
+            opts = [dataclasses.replace(self.opts, keep_counts=k) for k in new]
+            many = self.src.prune_many
+            models = many(opts) if many is not None else [self.src.prune(o) for o in opts]
+            for k, m in zip(new, models, strict=True):
+                self.cache[k] = self.judge.damage(m)
+        return [self.cache[k] for k in keys]
 
 
 def checked_choice(first: Allocation, others: list[tuple[str, Allocation]], checker: _Checker,
@@ -322,11 +337,9 @@ def checked_choice(first: Allocation, others: list[tuple[str, Allocation]], chec
         if a.reached and key not in seen:
             seen.add(key)
             cands.append((name, a))
-    rows = []
-    for i, (name, a) in enumerate(cands):
-        if progress is not None:
-            progress(f"candidate {i + 1}/{len(cands)} ({name}) on the fit share")
-        rows.append((checker.damage(a.counts), i))
+    if progress is not None:
+        progress(f"{len(cands)} candidates on the fit share")
+    rows = [(d, i) for i, d in enumerate(checker.damages([a.counts for _, a in cands]))]
     best = min(rows)[1]
     chosen = dataclasses.replace(cands[best][1])
     chosen.checked = [{"candidate": name, "predicted": a.predicted, "kept_importance": a.kept_importance,
@@ -424,7 +437,7 @@ class AllocationSearch:
             space = allocation_space(cg, self.opts, candidates)
             sens = measure_sensitivity(self.an, self.opts, {g.id: g.size for g, _ in candidates}, space.allowed,
                                        src.prune, src.view, ep=src.ep, samples=src.samples, rows=src.rows,
-                                       progress=src.progress)
+                                       progress=src.progress, prune_many=src.prune_many)
             values = {g.id: sens.values(g.id, g.size, removal_order(scores[g.id])) for g in space.movable}
         predict, allowed = None, {}
         if src is not None:

@@ -22,7 +22,8 @@ knapsack as per-unit values in the order the plan removes units (``values``): th
 a move from k to k' is then the damage at k' less the damage at k.
 
 Cost: one prune and one run of ``rows`` samples per sample point, ``SAMPLES`` x movable groups in all
-(the report says how long it took). Frozen groups and fixed ones (``--layer-ratio``, attention) are
+(the report says how long it took); a group's cuts share their compensation's passes over the fit
+share (``pipeline.prune_many``), one run of the original per group instead of one per cut. Frozen groups and fixed ones (``--layer-ratio``, attention) are
 not measured.
 """
 
@@ -124,11 +125,13 @@ class Judge:
 
 def measure_sensitivity(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allowed: dict[int, list[int]],
                         prune: Callable[[PlanOptions], object], view: CalibView, *, ep: str = "auto",
-                        samples: int = SAMPLES, rows: int = ROWS, progress=None) -> Sensitivity:
+                        samples: int = SAMPLES, rows: int = ROWS, progress=None,
+                        prune_many: Callable[[list[PlanOptions]], list] | None = None) -> Sensitivity:
     """Damage curves of the groups of ``allowed`` (id -> allowed counts, descending from the size).
     ``sizes``: every candidate group's size (the others are kept whole in each cut); ``prune(opts)``:
-    the pruned model of the run at those options (``keep_counts`` set here); ``view``: the fit share,
-    its first ``rows`` samples judged."""
+    the pruned model of the run at those options (``keep_counts`` set here), or ``prune_many`` (a
+    list of options -> their pruned models, ``pipeline.prune_many``: a group's cuts compensated in
+    shared passes); ``view``: the fit share, its first ``rows`` samples judged."""
     t0 = time.perf_counter()
     sub = CalibView(view.data, "sensitivity", view.indices[: max(1, min(rows, view.n))])
     judge = Judge(an.model, sub, ep)
@@ -136,13 +139,16 @@ def measure_sensitivity(an: Analysis, opts: PlanOptions, sizes: dict[int, int], 
     todo = {gid: sample_counts(al, samples) for gid, al in allowed.items()}
     total, done = sum(len(v) for v in todo.values()), 0
     for gid, ks in todo.items():
-        out.counts[gid], out.damage[gid] = [sizes[gid]], [0.0]
+        cuts = []
         for k in ks:
             counts = dict(sizes)
             counts[gid] = k
-            o = dataclasses.replace(opts, keep_counts=tuple(sorted(counts.items())))
+            cuts.append(dataclasses.replace(opts, keep_counts=tuple(sorted(counts.items()))))
+        models = prune_many(cuts) if prune_many is not None else [prune(o) for o in cuts]
+        out.counts[gid], out.damage[gid] = [sizes[gid]], [0.0]
+        for k, m in zip(ks, models, strict=True):
             out.counts[gid].append(k)
-            out.damage[gid].append(judge.damage(prune(o)))
+            out.damage[gid].append(judge.damage(m))
             done += 1
             if progress is not None:
                 progress(f"each group's cut on the fit share: {done}/{total}")

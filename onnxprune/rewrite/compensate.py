@@ -727,16 +727,18 @@ def with_model(an: Analysis, model: onnx.ModelProto) -> Analysis:
                     an.input_fault)
 
 
-def _chunks(level: list[Consumer], n_out: dict[str, int], second: bool, budget: int) -> list[list[Consumer]]:
-    out: list[list[Consumer]] = []
-    cur: list[Consumer] = []
+def _chunks(level: list, n_out: dict[str, int], second: bool, budget: int) -> list[list]:
+    """``level`` (pairs of a plan's state and a consumer) in runs whose moments fit ``budget`` bytes."""
+    out: list[list] = []
+    cur: list = []
     used = 0
-    for c in level:
+    for job in level:
+        c = job[1]
         b = _moment_bytes(c, n_out[c.node], second)
         if cur and used + b > budget:
             out.append(cur)
             cur, used = [], 0
-        cur.append(c)
+        cur.append(job)
         used += b
     return out + ([cur] if cur else [])
 
@@ -744,14 +746,31 @@ def _chunks(level: list[Consumer], n_out: dict[str, int], second: bool, budget: 
 def compensate(an: Analysis, plan: Plan, view: CalibView, opts: CompensateOptions, ep: str = "auto",
                progress: Progress | None = None) -> Compensated:
     """O' for ``plan`` fitted on ``view`` (the fit share): module docstring."""
-    opts.validate()
-    t0 = time.perf_counter()
+    return compensate_many(an, [plan], view, opts, ep, progress)[0]
+
+
+@dataclass
+class _State:
+    """One plan's compensation in the making: its consumers, their reports and O' (``work``)."""
+
+    plan: Plan
+    work: onnx.ModelProto
+    found: list[Consumer]
+    skipped: list[ConsumerReport]
+    reports: dict[str, ConsumerReport]
+    res: Compensated
+
+    @property
+    def todo(self) -> list[Consumer]:
+        return [c for c in self.found if self.reports[c.node].how != "skipped"]
+
+
+def _state(an: Analysis, plan: Plan, view: CalibView, opts: CompensateOptions) -> _State:
     work = onnx.ModelProto()
     work.CopyFrom(an.model)
     found, skipped = find_consumers(an, plan, opts.downstream)
     res = Compensated(an, opts.mode, opts.ridge, opts.layerwise, view.n)
     reports: dict[str, ConsumerReport] = {}
-    n_out = {c.node: n_out_of(an, c) for c in found}
     for c in found:
         r = ConsumerReport(c.node, c.op, opts.mode, inputs_kept=len(c.kept_x), inputs=c.in_channels,
                            features=c.features, level=c.level)
@@ -766,66 +785,93 @@ def compensate(an: Analysis, plan: Plan, view: CalibView, opts: CompensateOption
         if c.downstream:
             r.reason = "downstream refit (no input removed)" + (f"; {r.reason}" if r.reason else "")
         reports[c.node] = r
-    todo = [c for c in found if reports[c.node].how != "skipped"]
+    return _State(plan, work, found, skipped, reports, res)
+
+
+def compensate_many(an: Analysis, plans: list[Plan], view: CalibView, opts: CompensateOptions, ep: str = "auto",
+                    progress: Progress | None = None) -> list[Compensated]:
+    """``compensate`` for each of ``plans``, the flat fits of all of them in shared passes: their
+    features and targets are read from O, the same for every plan, so one run of O over ``view``
+    accumulates every plan's moments (a sensitivity analysis cuts one group at several counts:
+    one run instead of one per count). The layerwise levels after the first and the BatchNorm
+    statistics read each plan's own pruned model, so those passes stay per plan. Each result is the
+    one ``compensate`` gives for its plan alone (up to onnxruntime fusing differently when other
+    tensors are fetched); a shared pass's time is in the timings of every plan that took part,
+    ``seconds`` is the wall time of the whole call."""
+    opts.validate()
+    t0 = time.perf_counter()
+    states = [_state(an, p, view, opts) for p in plans]
+    jobs = [(s, c) for s in states for c in s.todo]
+    n_out = {c.node: n_out_of(an, c) for _, c in jobs}
     so = None
-    if todo:
-        so, _ = make_session(with_outputs(an.model, sorted({c.y for c in todo} | {c.x for c in todo})), ep, precise=True)
-    levels = sorted({c.level for c in todo}) if opts.layerwise else [None]
-    for lv in levels:
-        level = [c for c in todo if opts.layerwise is False or c.level == lv]
-        for chunk in _chunks(level, n_out, any(reports[c.node].how == "lsq" for c in level), opts.gram_budget):
-            _fit_pass(an, work, plan, chunk, view, opts, ep, so, use_pruned=bool(opts.layerwise and lv),
-                      reports=reports, progress=progress, timings=res.timings, index=res.passes)
-            res.passes += 1
-    if opts.bn_stats != "off":
-        changed = {c.node for c in found if reports[c.node].how != "skipped" or not c.downstream}
-        changed |= {r.node for r in skipped}
-        targets, bn_skipped = find_batchnorms(an, plan, changed)
-        bn_reports = {t.node: BatchNormReport(t.node, t.after) for t in targets}
-        res.passes += recompute_batchnorms(an, work, plan, targets, view, opts, ep, bn_reports, progress, res.timings)
-        res.batchnorms = [bn_reports[t.node] for t in targets] + bn_skipped
-        res.bn_stats = opts.bn_stats
-    res.consumers = [reports[c.node] for c in found] + skipped
-    res.analysis = with_model(an, work)
-    res.seconds = time.perf_counter() - t0
-    log.info("compensation %s: %s in %d passes, %.2fs", opts.mode, res.counts(), res.passes, res.seconds)
-    return res
+    if jobs:
+        so, _ = make_session(with_outputs(an.model, sorted({c.y for _, c in jobs} | {c.x for _, c in jobs})), ep,
+                             precise=True)
+    if opts.layerwise:  # level by level, each plan on its own pruned model after the first level
+        passes = [(lv, [(s, c) for c in s.todo if c.level == lv]) for s in states
+                  for lv in sorted({c.level for c in s.todo})]
+    else:
+        passes = [(None, jobs)]
+    for lv, level in passes:
+        second = any(s.reports[c.node].how == "lsq" for s, c in level)
+        for chunk in _chunks(level, n_out, second, opts.gram_budget):
+            _fit_pass(an, chunk, view, opts, ep, so, use_pruned=bool(opts.layerwise and lv), n_out=n_out,
+                      progress=progress)
+    for s in states:
+        res = s.res
+        if opts.bn_stats != "off":
+            changed = {c.node for c in s.found if s.reports[c.node].how != "skipped" or not c.downstream}
+            changed |= {r.node for r in s.skipped}
+            targets, bn_skipped = find_batchnorms(an, s.plan, changed)
+            bn_reports = {t.node: BatchNormReport(t.node, t.after) for t in targets}
+            res.passes += recompute_batchnorms(an, s.work, s.plan, targets, view, opts, ep, bn_reports, progress,
+                                               res.timings)
+            res.batchnorms = [bn_reports[t.node] for t in targets] + bn_skipped
+            res.bn_stats = opts.bn_stats
+        res.consumers = [s.reports[c.node] for c in s.found] + s.skipped
+        res.analysis = with_model(an, s.work)
+        res.seconds = time.perf_counter() - t0
+        log.info("compensation %s: %s in %d passes, %.2fs", opts.mode, res.counts(), res.passes, res.seconds)
+    return [s.res for s in states]
 
 
-def _fit_pass(an: Analysis, work: onnx.ModelProto, plan: Plan, chunk: list[Consumer], view: CalibView,
-              opts: CompensateOptions, ep: str, so, *, use_pruned: bool, reports: dict[str, ConsumerReport],
-              progress, timings: dict[str, float], index: int) -> None:
-    """One pass over ``view``: accumulate the moments of ``chunk``, solve, write into ``work``."""
+def _fit_pass(an: Analysis, chunk: list[tuple[_State, Consumer]], view: CalibView, opts: CompensateOptions, ep: str,
+              so, *, use_pruned: bool, n_out: dict[str, int], progress) -> None:
+    """One pass over ``view``: accumulate the moments of ``chunk`` (consumers of one or more plans),
+    solve, write into each plan's O'. ``use_pruned`` (a later layerwise level): the features are read
+    from the plan's pruned O' where it computes them (one plan per such pass)."""
     t0 = time.perf_counter()
     sp, src = None, {}
     if use_pruned:
-        pruned = rewrite(work, an.cg, plan)
+        owners = {id(s) for s, _ in chunk}
+        if len(owners) != 1:
+            raise AssertionError("a layerwise level reads one plan's pruned model")
+        s0 = chunk[0][0]
+        pruned = rewrite(s0.work, an.cg, s0.plan)
         have = {o for n in pruned.graph.node for o in n.output if o} | {i.name for i in pruned.graph.input}
-        src = {c.node: "pruned" if c.x in have else "original" for c in chunk}
-        names = sorted({c.x for c in chunk if src[c.node] == "pruned"})
+        src = {c.node: "pruned" if c.x in have else "original" for _, c in chunk}
+        names = sorted({c.x for _, c in chunk if src[c.node] == "pruned"})
         if names:
             sp, _ = make_session(with_outputs(pruned, names), ep, precise=True)
-    src = {c.node: src.get(c.node, "original") for c in chunk}
-    second = {c.node: reports[c.node].how == "lsq" for c in chunk}
-    fits: dict[str, list[_Moments]] = {}
-    for c in chunk:
-        f, o = c.features, n_out_of(an, c) // c.groups
-        fits[c.node] = [_Moments(f, o, second[c.node]) for _ in range(c.groups)]
-    fetch_o = sorted({c.y for c in chunk} | {c.x for c in chunk if src[c.node] == "original"})
-    fetch_p = sorted({c.x for c in chunk if src[c.node] == "pruned"})
+    src = {c.node: src.get(c.node, "original") for _, c in chunk}
+    second = [s.reports[c.node].how == "lsq" for s, c in chunk]
+    fits: list[list[_Moments]] = [[_Moments(c.features, n_out[c.node] // c.groups, sec) for _ in range(c.groups)]
+                                  for (_, c), sec in zip(chunk, second, strict=True)]
+    fetch_o = sorted({c.y for _, c in chunk} | {c.x for _, c in chunk if src[c.node] == "original"})
+    fetch_p = sorted({c.x for _, c in chunk if src[c.node] == "pruned"})
     sessions, fetch = [so], [fetch_o]
     if sp is not None:
         sessions.append(sp)
         fetch.append(fetch_p)
 
     mask_name = _mask_input(an.model, opts.row_mask)
-    masked: set[str] = set()
+    masked: set[int] = set()
 
     def consume(batch: Batch, outs: list[list[np.ndarray]]) -> None:
         mask = batch.feeds.get(mask_name) if mask_name else None
         vo = dict(zip(fetch_o, outs[0], strict=True))
         vp = dict(zip(fetch_p, outs[1], strict=True)) if sp is not None else {}
-        for c in chunk:
+        for j, (_, c) in enumerate(chunk):
             if src[c.node] == "pruned":
                 x = np.asarray(vp[c.x])
                 if x.shape[c.x_axis] != len(c.kept_x):
@@ -835,19 +881,19 @@ def _fit_pass(an: Analysis, work: onnx.ModelProto, plan: Plan, chunk: list[Consu
                 x = np.take(np.asarray(vo[c.x]), c.kept_x, axis=c.x_axis)
             t = np.asarray(vo[c.y])
             if c.op == "Conv":
-                _conv_update(c, fits[c.node], x, t, batch, opts)
-            elif _dense_update(c, fits[c.node], x, t, batch, opts, mask):
-                masked.add(c.node)
+                _conv_update(c, fits[j], x, t, batch, opts)
+            elif _dense_update(c, fits[j], x, t, batch, opts, mask):
+                masked.add(j)
 
     run_batched(sessions, view, fetch, consume, budget_bytes=opts.budget_bytes, max_batch=opts.max_batch,
                 progress=progress)
     t1 = time.perf_counter()
-    for c in chunk:
-        r = reports[c.node]
+    for j, (s, c) in enumerate(chunk):
+        r = s.reports[c.node]
         w = an.cg.consts.get(c.weight)
         bias = an.cg.consts.get(c.bias) if c.bias is not None else None
         maps0 = _linear(c, w, bias)
-        ms = fits[c.node]
+        ms = fits[j]
         lam = opts.ridge
         if r.how == "lsq" and lam is None:
             lam = _cross_validated(ms, maps0, c.bias is not None, opts.seed)
@@ -855,18 +901,21 @@ def _fit_pass(an: Analysis, work: onnx.ModelProto, plan: Plan, chunk: list[Consu
                 r.reason = "cross-validation chose bias compensation only" + (f"; {r.reason}" if r.reason else "")
         r.ridge = lam if r.how == "lsq" else None
         maps = [_solve(m, a0, b0, r.how, lam, c.bias is not None) for m, (a0, b0) in zip(ms, maps0, strict=True)]
-        if second[c.node]:
+        if second[j]:
             r.fit_rel_error_before = _pooled(ms, maps0)
             r.fit_rel_error_after = _pooled(ms, maps)
         r.rows = sum(m.rows.n for m in ms) // max(c.groups, 1)
         r.source = src[c.node]
-        r.rows_masked_by = mask_name if c.node in masked else None
+        r.rows_masked_by = mask_name if j in masked else None
         nw, nb = _write(c, w, bias, maps)
-        _set_constant(work, c.weight, nw)
+        _set_constant(s.work, c.weight, nw)
         if c.bias is not None and nb is not None:
-            _set_constant(work, c.bias, nb)
-    timings[f"pass{index}_capture"] = t1 - t0
-    timings[f"pass{index}_solve"] = time.perf_counter() - t1
+            _set_constant(s.work, c.bias, nb)
+    t2 = time.perf_counter()
+    for s in {id(s): s for s, _ in chunk}.values():
+        s.res.timings[f"pass{s.res.passes}_capture"] = t1 - t0
+        s.res.timings[f"pass{s.res.passes}_solve"] = t2 - t1
+        s.res.passes += 1
 
 
 # ----------------------------------------------------------------------------------------------
