@@ -731,6 +731,20 @@ def test_cli_allocates_with_calibration_data(run_main, chain_file, tmp_path):
             assert "damage of each group's cut" in r.stdout
 
 
+def test_the_value_is_measured_damage_with_data_and_the_criterion_without(run_main, chain_file, tmp_path):
+    """No --allocate-value: with --calib the allocation keeps the least measured damage (sensitivity:
+    its curves in the report), without data the criterion's importance (nothing to measure on)."""
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((40, 3, 8, 8)).astype(np.float32))
+    for data, want in (([], "importance"), (["--calib", calib], "sensitivity")):
+        rep = tmp_path / f"{want}.json"
+        r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--allocate", "latency", "--target-macs",
+                     "0.5", "--report", rep, "--ep", "cpu", *data)
+        assert r.returncode == 0, r.stdout + r.stderr
+        a = json.loads(rep.read_text())["allocation"]
+        assert a["value"] == want and (a.get("sensitivity") is not None) == (want == "sensitivity")
+
+
 def test_the_measured_exchange_never_returns_a_plan_more_damaged_than_the_check_chose(chain, monkeypatch):
     """With calibration data and --allocate-exchange: the check's choice is the exchange's start; what it
     returns is judged no worse on the fit share, within the budget, and the report says what it spent."""

