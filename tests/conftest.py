@@ -17,6 +17,13 @@ import pytest
 from onnxprune.testing import checks, graphs
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_sensitivity_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Damage curves measured by a test are never read from an earlier run's cache (~/.cache)."""
+    os.environ["ONNXPRUNE_SENSITIVITY_CACHE"] = str(tmp_path_factory.mktemp("sensitivity-cache"))
+    yield
+
+
 @pytest.fixture
 def small_onnx(tmp_path: pathlib.Path) -> pathlib.Path:
     """The small CNN saved alone in its own directory ``src/``."""

@@ -745,6 +745,31 @@ def test_the_value_is_measured_damage_with_data_and_the_criterion_without(run_ma
         assert a["value"] == want and (a.get("sensitivity") is not None) == (want == "sensitivity")
 
 
+def test_damage_curves_are_measured_once_per_model_data_and_options(run_main, chain_file, tmp_path, monkeypatch):
+    """A second run on the same model, data and options (another budget) reads the curves from the
+    cache, the same curves; other calibration values are measured again."""
+    monkeypatch.setenv("ONNXPRUNE_SENSITIVITY_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=x)
+    np.savez(tmp_path / "b.npz", x=x + 0.5)
+
+    def curves(target: str, data: str) -> tuple[dict, str]:
+        rep = tmp_path / "r.json"
+        r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--allocate", "latency", "--target-macs",
+                     target, "--calib", tmp_path / data, "--report", rep, "--ep", "cpu")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(rep.read_text())["allocation"]["sensitivity"], r.stdout
+
+    first, out1 = curves("0.5", "a.npz")
+    again, out2 = curves("0.6", "a.npz")
+    other, _ = curves("0.5", "b.npz")
+    assert not first["cached"] and again["cached"] and not other["cached"]
+    assert again["curves"] == first["curves"] and other["curves"] != first["curves"]
+    assert "from the cache" in out2 and "from the cache" not in out1
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
 def test_the_measured_exchange_never_returns_a_plan_more_damaged_than_the_check_chose(chain, monkeypatch):
     """With calibration data and --allocate-exchange: the check's choice is the exchange's start; what it
     returns is judged no worse on the fit share, within the budget, and the report says what it spent."""

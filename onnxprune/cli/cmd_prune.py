@@ -157,7 +157,9 @@ def search_allocation(model: str, opts: PlanOptions, targets: Targets, timing: T
             def data_progress(what: str) -> None:
                 status.update(f"allocating the budget: {what}...")
 
-            data = CalibSource(prune, calib.fit, ep=ep, progress=data_progress, prune_many=prune_many)
+            # the damage curves are cached by what the pruning depends on (gradient scores: not cached)
+            key = None if grads is not None else {"compensation": dataclasses.asdict(comp) if comp else None}
+            data = CalibSource(prune, calib.fit, ep=ep, progress=data_progress, prune_many=prune_many, key=key)
 
         def table_progress(done: int, runs: int) -> None:
             status.update(f"measuring the latency table: round {done}/{runs}")

@@ -36,6 +36,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from onnxprune.errors import UserError
 from onnxprune.measure.exchange import EVALS, exchange
 from onnxprune.measure.latency import Runner, measure_runners
 from onnxprune.measure.latency_table import build_table
-from onnxprune.measure.sensitivity import ROWS, SAMPLES, Judge, measure_sensitivity
+from onnxprune.measure.sensitivity import ROWS, SAMPLES, Judge, measure_sensitivity, sensitivity_key
 from onnxprune.measure.stats import model_stats
 from onnxprune.planning.allocate import (
     Allocation,
@@ -248,8 +249,9 @@ class AllocationResult:
                    f"{ex['evals']} prunes, output damage {ex['start_damage']:.3g} -> {ex['damage']:.3g}")
         if self.sensitivity is not None:
             sens = self.sensitivity
+            when = "from the cache" if sens.get("cached") else f"{sens['seconds']:.1f}s"
             vs += (f"; values: damage of each group's cut measured on {sens['rows']} fit samples "
-                   f"({sens['groups']} groups, {sens['seconds']:.1f}s)")
+                   f"({sens['groups']} groups, {when})")
         table = ""
         if self.table is not None:
             table = f"; latency table {'from the cache' if self.table['cache_hit'] else 'measured'} " \
@@ -290,6 +292,9 @@ class CalibSource:
     progress: Callable[[str], None] | None = None
     # several options -> their pruned models, compensated in shared passes (pipeline.prune_many)
     prune_many: Callable[[list[PlanOptions]], list] | None = None
+    # what ``prune`` depends on beyond the options (the compensation): given, the damage curves are
+    # cached (measure.sensitivity's cache; not given, always measured)
+    key: dict | None = None
 
 
 class _Checker:
@@ -436,9 +441,15 @@ class AllocationSearch:
         src = self.data
         if self.value == "sensitivity":
             space = allocation_space(cg, self.opts, candidates)
-            sens = measure_sensitivity(self.an, self.opts, {g.id: g.size for g, _ in candidates}, space.allowed,
-                                       src.prune, src.view, ep=src.ep, samples=src.samples, rows=src.rows,
-                                       progress=src.progress, prune_many=src.prune_many)
+            sizes = {g.id: g.size for g, _ in candidates}
+            key = None
+            if self.cache and src.key is not None:
+                key = sensitivity_key(self.an, self.opts, sizes, space.allowed, src.view, src.key,
+                                      ep=resolve_ep(src.ep), samples=src.samples, rows=src.rows)
+            sens = measure_sensitivity(self.an, self.opts, sizes, space.allowed, src.prune, src.view, ep=src.ep,
+                                       samples=src.samples, rows=src.rows, progress=src.progress,
+                                       prune_many=src.prune_many, key=key,
+                                       cache_dir=self.cache_dir and Path(self.cache_dir) / "sensitivity")
             values = {g.id: sens.values(g.id, g.size, removal_order(scores[g.id])) for g in space.movable}
         predict, allowed = None, {}
         if src is not None:

@@ -25,27 +25,45 @@ a move from k to k' is then the damage at k' less the damage at k.
 
 Cost: one prune and one run of ``rows`` samples per sample point, ``SAMPLES`` x movable groups in all
 (the report says how long it took); a group's cuts share their compensation's passes over the fit
-share (``pipeline.prune_many``), one run of the original per group instead of one per cut. Frozen groups and fixed ones (``--layer-ratio``, attention) are
+share (``pipeline.prune_many``), one run of the original per group instead of one per cut.
+
+Cache. Curves depend on the model, the fit share's values, the run's options (the criterion,
+``--round-to``, ``--max-ratio``, the compensation), the groups' allowed counts, ``samples``, ``rows`` and
+the execution provider, not on the budget or the batch the latency is timed at: a second run that asks
+another target of the same model and data reads them from ``~/.cache/onnxprune/sensitivity`` (or
+``$ONNXPRUNE_SENSITIVITY_CACHE``), one JSON file named by a hash of that key (``sensitivity_key``; the key
+is in the file and must match). Only a caller that says what its pruning depends on beyond the options
+(``CalibSource.key``: the CLI's compensation) is cached. Frozen groups and fixed ones (``--layer-ratio``, attention) are
 not measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from onnxprune.analysis.analyze import Analysis
+from onnxprune.measure.latency_table import model_digest
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import run_batched
 from onnxprune.runtime.session import make_session
 
+log = logging.getLogger(__name__)
+
 SAMPLES = 5  # kept counts measured per group (besides its full size)
 ROWS = 64  # fit samples each cut is judged on
+CACHE_ENV = "ONNXPRUNE_SENSITIVITY_CACHE"
 
 
 @dataclass
@@ -57,6 +75,7 @@ class Sensitivity:
     damage: dict[int, list[float]] = field(default_factory=dict)
     rows: int = 0
     seconds: float = 0.0
+    cached: bool = False  # read from the cache (``seconds``: what measuring it took then)
 
     def curve(self, gid: int, size: int) -> np.ndarray:
         """Damage after removing r units, r = 0..size-1 (the lowest measured count's damage beyond it),
@@ -77,8 +96,78 @@ class Sensitivity:
 
     def to_json(self) -> dict:
         return {"groups": len(self.counts), "rows": self.rows, "seconds": round(self.seconds, 2),
+                "cached": self.cached,
                 "curves": {str(g): {"counts": self.counts[g], "damage": [round(d, 6) for d in self.damage[g]]}
                            for g in self.counts}}
+
+    @classmethod
+    def from_json(cls, j: dict) -> Sensitivity:
+        curves = j["curves"]
+        return cls({int(g): [int(k) for k in c["counts"]] for g, c in curves.items()},
+                   {int(g): [float(d) for d in c["damage"]] for g, c in curves.items()}, int(j["rows"]),
+                   float(j["seconds"]))
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$ONNXPRUNE_SENSITIVITY_CACHE``, else ``~/.cache/onnxprune/sensitivity``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "onnxprune" / "sensitivity"
+
+
+def view_digest(view: CalibView) -> str:
+    """sha256 of the samples of ``view`` (every input's name, dtype, shape and values, in order)."""
+    h = hashlib.sha256()
+    for batch in view.batches(64):
+        for name in sorted(batch.feeds):
+            a = np.ascontiguousarray(batch.feeds[name])
+            h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def sensitivity_key(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allowed: dict[int, list[int]],
+                    view: CalibView, extra: dict, *, ep: str, samples: int = SAMPLES, rows: int = ROWS) -> dict:
+    """What the curves depend on (module docstring): not the ratio or kept counts the options carry."""
+    plan = dataclasses.asdict(dataclasses.replace(opts, keep_counts=(), ratio=0.5))
+    return {"model": model_digest(an.model), "data": view_digest(view), "options": json.loads(json.dumps(plan,
+            default=str)), "extra": extra, "sizes": {str(g): int(n) for g, n in sorted(sizes.items())},
+            "allowed": {str(g): [int(k) for k in al] for g, al in sorted(allowed.items())},
+            "samples": int(samples), "rows": int(rows), "ep": ep}
+
+
+def _key_file(key: dict, directory=None) -> Path:
+    return cache_dir(directory) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+
+
+def load_cached(key: dict, directory=None) -> Sensitivity | None:
+    try:
+        with open(_key_file(key, directory)) as f:
+            j = json.load(f)
+        if j.get("key") != key:
+            return None
+        out = Sensitivity.from_json(j["sensitivity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out.cached = True
+    return out
+
+
+def store(key: dict, sens: Sensitivity, directory=None) -> Path | None:
+    """Write the curves under ``key`` atomically; None (and a log line) when the cache is not writable."""
+    path = _key_file(key, directory)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "sensitivity": sens.to_json()}, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("sensitivity not cached (%s)", exc)
+        return None
+    return path
 
 
 def sample_counts(allowed: list[int], samples: int = SAMPLES) -> list[int]:
@@ -128,12 +217,18 @@ class Judge:
 def measure_sensitivity(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allowed: dict[int, list[int]],
                         prune: Callable[[PlanOptions], object], view: CalibView, *, ep: str = "auto",
                         samples: int = SAMPLES, rows: int = ROWS, progress=None,
-                        prune_many: Callable[[list[PlanOptions]], list] | None = None) -> Sensitivity:
+                        prune_many: Callable[[list[PlanOptions]], list] | None = None,
+                        key: dict | None = None, cache_dir=None) -> Sensitivity:
     """Damage curves of the groups of ``allowed`` (id -> allowed counts, descending from the size).
     ``sizes``: every candidate group's size (the others are kept whole in each cut); ``prune(opts)``:
     the pruned model of the run at those options (``keep_counts`` set here), or ``prune_many`` (a
     list of options -> their pruned models, ``pipeline.prune_many``: a group's cuts compensated in
-    shared passes); ``view``: the fit share, its first ``rows`` samples judged."""
+    shared passes); ``view``: the fit share, its first ``rows`` samples judged. ``key``
+    (``sensitivity_key``): read from the cache under ``cache_dir`` when there, else measured and stored."""
+    if key is not None:
+        hit = load_cached(key, cache_dir)
+        if hit is not None:
+            return hit
     t0 = time.perf_counter()
     sub = CalibView(view.data, "sensitivity", view.indices[: max(1, min(rows, view.n))])
     judge = Judge(an.model, sub, ep)
@@ -155,4 +250,6 @@ def measure_sensitivity(an: Analysis, opts: PlanOptions, sizes: dict[int, int], 
             if progress is not None:
                 progress(f"each group's cut on the fit share: {done}/{total}")
     out.seconds = time.perf_counter() - t0
+    if key is not None:
+        store(key, out, cache_dir)
     return out
