@@ -379,7 +379,11 @@ CALIB_NOTES = [
     "difference no latency error of that size closes. With `--target-macs 0.5` (exact, no timing; `prune --target-macs 0.5 "
     "--allocate latency --calib` on the 400 calibration pages, `--allocate-exchange 24`) the allocated plan "
     "(0.500x MACs) kept a mean cosine of 0.954 on the 400 evaluation pages where `--allocate uniform` (0.486x) "
-    "kept 0.847.",
+    "kept 0.847; with `--allocate-value sensitivity` (the default with `--calib` since 2026-12-03) 0.978. Rows "
+    "9-12 (`[sensitivity]`, the CLI's default with data) ran on that host on 2026-12-03; row 9's curve seconds "
+    "include a test run beside it (its latency rounds came after), and its final measurement is noisy (± 12%), "
+    "but every uniform model of row 9, the slowest 24% slower than the allocated one, keeps at most 0.826 against "
+    "its 0.918, and at batch 8 0.848 at most against 0.964.",
     "",
     "ddddocr (the captcha recognizer of the ddddocr 1.6.1 wheel, real weights: convolutional encoder, LSTM, CTC "
     "over 8,210 characters; fixed batch 1, so batch 1 only; `--input-shape input1=1x1x64x160`): calibrated and "
@@ -446,7 +450,7 @@ def verdict(rows: list[dict]) -> list[str]:
     uniform one of equal measured latency (interpolated; the top-1 agreement where the output is a
     classifier's, else the cosine)?"""
     out = [""]
-    words = []
+    words, values, noise = [], [], []
     for r in rows:
         a, u = r["allocated"]["fidelity"], r["uniform_at_allocated_latency"]
         key = "agreement" if a.get("agreement") is not None and "agreement" in u else "cosine"
@@ -469,6 +473,8 @@ def verdict(rows: list[dict]) -> list[str]:
             where += (" (this row's uniform ratios were chosen by an earlier version of this script: predicted "
                       "latency nearest 0.85, 1, 1.15 x the allocated model's measured latency)")
         words.append(word)
+        values.append(r.get("value") or "importance")
+        noise.append("two standard errors" in where)
         out.append(f"- {label(r)}, batch {r['batch']}: the "
                    f"allocated model keeps **{word}** "
                    f"held-out fidelity {'as' if word == 'the same' else 'than'} the uniform model of equal measured latency: {key} {fmt(a[key])} against "
@@ -484,6 +490,16 @@ def verdict(rows: list[dict]) -> list[str]:
                    f"allocation is the uniform plan), in {counts['less']} less. It keeps more of the allocation's own "
                    f"importance measure than the uniform plan of equal predicted latency in {imp} of {len(rows)} rows "
                    "(the table above).")
+        per = []
+        for v in dict.fromkeys(values):
+            ws = [(w, n) for w, n, x in zip(words, noise, values, strict=True) if x == v]
+            c = {w: sum(1 for x, _ in ws if x == w) for w in ("more", "the same", "less")}
+            quiet = sum(1 for x, n in ws if x == "less" and n)
+            per.append(f"`{v}`{' (the default with --calib)' if v == 'sensitivity' else ''}: more in {c['more']} of "
+                       f"{len(ws)}, the same in {c['the same']}, less in {c['less']}"
+                       + (f" ({quiet} of them within two standard errors)" if quiet else ""))
+        if len(per) > 1:
+            out[1] += " By allocation value: " + "; ".join(per) + "."
         out.insert(2, "")
     return out
 
