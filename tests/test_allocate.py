@@ -9,6 +9,7 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxprune import pipeline
@@ -754,17 +755,23 @@ def test_damage_curves_are_measured_once_per_model_data_and_options(run_main, ch
     np.savez(tmp_path / "a.npz", x=x)
     np.savez(tmp_path / "b.npz", x=x + 0.5)
 
+    plans = []
+
     def curves(target: str, data: str) -> tuple[dict, str]:
         rep = tmp_path / "r.json"
         r = run_main("prune", chain_file, "-o", tmp_path / "out.onnx", "--allocate", "latency", "--target-macs",
                      target, "--calib", tmp_path / data, "--report", rep, "--ep", "cpu")
         assert r.returncode == 0, r.stdout + r.stderr
-        return json.loads(rep.read_text())["allocation"]["sensitivity"], r.stdout
+        a = json.loads(rep.read_text())["allocation"]
+        plans.append({t.name: list(t.dims) for t in onnx.load(tmp_path / "out.onnx").graph.initializer})
+        return a["sensitivity"], r.stdout
 
     first, out1 = curves("0.5", "a.npz")
     again, out2 = curves("0.6", "a.npz")
     other, _ = curves("0.5", "b.npz")
-    assert not first["cached"] and again["cached"] and not other["cached"]
+    same, _ = curves("0.5", "a.npz")
+    assert not first["cached"] and again["cached"] and not other["cached"] and same["cached"]
+    assert plans[3] == plans[0]  # the cached curves are the measured ones: the same budget, the same plan
     assert again["curves"] == first["curves"] and other["curves"] != first["curves"]
     assert "from the cache" in out2 and "from the cache" not in out1
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2

@@ -118,16 +118,21 @@ def load_cached(key: dict, directory=None) -> TableData | None:
 
 def store(data: TableData, directory=None) -> Path | None:
     """Write ``data`` to the cache atomically; None (and a log line) when the cache is not writable."""
-    path = key_file(data.key, directory)
+    return write_cache_file(key_file(data.key, directory), data.to_json(), "latency table")
+
+
+def write_cache_file(path: Path, obj, what: str) -> Path | None:
+    """``obj`` as JSON at ``path``, written atomically (a cache file: readable by all); None (and a log
+    line naming ``what``) when it cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(data.to_json(), f)
+            json.dump(obj, f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
-        log.info("latency table not cached (%s)", exc)
+        log.info("%s not cached (%s)", what, exc)
         return None
     return path
 

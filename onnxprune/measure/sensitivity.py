@@ -25,7 +25,8 @@ a move from k to k' is then the damage at k' less the damage at k.
 
 Cost: one prune and one run of ``rows`` samples per sample point, ``SAMPLES`` x movable groups in all
 (the report says how long it took); a group's cuts share their compensation's passes over the fit
-share (``pipeline.prune_many``), one run of the original per group instead of one per cut.
+share (``pipeline.prune_many``), one run of the original per group instead of one per cut. Frozen
+groups and fixed ones (``--layer-ratio``, attention) are not measured.
 
 Cache. Curves depend on the model, the fit share's values, the run's options (the criterion,
 ``--round-to``, ``--max-ratio``, the compensation), the groups' allowed counts, ``samples``, ``rows`` and
@@ -33,8 +34,7 @@ the execution provider, not on the budget or the batch the latency is timed at: 
 another target of the same model and data reads them from ``~/.cache/onnxprune/sensitivity`` (or
 ``$ONNXPRUNE_SENSITIVITY_CACHE``), one JSON file named by a hash of that key (``sensitivity_key``; the key
 is in the file and must match). Only a caller that says what its pruning depends on beyond the options
-(``CalibSource.key``: the CLI's compensation) is cached. Frozen groups and fixed ones (``--layer-ratio``, attention) are
-not measured.
+(``CalibSource.key``: the CLI's compensation) is cached.
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,13 +51,11 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.analysis.analyze import Analysis
-from onnxprune.measure.latency_table import model_digest
+from onnxprune.measure.latency_table import model_digest, write_cache_file
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import run_batched
 from onnxprune.runtime.session import make_session
-
-log = logging.getLogger(__name__)
 
 SAMPLES = 5  # kept counts measured per group (besides its full size)
 ROWS = 64  # fit samples each cut is judged on
@@ -155,19 +151,10 @@ def load_cached(key: dict, directory=None) -> Sensitivity | None:
 
 
 def store(key: dict, sens: Sensitivity, directory=None) -> Path | None:
-    """Write the curves under ``key`` atomically; None (and a log line) when the cache is not writable."""
-    path = _key_file(key, directory)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "sensitivity": sens.to_json()}, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.info("sensitivity not cached (%s)", exc)
-        return None
-    return path
+    """Write the curves (unrounded) under ``key``; None when the cache is not writable."""
+    j = sens.to_json()
+    j["curves"] = {str(g): {"counts": sens.counts[g], "damage": sens.damage[g]} for g in sens.counts}
+    return write_cache_file(_key_file(key, directory), {"key": key, "sensitivity": j}, "sensitivity")
 
 
 def sample_counts(allowed: list[int], samples: int = SAMPLES) -> list[int]:
