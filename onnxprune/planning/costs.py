@@ -31,6 +31,39 @@ def handler_macs(cg: CouplingGraph) -> Callable[[onnx.NodeProto], float]:
     return macs_of
 
 
+def node_terms(cg: CouplingGraph, slots, macs_of: Callable[[onnx.NodeProto], float]) -> list[tuple[float, list[int]]]:
+    """Each node's MACs (``macs_of``) as terms linear in each weight axis of ``slots``: one term per
+    constant weight of the node with a matrix slot, its share of the node's MACs that weight's elements
+    over those of every such weight of the node (a node multiplies each weight at the same positions:
+    W and R of a recurrent node, whose MACs are seq x batch x (|W| + |R|)), over the spaces of ``slots``
+    on that weight (an axis the slots do not list is kept whole). One weight, one term: the node's MACs."""
+    axes: dict[str, dict[str, dict[int, int]]] = {}  # node -> weight -> axis -> space
+    for s in slots:
+        if s.role in _MATRIX_ROLES:
+            axes.setdefault(s.node, {}).setdefault(s.const, {})[s.axis] = s.space
+    if not axes:
+        return []
+    weights: dict[str, dict[str, float]] = {}  # node -> weight -> elements, over every slot of the graph
+    for s in cg.slots:
+        if s.role in _MATRIX_ROLES and s.node in axes and s.const not in weights.get(s.node, {}):
+            shape = cg.shapes.get(s.const)
+            if shape is None:
+                v = cg.consts.get(s.const)
+                shape = v.shape if v is not None else ()
+            weights.setdefault(s.node, {})[s.const] = float(np.prod(shape, dtype=np.float64))
+    out = []
+    for name, per_weight in axes.items():
+        node = cg.node_by_name.get(name)
+        m = float(macs_of(node)) if node is not None else 0.0
+        if not m:
+            continue
+        w = weights.get(name, {})
+        total = sum(w.values())
+        for const, ax in per_weight.items():
+            out.append((m * (w.get(const, 0.0) / total if total > 0 else 1.0 / len(per_weight)), list(ax.values())))
+    return out
+
+
 def divide_by_saving(delta: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """``delta / cost``; a unit whose removal saves nothing is divided by the smallest positive saving
     among ``cost``, and nothing is divided when none is positive."""
@@ -63,17 +96,9 @@ class CostModel:
         gid_of = {sid: g.id for g in groups for sid in g.spaces}
         self.terms: list[_Term] = []
         if how in ("flops", "latency"):  # latency: ``macs_of`` gives each node's measured time
-            macs_of = macs_of or handler_macs(cg)
-            axes: dict[str, dict[tuple[str, int], int]] = {}
-            for g in groups:
-                for s in g.slots:
-                    if s.role in _MATRIX_ROLES:
-                        axes.setdefault(s.node, {})[(s.const, s.axis)] = s.space
-            for name, spaces in axes.items():
-                node = cg.node_by_name.get(name)
-                m = float(macs_of(node)) if node is not None else 0.0
-                if m:
-                    self.terms.append(_Term(m, [(gid_of[sid], sid) for sid in spaces.values()]))
+            slots = [s for g in groups for s in g.slots]
+            for m, sids in node_terms(cg, slots, macs_of or handler_macs(cg)):
+                self.terms.append(_Term(m, [(gid_of[sid], sid) for sid in sids]))
         elif how == "memory":
             tensors: dict[str, list[tuple[int, int]]] = {}
             for g in groups:

@@ -87,7 +87,7 @@ from onnxprune.analysis.contract import Role
 from onnxprune.analysis.coupling import CouplingGraph, Group, Slot
 from onnxprune.errors import UserError
 from onnxprune.ir.attrs import get_attr
-from onnxprune.planning.costs import CostModel, divide_by_saving, handler_macs
+from onnxprune.planning.costs import CostModel, divide_by_saving, handler_macs, node_terms
 from onnxprune.planning.data_importance import ConsumerTap, consumer_taps
 from onnxprune.planning.importance import (
     GRAD_CRITERIA,
@@ -444,18 +444,9 @@ def unit_savings(cg: CouplingGraph, g: Group, how: str,
         if how == "latency" and macs_of is None:
             raise UserError("group-fisher --normalize latency needs a per-node latency table "
                             "(measure.latency.node_latencies)")
-        macs_of = macs_of or handler_macs(cg)
-        axes: dict[str, dict[tuple[str, int], int]] = {}  # node -> its weight axes in the group -> space
-        for s in g.slots:
-            if s.role in _MATRIX_ROLES:
-                axes.setdefault(s.node, {})[(s.const, s.axis)] = s.space
-        for name, spaces in axes.items():
-            node = cg.node_by_name.get(name)
-            m = macs_of(node) if node is not None else 0.0
-            if not m:
-                continue
-            kept = np.ones(n)  # the share of the node's MACs left once the unit goes: prod of (1 - share)
-            for sid in spaces.values():
+        for m, sids in node_terms(cg, g.slots, macs_of or handler_macs(cg)):
+            kept = np.ones(n)  # the share of the term left once the unit goes: prod of (1 - share)
+            for sid in sids:
                 kept *= 1.0 - np.bincount(cg.unit_index(g, sid), minlength=n) / cg.space_size[sid]
             out += m * (1.0 - kept)
     elif how == "memory":
