@@ -158,9 +158,13 @@ def models_main(args, argv) -> int:
     summary, data = [], {"machine": machine, "round_to": r, "models": {}}
     intro_end = len(lines)
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in [a for a in args.archs.split(",") if a]:
-            an = pipeline.analyze_model(str(_export(arch)))
-            plan = pipeline.build_plan(an, PlanOptions(ratio=args.ratio, round_to=r, allow_approximate=True))
+        for spec in [a for a in args.archs.split(",") if a]:
+            # ARCH@whole: grouped convs pruned by whole conv groups (--conv-groups whole)
+            name, _, unit = spec.partition("@")
+            opts = PlanOptions(ratio=args.ratio, round_to=r, allow_approximate=True, conv_groups=unit or "positions")
+            arch = name if not unit else f"{name} (--conv-groups {unit})"
+            an = pipeline.analyze_model(str(_export(name)), head_mode=pipeline.head_mode_for(opts))
+            plan = pipeline.build_plan(an, opts)
             pruned, shapes = pipeline.apply_plan(an, plan)
             mac_ratio = model_stats(an.model, an.shapes).macs / model_stats(pruned, shapes).macs
             data["models"][arch] = {"mac_ratio": mac_ratio, "batches": {}}
@@ -211,7 +215,8 @@ def models_main(args, argv) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", default=None, help="several models, by kind of node (see the module docstring)")
+    ap.add_argument("--archs", default=None, help="several models, by kind of node (see the module docstring); "
+                    "ARCH@whole prunes ARCH's grouped convs by whole conv groups (--conv-groups whole)")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)

@@ -2,7 +2,11 @@
 
 Dense: input channels are a consumer slot of W, output channels a producer slot (with the bias).
 Depthwise-like (one input channel per group): each conv group is one unit; ``group`` is rewritten.
-Grouped: the same in-group positions are removed from every group (equal counts), ``group`` stays.
+Grouped: the same in-group positions are removed from every group (equal counts), ``group`` stays;
+or, in the analysis mode of ``--conv-groups whole`` (``AnalysisCtx.conv_groups``), each conv group is
+one unit as in the depthwise case (its input and output channels go together, the kernel's in-group
+axis stays whole) and ``group`` shrinks. Either way ``group`` is rewritten to the pruned channels over
+the pruned in-group width.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _by_position(ctx: AnalysisCtx, t: str, n: int, g: int, other: str, axis: int
 
 class _Convolution(Handler):
     """What Conv and ConvTranspose share: the batch axis (``channels``), the bias (``bias``), the
-    depthwise-like link (``link_depthwise``), the ``group`` rewrite, MACs and Torch-Pruning's count.
+    depthwise-like link (``link_groups``), the ``group`` rewrite, MACs and Torch-Pruning's count.
     Subclasses place the channels on the axes of W, whose layout differs."""
 
     # MACs: |W[1:]| per element of this tensor (Conv: output 0, each output element; ConvTranspose:
@@ -61,19 +65,39 @@ class _Convolution(Handler):
             ctx.identity(b, 0, node.output[0], 1)
 
     @staticmethod
-    def link_depthwise(ctx: AnalysisCtx, x: str, y: str, g: int, cout: int) -> None:
-        """Depthwise-like (one input channel per group): input channel c owns outputs c*m .. c*m+m-1."""
-        m = cout // g
+    def whole_groups(ctx: AnalysisCtx) -> bool:
+        return ctx.conv_groups == "whole"
+
+    @staticmethod
+    def link_groups(ctx: AnalysisCtx, x: str, y: str, g: int, cin: int, cout: int) -> None:
+        """Each conv group one unit: the ``k = cin/g`` input channels of group j (one, depthwise-like)
+        and its ``m = cout/g`` outputs, j*k .. j*k+k-1 and j*m .. j*m+m-1."""
+        k, m = cin // g, cout // g
         o = np.arange(cout)
-        ctx.link(y, 1, o, x, 1, o // m)
+        ctx.link(y, 1, o, x, 1, (o // m) * k)
+        if k > 1:
+            i = np.arange(cin)
+            ctx.link(x, 1, i, x, 1, (i // k) * k)
 
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
-        """Depthwise-like convs (one input channel per group) lose whole groups: ``group`` follows the
-        input channel count. Grouped convs keep their groups (same in-group positions removed)."""
+        """``group``: the pruned input channels (Conv; ConvTranspose: output channels) over the pruned
+        in-group width (W's axis 1). Depthwise-like convs and whole conv groups lose groups; grouped
+        convs pruned by position keep them (each narrower)."""
+        self.rewrite_group(node, rw, node.input[1])
+
+    @staticmethod
+    def rewrite_group(node: Node, rw: RewriteCtx, w: str) -> None:
+        """The ``group`` rewrite with the kernel ``w`` (QLinearConv and ConvInteger name it elsewhere)."""
         g = int(rw.attr(node, "group") or 1)
-        x = node.input[0]
-        if g > 1 and rw.old_shape(x)[1] // g == 1:
-            rw.set_attr(node, "group", int(rw.new_shape(x)[1]))
+        if g <= 1:
+            return
+        t = node.output[0] if node.op_type == "ConvTranspose" else node.input[0]
+        new_c, new_w = rw.new_shape(t), rw.new_shape(w)
+        if new_c is None or new_w is None or len(new_w) < 2 or not new_w[1]:
+            return
+        new_g = int(new_c[1]) // int(new_w[1])
+        if new_g != g:
+            rw.set_attr(node, "group", new_g)
 
     def torch_forward(self, node: Node, xs: list, op):
         """Torch forward (``onnxprune.runtime.torch_exec``): explicit zero padding (``pads`` or
@@ -115,8 +139,10 @@ class Conv(_Convolution):
         if g == 1:
             ctx.slot(w, 1, Role.CONSUMER)
             ctx.identity(x, 1, w, 1)
-        elif cin // g == 1:
-            self.link_depthwise(ctx, x, y, g, cout)
+        elif cin // g == 1 or self.whole_groups(ctx):
+            self.link_groups(ctx, x, y, g, cin, cout)
+            if cin // g > 1:
+                ctx.freeze(w, 1, f"Conv '{node.name}': in-group input position (--conv-groups whole keeps it)")
         else:
             ctx.slot(w, 1, Role.CONSUMER)
             _by_position(ctx, x, cin, g, w, 1)
@@ -141,11 +167,11 @@ class ConvTranspose(_Convolution):
             ctx.slot(w, 0, Role.CONSUMER)
             ctx.slot(w, 1, Role.PRODUCER)
             ctx.identity(w, 1, y, 1)
-        elif cin // g == 1:
+        elif cin // g == 1 or self.whole_groups(ctx):
             ctx.slot(w, 0, Role.PRODUCER)
-            self.link_depthwise(ctx, x, y, g, cout)
+            self.link_groups(ctx, x, y, g, cin, cout)
             # W axis 1 is the per-group output position: keep it whole
-            ctx.freeze(w, 1, f"ConvTranspose '{node.name}': depthwise kernel axis")
+            ctx.freeze(w, 1, f"ConvTranspose '{node.name}': {'depthwise kernel axis' if cin // g == 1 else 'in-group output position (--conv-groups whole keeps it)'}")
         else:
             ctx.slot(w, 0, Role.CONSUMER)
             ctx.slot(w, 1, Role.PRODUCER)

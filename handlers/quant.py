@@ -272,7 +272,7 @@ class _QConv(Handler):
         ctx.quantized(w, zp or None, scale or None, axis)
 
     def rewrite(self, node: Node, rw: RewriteCtx) -> None:
-        _CONV.rewrite(node, rw)  # x is input 0: a depthwise-like conv's ``group`` follows its channels
+        _CONV.rewrite_group(node, rw, node.input[self.w_index])  # x's channels over w's in-group width
 
     def macs(self, node: Node, shape_of: ShapeOf, const_of: ConstOf) -> int:
         return _CONV.macs(as_op(node, "Conv", [node.input[0], node.input[self.w_index]]), shape_of, const_of)

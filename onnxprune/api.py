@@ -96,8 +96,11 @@ class GroupView:
 class DependencyGraph:
     """Coupling graph of an ONNX model: ``DependencyGraph('model.onnx').groups``."""
 
-    def __init__(self, model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None):
-        self.analysis: Analysis = analyze_model(model, input_shapes)
+    def __init__(self, model: onnx.ModelProto | str, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 mode: str = "dim"):
+        """``mode``: the analysis mode (``PlanOptions.head_mode``: ``"dim"``, ``"heads"``, with
+        ``"+conv-groups"`` for whole conv groups); a ``Pruner`` needs the one of its options."""
+        self.analysis: Analysis = analyze_model(model, input_shapes, head_mode=mode)
         self._interactive: Pruner | None = None
 
     @property
@@ -135,6 +138,9 @@ class Pruner:
     def __init__(self, dg: DependencyGraph, options: PlanOptions | None = None):
         self.dg = dg
         self.options = options or PlanOptions()
+        want, have = self.options.head_mode, dg.analysis.cg.head_mode
+        if "+" in want + have and want != have:  # whole conv groups need their own analysis
+            raise UserError(f"these options need DependencyGraph(..., mode={want!r}) (this one: {have!r})")
         self.history: list[dict] = []  # replayable: every step's plan as JSON
         self._chosen: dict[int, np.ndarray] = {}
 

@@ -338,13 +338,14 @@ def test_allowed_counts():
 # the cache
 
 
-def test_the_cache_key_changes_with_ep_threads_batch_and_machine(chain):
+def test_the_cache_key_changes_with_ep_threads_batch_mode_and_machine(chain):
     machine = {"cpu": "X", "logical_cpus": 2, "onnxruntime": "1.0"}
     base = dict(ep="cpu", threads=2, batch=1, round_to=16, machine=machine)
     k0 = lt.table_key(chain.model, **base)
     variants = [dict(base, ep="cuda"), dict(base, threads=4), dict(base, threads=None), dict(base, batch=8),
                 dict(base, round_to=8), dict(base, machine={**machine, "cpu": "Y"}),
-                dict(base, machine={**machine, "logical_cpus": 16}), dict(base, machine={**machine, "onnxruntime": "2.0"})]
+                dict(base, machine={**machine, "logical_cpus": 16}), dict(base, machine={**machine, "onnxruntime": "2.0"}),
+                dict(base, mode="dim+conv-groups")]  # whole conv groups: other groups
     files = {lt.key_file(k0, "/c")}
     for v in variants:
         k = lt.table_key(chain.model, **v)

@@ -203,6 +203,7 @@ plan_options = st.builds(
     global_=st.booleans(),
     importance=st.sampled_from(["l2", "l1", "random", "bn"]),
     seed=st.integers(0, 1000),
+    conv_groups=st.sampled_from(["positions", "whole"]),
 )
 
 
@@ -495,7 +496,7 @@ def check(spec: Model, opts: PlanOptions):
     try:
         res = pipeline.run(built.model, opts, verify=True, ep="cpu", tol=TOL)
     except NothingToPrune:
-        an = pipeline.analyze_model(built.model)
+        an = pipeline.analyze_model(built.model, head_mode=pipeline.head_mode_for(opts))
         live = [g for g in an.cg.groups if not g.frozen and g.size > 1 and not g.is_approximate]
         assert not live, f"NothingToPrune, yet groups of {[g.producers for g in live]} are prunable"
         assert not built.expect_prunable, "NothingToPrune on a graph with a plainly prunable dense layer"

@@ -71,6 +71,12 @@ class AnalysisCtx(Protocol):
         heads): "kv" (a KV head with the query heads reading it) or "query" (a query-head position
         within every KV group)."""
 
+    @property
+    def conv_groups(self) -> str:
+        """What a unit is in a grouped convolution (``group`` > 1, several channels per group):
+        "positions" (one in-group position in every conv group; the groups stay) or "whole" (one conv
+        group; ``group`` shrinks)."""
+
     def shape(self, name: str) -> tuple[int, ...] | None: ...
 
     def rank(self, name: str) -> int | None: ...

@@ -130,7 +130,9 @@ class CouplingGraph:
         self.producer_of: dict[str, onnx.NodeProto] = {}
         self.consumers_of: dict[str, list[onnx.NodeProto]] = {}
         self.elem_types: dict[str, int] = {}
-        self.head_mode = "dim"  # reshape factor preferred at attention splits: "dim" or "heads"
+        # the analysis mode: the reshape factor preferred at attention splits ("dim", "heads" or
+        # "heads-query"), "+conv-groups" appended where a grouped conv's unit is a whole conv group
+        self.head_mode = "dim"
         self.attn_kind: dict[int, str] = {}  # space -> "heads" | "dim"
         self.repeat_sids: set[int] = set()  # axes whose entries are copies of one another (Expand)
         self.contract_sids: set[int] = set()
@@ -285,11 +287,16 @@ class AnalysisContext:
 
     @property
     def head_mode(self) -> str:
-        return "heads" if self.cg.head_mode.startswith("heads") else self.cg.head_mode
+        head = self.cg.head_mode.split("+")[0]
+        return "heads" if head.startswith("heads") else head
 
     @property
     def gqa_unit(self) -> str:
-        return "query" if self.cg.head_mode == "heads-query" else "kv"
+        return "query" if self.cg.head_mode.split("+")[0] == "heads-query" else "kv"
+
+    @property
+    def conv_groups(self) -> str:
+        return "whole" if "conv-groups" in self.cg.head_mode.split("+")[1:] else "positions"
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.cg.shapes.get(name) if name else None

@@ -57,6 +57,7 @@ from onnxprune.planning.importance import (
 from onnxprune.planning.options import (
     ALLOCATE_CHOICES,
     ALLOCATE_VALUES,
+    CONV_GROUP_UNITS,
     GROUP_FISHER_NORMALIZE,
     GROUP_REDUCTIONS,
     HESSIAN_DEFAULT_SAMPLES,
@@ -269,6 +270,12 @@ class PlanArgs(ArgGroup):
                            help="remove the same head-dimension positions from q/k (and v/out) of every head")
             g.add_argument("--layer-ratio", action="append", default=[], metavar="REGEX=R",
                            help="ratio R for groups whose producing node matches REGEX (repeatable, first wins)")
+        g.add_argument("--conv-groups", choices=list(CONV_GROUP_UNITS), default="positions",
+                       help="what a unit of a grouped convolution (group > 1, several channels per group: "
+                            "RegNet, ResNeXt) is: the same in-group position in every conv group, the groups "
+                            "kept, each narrower (positions, default; Torch-Pruning's unit), or a whole conv "
+                            "group, fewer groups as wide as before (whole: faster on onnxruntime, which runs "
+                            "a grouped conv group by group)")
         g.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                        help="freeze groups touching a node matching REGEX (repeatable)")
         g.add_argument("--round-to", type=parse_round_to, default=1, metavar="N|auto",
@@ -339,6 +346,7 @@ class PlanArgs(ArgGroup):
         opts = PlanOptions(ratio=ratio, layer_ratios=parse_layer_ratios(ns.layer_ratio) if self.amounts else [],
                            ignore=list(ns.ignore), head_ratio=head_ratio, head_dim_ratio=head_dim_ratio,
                            gqa=getattr(ns, "gqa", "kv") if self.amounts else "kv",
+                           conv_groups=getattr(ns, "conv_groups", "positions"),
                            round_to=round_to, global_=ns.global_, max_ratio=ns.max_ratio, importance=importance,
                            allow_approximate=ns.allow_approximate, seed=ns.seed,
                            group_reduction=ns.group_reduction or "mean", normalizer=ns.normalizer,

@@ -95,7 +95,8 @@ def run(args) -> int:
     if calib_spec is not None and calib_spec.path is not None:  # tried first where the default sizes fail
         use_data_sizes(calib_sample_shapes(calib_spec.path))
     with c.status("analyzing...", spinner="dots"):
-        an = pipeline.analyze_model(args.model, inputs.shapes, input_arrays=inputs.arrays, bias_inputs=comp is not None)
+        an = pipeline.analyze_model(args.model, inputs.shapes, head_mode=pipeline.head_mode_for(opts),
+                                     input_arrays=inputs.arrays, bias_inputs=comp is not None)
     trial, calib = None, None
     if calib_spec is not None:
         calib = open_calib(an.model, calib_spec)

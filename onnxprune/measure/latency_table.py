@@ -88,9 +88,10 @@ def model_digest(model: onnx.ModelProto) -> str:
 def table_key(model: onnx.ModelProto, *, ep: str, threads: int | None, batch: int, round_to: int,
               input_shapes=None, fractions=FRACTIONS, runs: int = RUNS, optimize: bool = True,
               machine: dict | None = None, block: int = BLOCK, split: bool = True,
-              total_runs: int = TOTAL_RUNS) -> dict:
-    """What a table depends on (module docstring); ``machine``: ``machine_facts`` (default: this one's)."""
-    return {"model": model_digest(model), "ep": ep, "threads": threads, "batch": int(batch),
+              total_runs: int = TOTAL_RUNS, mode: str = "dim") -> dict:
+    """What a table depends on (module docstring); ``machine``: ``machine_facts`` (default: this one's);
+    ``mode``: the analysis mode, which decides the groups (``pipeline.head_mode_for``)."""
+    return {"model": model_digest(model), **({"mode": mode} if mode != "dim" else {}), "ep": ep, "threads": threads, "batch": int(batch),
             "round_to": int(round_to), "input_shapes": {k: list(v) for k, v in sorted((input_shapes or {}).items())},
             "fractions": [float(f) for f in fractions], "runs": int(runs), "total_runs": int(total_runs),
             "block": int(block), "quantile": QUANTILE,
@@ -224,7 +225,7 @@ def build_table(an: Analysis, *, ep: str = "auto", threads: int | None = None, b
     ep = resolve_ep(ep)
     key = table_key(an.model, ep=ep, threads=threads, batch=batch, round_to=round_to,
                     input_shapes=input_shapes, fractions=fractions, runs=runs, optimize=optimize, split=split,
-                    total_runs=total_runs)
+                    total_runs=total_runs, mode=an.cg.head_mode)
     groups = table_groups(an.cg)
     sizes = {anchor_key(an.cg, g): g.size for g in groups}
     if cache:

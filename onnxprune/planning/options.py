@@ -21,6 +21,11 @@ GROUP_FISHER_NORMALIZE = ("flops", "memory", "latency", "none")
 TAYLOR_FORMS = ("param", "activation")
 TP_MEMBERS = ("tp", "all")
 GQA_UNITS = ("kv", "query")  # --gqa: what --head-ratio removes in grouped-query attention
+# --conv-groups: what a unit of a grouped convolution (group > 1, several channels per group) is: one
+# in-group position in every conv group (the groups stay, each narrower; Torch-Pruning's unit) or a whole
+# conv group (fewer groups, each as wide: what onnxruntime's group-by-group kernels run faster)
+CONV_GROUP_UNITS = ("positions", "whole")
+CONV_GROUPS_MODE = "+conv-groups"  # the analysis mode's suffix for whole conv groups (head_mode_for)
 GREEDY_BATCH = 0.05  # greedy: a round removes this share of what is left (ResNet-50 plans in a second)
 ALLOCATE_CHOICES = ("uniform", "latency")  # --allocate: one ratio searched, or per-group counts (planning.allocate)
 ALLOCATE_VALUES = ("importance", "sensitivity")  # --allocate-value: measured damage or the criterion's scores
@@ -44,6 +49,7 @@ class PlanOptions:
     # head reading it: "kv") or a query-head position within every KV group ("query"; analysis in
     # "heads-query" mode)
     gqa: str = "kv"
+    conv_groups: str = "positions"  # CONV_GROUP_UNITS
     # how the gradient and Torch-Pruning criteria score (planning.grad_importance.GradOptions); each
     # only with the criteria it applies to (validate)
     group_reduction: str = "mean"  # over a group's members (not group-fisher: one shared mask)
@@ -63,15 +69,22 @@ class PlanOptions:
 
     @property
     def head_mode(self) -> str:
+        """The analysis mode this plan needs (``pipeline.head_mode_for``): what a unit is at attention
+        splits (``dim``, ``heads``, ``heads-query``), with ``CONV_GROUPS_MODE`` appended for whole conv
+        groups."""
         if self.head_ratio is None:
-            return "dim"
-        return "heads-query" if self.gqa == "query" else "heads"
+            head = "dim"
+        else:
+            head = "heads-query" if self.gqa == "query" else "heads"
+        return head + (CONV_GROUPS_MODE if self.conv_groups == "whole" else "")
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.gqa not in GQA_UNITS:
             raise UserError(f"--gqa must be one of {', '.join(GQA_UNITS)}, got {self.gqa!r}")
+        if self.conv_groups not in CONV_GROUP_UNITS:
+            raise UserError(f"--conv-groups must be one of {', '.join(CONV_GROUP_UNITS)}, got {self.conv_groups!r}")
         if self.head_ratio is not None and self.head_dim_ratio is not None:
             raise UserError("use one of --head-ratio / --head-dim-ratio per run (prune twice to combine)")
         for name, r in (("--head-ratio", self.head_ratio), ("--head-dim-ratio", self.head_dim_ratio)):
@@ -167,6 +180,7 @@ def options_json(opts: PlanOptions) -> dict:
             "importance": opts.importance, "allow_approximate": opts.allow_approximate, "seed": opts.seed,
             "head_ratio": opts.head_ratio, "head_dim_ratio": opts.head_dim_ratio,
             **({"gqa": opts.gqa} if opts.gqa != "kv" else {}),
+            **({"conv_groups": opts.conv_groups} if opts.conv_groups != "positions" else {}),
             **({"group_reduction": opts.group_reduction, "normalizer": opts.normalizer, "taylor_form": opts.taylor_form,
                 "normalize": opts.normalize, "tp_members": opts.tp_members}
                if opts.importance in GRAD_CRITERIA else {}),

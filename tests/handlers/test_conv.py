@@ -179,3 +179,88 @@ def test_depthwise_group_attribute_follows_channels(case_id, op, rows_per_channe
     kd = checks.kept_along(o[wname], p[wname], 0)
     assert kd == [c * rows_per_channel + j for c in k1 for j in range(rows_per_channel)]
     checks.assert_exact(res, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# --conv-groups whole: a unit is a whole conv group, ``group`` shrinks
+
+WHOLE_GROUPS = H17 + """
+g (float[N,3,8,8] x) => (float[N,4,8,8] y)
+<float[12,3,3,3] w1, float[16,3,3,3] wg, float[16] bg, float[4,16,1,1] w3>
+{
+  h = Conv<pads=[1,1,1,1]>(x, w1)
+  r = Relu(h)
+  gg = Conv<pads=[1,1,1,1], group=4>(r, wg, bg)
+  y = Conv(gg, w3)
+}"""
+# 4 conv groups, each 3 input channels (of w1's 12) and 4 outputs (of 16)
+
+
+def _group_attr(model, op="Conv"):
+    return [onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == op
+            for a in n.attribute if a.name == "group"]
+
+
+@pytest.mark.parametrize("ratio,groups_left", [(0.5, 2), (0.25, 3), (0.75, 1)])
+def test_whole_conv_groups_go_with_their_input_and_output_channels(ratio, groups_left):
+    """Each conv group is one unit: its 3 input channels (rows of w1) and 4 outputs (rows of wg, bg,
+    columns of w3) are kept or removed together, ``group`` becomes the kept count, the in-group kernel
+    axis is whole, and the pruned model computes what the masked original does."""
+    model = graphs.from_text(WHOLE_GROUPS, seed=1)
+    res = checks.prune_and_verify(model, ratio, conv_groups="whole")
+    assert _group_attr(res.pruned) == [groups_left]
+    o, p = checks.inits(model), checks.inits(res.pruned)
+    k1 = checks.kept_along(o["w1"], p["w1"], 0)
+    kept_groups = sorted({c // 3 for c in k1})
+    assert len(kept_groups) == groups_left and k1 == [3 * j + i for j in kept_groups for i in range(3)]
+    kg = checks.kept_along(o["bg"], p["bg"], 0)
+    assert kg == [4 * j + i for j in kept_groups for i in range(4)]
+    np.testing.assert_array_equal(p["wg"], o["wg"][kg])  # axis 1 (in-group input position) whole
+    np.testing.assert_array_equal(p["w3"], o["w3"][:, kg])
+    checks.assert_exact(res, model)
+
+
+def test_by_position_the_same_graph_keeps_its_groups():
+    model = graphs.from_text(WHOLE_GROUPS, seed=1)
+    res = checks.prune_and_verify(model, 0.5)
+    assert _group_attr(res.pruned) == [4]
+    assert checks.inits(res.pruned)["wg"].shape[1] < 3
+    checks.assert_exact(res, model)
+
+
+def test_whole_conv_groups_of_a_transposed_conv():
+    model = BY_ID["ConvTranspose-grouped"].model()  # group=4, W [8, 2, 3, 3]: 2 inputs, 2 outputs per group
+    res = checks.prune_and_verify(model, 0.5, conv_groups="whole")
+    assert _group_attr(res.pruned, "ConvTranspose") == [2]
+    o, p = checks.inits(model), checks.inits(res.pruned)
+    k1 = checks.kept_along(o["w1"], p["w1"], 0)
+    kept_groups = sorted({c // 2 for c in k1})
+    assert k1 == [2 * j + i for j in kept_groups for i in range(2)]
+    np.testing.assert_array_equal(p["wt"], o["wt"][k1])
+    np.testing.assert_array_equal(p["w3"], o["w3"][:, k1])
+    checks.assert_exact(res, model)
+
+
+def test_whole_conv_groups_leave_depthwise_and_dense_convs_as_they_were():
+    for case_id in ("Conv-depthwise", "Conv-depthwise-multiplier2", "Conv2d-strided-dilated"):
+        model = BY_ID[case_id].model()
+        a = checks.prune_and_verify(model, 0.5)
+        b = checks.prune_and_verify(model, 0.5, conv_groups="whole")
+        assert {k: v.shape for k, v in checks.inits(a.pruned).items()} == \
+            {k: v.shape for k, v in checks.inits(b.pruned).items()}, case_id
+        checks.assert_exact(b, model)
+
+
+def test_a_plan_made_with_whole_conv_groups_is_applied_in_that_mode():
+    """A saved plan remembers the mode it was made in: applied with default options it is cut by
+    whole conv groups again (an analysis by position would not know its unit ids)."""
+    from onnxprune import pipeline
+    from onnxprune.planning.options import PlanOptions
+    model = graphs.from_text(WHOLE_GROUPS, seed=1)
+    made = checks.prune_and_verify(model, 0.5, conv_groups="whole")
+    plan_json = made.plan.to_json(made.analysis.cg)
+    assert pipeline.head_mode_for(PlanOptions(), plan_json) == "dim+conv-groups"
+    again = pipeline.run(model, PlanOptions(), plan_json=plan_json, verify=True, ep="cpu")
+    assert _group_attr(again.pruned) == [2]
+    for name, w in checks.inits(made.pruned).items():
+        np.testing.assert_array_equal(checks.inits(again.pruned)[name], w)
