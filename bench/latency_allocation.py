@@ -450,6 +450,10 @@ def label(r: dict) -> str:
     return f"{r['model']}{' (approx.)' if r.get('allow_approximate') else ''} [{value}{took}]"
 
 
+def _within(n: int) -> str:
+    return f" ({n} of them within two standard errors)" if n else ""
+
+
 def verdict(rows: list[dict]) -> list[str]:
     """One plain sentence per row: does the allocated model keep more held-out fidelity than the
     uniform one of equal measured latency (interpolated; the top-1 agreement where the output is a
@@ -499,10 +503,9 @@ def verdict(rows: list[dict]) -> list[str]:
         for v in dict.fromkeys(values):
             ws = [(w, n) for w, n, x in zip(words, noise, values, strict=True) if x == v]
             c = {w: sum(1 for x, _ in ws if x == w) for w in ("more", "the same", "less")}
-            quiet = sum(1 for x, n in ws if x == "less" and n)
+            quiet = {w: _within(sum(1 for x, n in ws if x == w and n)) for w in ("more", "less")}
             per.append(f"`{v}`{' (the default with --calib)' if v == 'sensitivity' else ''}: more in {c['more']} of "
-                       f"{len(ws)}, the same in {c['the same']}, less in {c['less']}"
-                       + (f" ({quiet} of them within two standard errors)" if quiet else ""))
+                       f"{len(ws)}{quiet['more']}, the same in {c['the same']}, less in {c['less']}{quiet['less']}")
         if len(per) > 1:
             out[1] += " By allocation value: " + "; ".join(per) + "."
         out.insert(2, "")

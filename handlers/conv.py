@@ -171,7 +171,8 @@ class ConvTranspose(_Convolution):
             ctx.slot(w, 0, Role.PRODUCER)
             self.link_groups(ctx, x, y, g, cin, cout)
             # W axis 1 is the per-group output position: keep it whole
-            ctx.freeze(w, 1, f"ConvTranspose '{node.name}': {'depthwise kernel axis' if cin // g == 1 else 'in-group output position (--conv-groups whole keeps it)'}")
+            what = "depthwise kernel axis" if cin // g == 1 else "in-group output position (--conv-groups whole keeps it)"
+            ctx.freeze(w, 1, f"ConvTranspose '{node.name}': {what}")
         else:
             ctx.slot(w, 0, Role.CONSUMER)
             ctx.slot(w, 1, Role.PRODUCER)

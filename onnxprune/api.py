@@ -139,7 +139,7 @@ class Pruner:
         self.dg = dg
         self.options = options or PlanOptions()
         want, have = self.options.head_mode, dg.analysis.cg.head_mode
-        if "+" in want + have and want != have:  # whole conv groups need their own analysis
+        if want != have:  # whole heads or whole conv groups need their own analysis
             raise UserError(f"these options need DependencyGraph(..., mode={want!r}) (this one: {have!r})")
         self.history: list[dict] = []  # replayable: every step's plan as JSON
         self._chosen: dict[int, np.ndarray] = {}

@@ -32,7 +32,7 @@ from onnxprune.measure.stripes import SplitTiming, gate_splits, gated, immateria
 from onnxprune.measure.verify import DEFAULT_TOL, Verification, compare, verify_plan
 from onnxprune.planning.data_importance import Activations, consumer_taps, recon_specs
 from onnxprune.planning.importance import DATA_IMPORTANCES, GRADIENT_IMPORTANCES
-from onnxprune.planning.options import CONV_GROUPS_MODE, GradientSettings, PlanOptions, StripeOptions
+from onnxprune.planning.options import GradientSettings, PlanOptions, StripeOptions
 from onnxprune.planning.plan import Plan, build_plan, grad_options, group_ratio
 from onnxprune.planning.stripes import (
     StripeMacs,
@@ -141,8 +141,8 @@ def head_mode_for(opts: PlanOptions, plan_json: dict | None = None) -> str:
     if plan_json is not None:
         o = plan_json.get("options", {}) if isinstance(plan_json, dict) else {}
         o = o if isinstance(o, dict) else {}
-        head = "dim" if o.get("head_ratio") is None else "heads-query" if o.get("gqa") == "query" else "heads"
-        return head + (CONV_GROUPS_MODE if o.get("conv_groups") == "whole" else "")
+        return PlanOptions(head_ratio=o.get("head_ratio"), gqa="query" if o.get("gqa") == "query" else "kv",
+                           conv_groups="whole" if o.get("conv_groups") == "whole" else "positions").head_mode
     return opts.head_mode
 
 

@@ -27,9 +27,7 @@ onnxruntime version). Any change of those measures anew.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -42,6 +40,8 @@ import onnx
 
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.coupling import CouplingGraph, Group
+from onnxprune.measure import cache
+from onnxprune.measure.cache import model_digest
 from onnxprune.measure.latency import Runner, measure_runners
 from onnxprune.planning.allocate import TableData, TableSample, anchor_key, split_groups, table_groups
 from onnxprune.planning.plan import GroupPlan, Plan, select_units
@@ -50,8 +50,6 @@ from onnxprune.rewrite.apply import rewrite
 from onnxprune.runtime.inputs import make_inputs
 from onnxprune.runtime.machine import machine_facts
 from onnxprune.runtime.session import make_session, resolve_ep, run_session
-
-log = logging.getLogger(__name__)
 
 CACHE_ENV = "ONNXPRUNE_LATENCY_CACHE"
 FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
@@ -66,23 +64,7 @@ _SUFFIX = "_kernel_time"
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """``path``, else ``$ONNXPRUNE_LATENCY_CACHE``, else ``~/.cache/onnxprune/latency``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "onnxprune" / "latency"
-
-
-def model_digest(model: onnx.ModelProto) -> str:
-    """sha256 of the graph (nodes, inputs, outputs, initializers with their values) and opsets."""
-    h = hashlib.sha256()
-    for imp in model.opset_import:
-        h.update(f"{imp.domain}:{imp.version};".encode())
-    g = model.graph
-    for part in (g.input, g.output, g.node, g.initializer):
-        for item in part:
-            h.update(item.SerializeToString(deterministic=True))
-        h.update(b"|")
-    return h.hexdigest()
+    return cache.cache_dir(CACHE_ENV, "latency", path)
 
 
 def table_key(model: onnx.ModelProto, *, ep: str, threads: int | None, batch: int, round_to: int,
@@ -100,16 +82,14 @@ def table_key(model: onnx.ModelProto, *, ep: str, threads: int | None, batch: in
 
 
 def key_file(key: dict, directory: str | os.PathLike | None = None) -> Path:
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir(directory) / f"{name}.json"
+    return cache_dir(directory) / cache.key_name(key)
 
 
 def load_cached(key: dict, directory=None) -> TableData | None:
-    path = key_file(key, directory)
+    j = cache.read_json(key_file(key, directory))
     try:
-        with open(path) as f:
-            data = TableData.from_json(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError):
+        data = TableData.from_json(j)
+    except (ValueError, KeyError, TypeError):
         return None
     if data.key != key:
         return None
@@ -119,23 +99,7 @@ def load_cached(key: dict, directory=None) -> TableData | None:
 
 def store(data: TableData, directory=None) -> Path | None:
     """Write ``data`` to the cache atomically; None (and a log line) when the cache is not writable."""
-    return write_cache_file(key_file(data.key, directory), data.to_json(), "latency table")
-
-
-def write_cache_file(path: Path, obj, what: str) -> Path | None:
-    """``obj`` as JSON at ``path``, written atomically (a cache file: readable by all); None (and a log
-    line naming ``what``) when it cannot be written."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.info("%s not cached (%s)", what, exc)
-        return None
-    return path
+    return cache.write_json(key_file(data.key, directory), data.to_json(), "latency table")
 
 
 def sample_counts(groups: list[Group], fraction: float, steps: int | Mapping[int, int]) -> dict[int, int]:

@@ -28,10 +28,11 @@ Cost: one prune and one run of ``rows`` samples per sample point, ``SAMPLES`` x 
 share (``pipeline.prune_many``), one run of the original per group instead of one per cut. Frozen
 groups and fixed ones (``--layer-ratio``, attention) are not measured.
 
-Cache. Curves depend on the model, the fit share's values, the run's options (the criterion,
-``--round-to``, ``--max-ratio``, the compensation), the groups' allowed counts, ``samples``, ``rows`` and
-the execution provider, not on the budget or the batch the latency is timed at: a second run that asks
-another target of the same model and data reads them from ``~/.cache/onnxprune/sensitivity`` (or
+Cache. Curves depend on the model (its weights, those in external files too), the fit share's values,
+the run's options (the criterion, ``--round-to``, ``--max-ratio``, ``--conv-groups``, the compensation),
+the groups' allowed counts, ``samples``, ``rows``, the execution provider and this code (``FORMAT``, the
+version), not on the budget or the batch the latency is timed at: a second run that asks another target
+of the same model and data reads them from ``~/.cache/onnxprune/sensitivity`` (or
 ``$ONNXPRUNE_SENSITIVITY_CACHE``), one JSON file named by a hash of that key (``sensitivity_key``; the key
 is in the file and must match). Only a caller that says what its pruning depends on beyond the options
 (``CalibSource.key``: the CLI's compensation) is cached.
@@ -50,8 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune import __version__
 from onnxprune.analysis.analyze import Analysis
-from onnxprune.measure.latency_table import model_digest, write_cache_file
+from onnxprune.measure import cache
 from onnxprune.planning.options import PlanOptions
 from onnxprune.runtime.calib import CalibView
 from onnxprune.runtime.capture import run_batched
@@ -60,6 +62,7 @@ from onnxprune.runtime.session import make_session
 SAMPLES = 5  # kept counts measured per group (besides its full size)
 ROWS = 64  # fit samples each cut is judged on
 CACHE_ENV = "ONNXPRUNE_SENSITIVITY_CACHE"
+FORMAT = 2  # of the key: 2, the weights of external data hashed, the format and version in it
 
 
 @dataclass
@@ -106,10 +109,7 @@ class Sensitivity:
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
     """``path``, else ``$ONNXPRUNE_SENSITIVITY_CACHE``, else ``~/.cache/onnxprune/sensitivity``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "onnxprune" / "sensitivity"
+    return cache.cache_dir(CACHE_ENV, "sensitivity", path)
 
 
 def view_digest(view: CalibView) -> str:
@@ -127,24 +127,20 @@ def sensitivity_key(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allo
                     view: CalibView, extra: dict, *, ep: str, samples: int = SAMPLES, rows: int = ROWS) -> dict:
     """What the curves depend on (module docstring): not the ratio or kept counts the options carry."""
     plan = dataclasses.asdict(dataclasses.replace(opts, keep_counts=(), ratio=0.5))
-    return {"model": model_digest(an.model), "data": view_digest(view), "options": json.loads(json.dumps(plan,
-            default=str)), "extra": extra, "sizes": {str(g): int(n) for g, n in sorted(sizes.items())},
+    return {"format": FORMAT, "version": __version__, "model": cache.model_digest(an.model, values=True),
+            "data": view_digest(view), "options": json.loads(json.dumps(plan, default=str)), "extra": extra,
+            "sizes": {str(g): int(n) for g, n in sorted(sizes.items())},
             "allowed": {str(g): [int(k) for k in al] for g, al in sorted(allowed.items())},
             "samples": int(samples), "rows": int(rows), "ep": ep}
 
 
-def _key_file(key: dict, directory=None) -> Path:
-    return cache_dir(directory) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".json")
-
-
 def load_cached(key: dict, directory=None) -> Sensitivity | None:
+    j = cache.read_json(cache_dir(directory) / cache.key_name(key))
     try:
-        with open(_key_file(key, directory)) as f:
-            j = json.load(f)
         if j.get("key") != key:
             return None
         out = Sensitivity.from_json(j["sensitivity"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (AttributeError, ValueError, KeyError, TypeError):
         return None
     out.cached = True
     return out
@@ -154,7 +150,7 @@ def store(key: dict, sens: Sensitivity, directory=None) -> Path | None:
     """Write the curves (unrounded) under ``key``; None when the cache is not writable."""
     j = sens.to_json()
     j["curves"] = {str(g): {"counts": sens.counts[g], "damage": sens.damage[g]} for g in sens.counts}
-    return write_cache_file(_key_file(key, directory), {"key": key, "sensitivity": j}, "sensitivity")
+    return cache.write_json(cache_dir(directory) / cache.key_name(key), {"key": key, "sensitivity": j}, "sensitivity")
 
 
 def sample_counts(allowed: list[int], samples: int = SAMPLES) -> list[int]:

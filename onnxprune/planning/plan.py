@@ -208,6 +208,9 @@ def make_plan(cg: CouplingGraph, opts: PlanOptions, activations: Activations | N
     once, reused at every ratio), at least on every group this plan may prune. ``opts.keep_counts``
     (a budget allocation, ``planning.allocate``): those groups keep that many units."""
     opts.validate()
+    if cg.head_mode != opts.head_mode:  # a unit is not what the options mean (whole heads, whole conv groups)
+        raise UserError(f"these options need an analysis in mode {opts.head_mode!r} (pipeline.head_mode_for); "
+                        f"this one is {cg.head_mode!r}")
     if opts.importance in DATA_IMPORTANCES and activations is None:
         raise UserError(f"--importance {opts.importance} needs calibration data (--calib or --calib-images)")
     candidates, frozen = plan_candidates(cg, opts)

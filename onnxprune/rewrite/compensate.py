@@ -374,6 +374,8 @@ def _consumer(an: Analysis, node, kept, uses, readers, outputs, full: bool = Fal
     kept_x = kept.get((x, x_axis), np.arange(xs[x_axis]))
     groups = int(get_attr(node, "group", opset) or 1) if op == "Conv" else 1
     per = np.concatenate([j * wv.shape[1] + kept_w for j in range(groups)]) if op == "Conv" else kept_w
+    if groups > 1 and len(kept_w) == wv.shape[1] and len(kept_x) < len(per):
+        return "it loses whole conv groups (their inputs fed only the outputs removed with them)"
     if not np.array_equal(per, kept_x):
         return "its kept input channels do not match its kept weight positions"
     c = Consumer(node.name, op, x, x_axis, y, w, w_axis, kept_w, kept_x, int(xs[x_axis]), groups=groups)

@@ -246,9 +246,33 @@ def test_whole_conv_groups_leave_depthwise_and_dense_convs_as_they_were():
         model = BY_ID[case_id].model()
         a = checks.prune_and_verify(model, 0.5)
         b = checks.prune_and_verify(model, 0.5, conv_groups="whole")
-        assert {k: v.shape for k, v in checks.inits(a.pruned).items()} == \
-            {k: v.shape for k, v in checks.inits(b.pruned).items()}, case_id
+        pa, pb = checks.inits(a.pruned), checks.inits(b.pruned)
+        assert pa.keys() == pb.keys(), case_id
+        for name in pa:  # the same channels kept, not just as many
+            np.testing.assert_array_equal(pa[name], pb[name], err_msg=f"{case_id}: {name}")
+        assert _group_attr(a.pruned) == _group_attr(b.pruned), case_id
         checks.assert_exact(b, model)
+
+
+def test_options_and_analysis_of_different_modes_are_refused():
+    """A plan by whole conv groups made over an analysis by position (or the reverse) would cut other
+    units than the options say: refused, by the planner and by the API."""
+    from onnxprune import pipeline
+    from onnxprune.api import DependencyGraph, Pruner
+    from onnxprune.errors import UserError
+    from onnxprune.planning.options import PlanOptions
+    from onnxprune.planning.plan import build_plan
+    model = graphs.from_text(WHOLE_GROUPS, seed=1)
+    by_position = pipeline.analyze_model(model)
+    with pytest.raises(UserError, match="dim\\+conv-groups"):
+        build_plan(by_position, PlanOptions(ratio=0.5, conv_groups="whole"))
+    whole = pipeline.analyze_model(model, head_mode="dim+conv-groups")
+    with pytest.raises(UserError, match="mode 'dim'"):
+        build_plan(whole, PlanOptions(ratio=0.5))
+    with pytest.raises(UserError, match="DependencyGraph"):
+        Pruner(DependencyGraph(model), PlanOptions(ratio=0.5, conv_groups="whole"))
+    pruned = Pruner(DependencyGraph(model, mode="dim+conv-groups"), PlanOptions(ratio=0.5, conv_groups="whole")).step()
+    assert _group_attr(pruned) == [2]
 
 
 def test_a_plan_made_with_whole_conv_groups_is_applied_in_that_mode():

@@ -14,6 +14,7 @@ below ``checks.TOL`` where a float op ends the graph. The zoo acceptance is test
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -506,3 +507,23 @@ def test_unknown_quantized_contrib_op_is_a_barrier():
     cg = pipeline.analyze_model(model).cg
     assert "com.microsoft::QLinearSoftmax" in cg.unknown_ops
     assert not checks.group_of(cg, "w1", 0).prunable
+
+
+def test_whole_conv_groups_of_a_quantized_conv():
+    """--conv-groups whole through QLinearConv (its weight, scale and zero point at inputs 3-5): one of
+    the two conv groups goes whole, its in-group kernel axis stays 4 wide, ``group`` becomes 1, and the
+    per-channel scale and zero point follow the kept output channels."""
+    case = next(c for c in CASES if c.id == "QLinearConv-grouped")
+    model = case.model()
+    res = checks.prune_and_verify(model, 0.5, conv_groups="whole")
+    whole = dataclasses.replace(case, expect={"w1": (4, 3, 3, 3), "wg": (4, 4, 3, 3), "wgs": (4,), "wgz": (4,),
+                                              "w2": (4, 4, 3, 3)})
+    assert_quantized_exact(res, model, whole)
+    groups = [onnx.helper.get_attribute_value(a) for n in res.pruned.graph.node if n.op_type == "QLinearConv"
+              for a in n.attribute if a.name == "group"]
+    assert groups == [1]
+    o, p = checks.inits(model), checks.inits(res.pruned)
+    kept = checks.kept_along(o["w1"], p["w1"], 0)
+    assert kept in ([0, 1, 2, 3], [4, 5, 6, 7])  # a whole conv group of the two
+    for name in ("wg", "wgs", "wgz"):
+        np.testing.assert_array_equal(p[name], o[name][kept])
