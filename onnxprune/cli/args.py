@@ -506,7 +506,7 @@ class TargetArgs(ArgGroup):
                        help="how --target-latency / --target-macs is met: uniform (search one --ratio) or latency "
                             "(per-group kept counts keeping the most importance within the budget, from latency "
                             "tables measured on --ep at --batch and cached, or from MACs; the pruned model's latency "
-                            "is measured and the allocation refined, at most 3 rounds); default latency with "
+                            "is measured and the allocation refined, at most 4 rounds); default latency with "
                             "--target-latency, uniform otherwise")
         g.add_argument("--allocate-value", choices=list(ALLOCATE_VALUES), default=None,
                        help="what --allocate latency keeps most of: importance (the criterion's scores, weighted by "
