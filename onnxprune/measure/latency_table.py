@@ -41,7 +41,6 @@ import onnx
 from onnxprune.analysis.analyze import Analysis
 from onnxprune.analysis.coupling import CouplingGraph, Group
 from onnxprune.measure import cache
-from onnxprune.measure.cache import model_digest
 from onnxprune.measure.latency import Runner, measure_runners
 from onnxprune.planning.allocate import TableData, TableSample, anchor_key, split_groups, table_groups
 from onnxprune.planning.plan import GroupPlan, Plan, select_units
@@ -73,7 +72,7 @@ def table_key(model: onnx.ModelProto, *, ep: str, threads: int | None, batch: in
               total_runs: int = TOTAL_RUNS, mode: str = "dim") -> dict:
     """What a table depends on (module docstring); ``machine``: ``machine_facts`` (default: this one's);
     ``mode``: the analysis mode, which decides the groups (``pipeline.head_mode_for``)."""
-    return {"model": model_digest(model), **({"mode": mode} if mode != "dim" else {}), "ep": ep, "threads": threads, "batch": int(batch),
+    return {"model": cache.model_digest(model), **({"mode": mode} if mode != "dim" else {}), "ep": ep, "threads": threads, "batch": int(batch),
             "round_to": int(round_to), "input_shapes": {k: list(v) for k, v in sorted((input_shapes or {}).items())},
             "fractions": [float(f) for f in fractions], "runs": int(runs), "total_runs": int(total_runs),
             "block": int(block), "quantile": QUANTILE,

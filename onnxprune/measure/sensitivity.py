@@ -134,8 +134,12 @@ def sensitivity_key(an: Analysis, opts: PlanOptions, sizes: dict[int, int], allo
             "samples": int(samples), "rows": int(rows), "ep": ep}
 
 
+def key_file(key: dict, directory=None) -> Path:
+    return cache_dir(directory) / cache.key_name(key)
+
+
 def load_cached(key: dict, directory=None) -> Sensitivity | None:
-    j = cache.read_json(cache_dir(directory) / cache.key_name(key))
+    j = cache.read_json(key_file(key, directory))
     try:
         if j.get("key") != key:
             return None
@@ -150,7 +154,7 @@ def store(key: dict, sens: Sensitivity, directory=None) -> Path | None:
     """Write the curves (unrounded) under ``key``; None when the cache is not writable."""
     j = sens.to_json()
     j["curves"] = {str(g): {"counts": sens.counts[g], "damage": sens.damage[g]} for g in sens.counts}
-    return cache.write_json(cache_dir(directory) / cache.key_name(key), {"key": key, "sensitivity": j}, "sensitivity")
+    return cache.write_json(key_file(key, directory), {"key": key, "sensitivity": j}, "sensitivity")
 
 
 def sample_counts(allowed: list[int], samples: int = SAMPLES) -> list[int]:
